@@ -1,0 +1,22 @@
+"""Fused distillation ops: an eager reference (the specification) and a Triton kernel for each.
+
+Every op takes ``impl="auto" | "triton" | "reference"``. ``auto`` runs Triton on CUDA tensors and the
+reference elsewhere; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests use this).
+"""
+
+from kernels.attention_kl import attention_kl, attention_kl_reference
+from kernels.attention_map import attention_map, attention_map_reference, resize, resize_reference
+from kernels.ssim import ssim, ssim_cosine_loss, ssim_cosine_loss_reference, ssim_reference
+
+__all__ = [
+    "attention_kl",
+    "attention_kl_reference",
+    "attention_map",
+    "attention_map_reference",
+    "resize",
+    "resize_reference",
+    "ssim",
+    "ssim_cosine_loss",
+    "ssim_cosine_loss_reference",
+    "ssim_reference",
+]
