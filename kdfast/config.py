@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,8 @@ class Config:
 
 def _closest(key: str, valid: typing.Iterable[str]) -> str:
     valid = sorted(valid)
+    if not valid:
+        return "none are defined"
     near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else f"valid keys: {', '.join(valid)}"
 
@@ -237,6 +240,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if tp is Any:
         return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a folder named 2024 reads as a number in YAML
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -319,7 +324,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _positive(value: float | int, where: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):
         raise ConfigError(f"config key '{where}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -333,6 +338,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.root does not exist or is not a folder: {data.root}")
     for key in ("image_size", "batch_size", "eval_batch_size"):
         _positive(getattr(data, key), f"data.{key}")
+    for key in ("max_train_samples", "max_val_samples"):
+        if getattr(data, key) is not None:
+            _positive(getattr(data, key), f"data.{key}")
+    _positive(data.augment.crop_padding, "data.augment.crop_padding", allow_zero=True)
+    _positive(data.augment.cutmix_beta, "data.augment.cutmix_beta")
     if not 0.0 < data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be between 0 and 1, got {data.val_fraction}")
     for key in ("mean", "std"):

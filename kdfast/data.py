@@ -1,0 +1,398 @@
+"""Data sets, transforms and CutMix.
+
+Every source (scikit-learn's bundled digits, an ImageFolder tree, the official CIFAR-10/100 python files)
+becomes a list of labels plus either in-memory images or image paths; one :class:`ImageDataset` turns
+them into ``(float32 normalized C x H x W tensor, int label)`` items. Splits are fixed by
+``(val_fraction, seed)`` so that :func:`dataset_from_record` rebuilds the validation split of a run from
+the small ``DataInfo.record`` stored in its checkpoint. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from kdfast.config import AugmentConfig, DataConfig
+from kdfast.errors import UsageError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
+CIFAR100_STD = [0.2673, 0.2564, 0.2762]
+
+# ImageNet's evaluation geometry: resize the short side to 256/224 of the crop, then center crop.
+EVAL_RESIZE_RATIO = 256 / 224
+
+RECORD_KEYS = (
+    "name", "root", "image_size", "val_fraction", "seed", "max_val_samples", "mean", "std", "classes",
+)
+
+
+@dataclass
+class DataInfo:
+    """What the rest of a run needs to know about its data; ``record`` rebuilds the splits."""
+
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Split:
+    """One split before transforms: labels plus images (N, 3, h, w) in [0, 1] or uint8, or image paths."""
+
+    labels: list[int]
+    images: Tensor | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: Sequence[int]) -> _Split:
+        idx = [int(i) for i in indices]
+        return _Split(
+            labels=[self.labels[i] for i in idx],
+            images=self.images[idx] if self.images is not None else None,
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+        )
+
+
+class ImageDataset(Dataset):
+    """Items ``(image, label)``: the image is transformed to a normalized float32 (3, H, W) tensor.
+
+    Holds only tensors, strings and torchvision transforms, so it pickles into DataLoader workers.
+    """
+
+    def __init__(self, split: _Split, transform: v2.Compose, classes: list[str]) -> None:
+        self.split = split
+        self.transform = transform
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if self.split.paths is not None:
+            image = _read_image(self.split.paths[index])
+        else:
+            image = self.split.images[index]
+        return self.transform(image), self.split.labels[index]
+
+    @property
+    def targets(self) -> list[int]:
+        return self.split.labels
+
+
+def _read_image(path: str) -> Tensor:
+    try:
+        with Image.open(path) as im:
+            return v2.functional.pil_to_tensor(im.convert("RGB"))
+    except OSError as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from None
+
+
+def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Fixed train/val indices; stratified whenever every class can give the validation split a sample."""
+    if len(labels) < 2:
+        raise UsageError(
+            f"cannot split {len(labels)} image(s) into train and val: add images or a val/ folder"
+        )
+    indices = np.arange(len(labels))
+    counts = np.bincount(np.asarray(labels))
+    counts = counts[counts > 0]
+    n_val = int(np.ceil(val_fraction * len(labels)))
+    can_stratify = counts.min() >= 2 and n_val >= len(counts) and len(labels) - n_val >= len(counts)
+    train, val = train_test_split(
+        indices, test_size=val_fraction, random_state=seed, stratify=labels if can_stratify else None
+    )
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+def _limit(split: _Split, limit: int | None, seed: int, key: str) -> _Split:
+    """A seeded, order-preserving random subset of ``limit`` items (``max_train/val_samples``)."""
+    if limit is None or limit >= len(split):
+        return split
+    if limit <= 0:
+        raise UsageError(f"data.{key} must be > 0 (or null for all samples), got {limit}")
+    chosen = np.random.default_rng(seed).choice(len(split), size=limit, replace=False)
+    return split.take(sorted(chosen.tolist()))
+
+
+def _digits(val_fraction: float, seed: int) -> tuple[_Split, _Split, list[str]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16; three identical channels so RGB students and teachers take them unchanged.
+    images = torch.from_numpy(digits.images / 16.0).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    labels = digits.target.tolist()
+    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+    whole = _Split(labels=labels, images=images)
+    return whole.take(train_idx), whole.take(val_idx), [str(c) for c in digits.target_names]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def _scan_folder(folder: Path, classes: list[str] | None) -> tuple[_Split, list[str]]:
+    """One ImageFolder level: one subfolder per class. Given ``classes`` (from train), the val folder must
+    use them, so a label means the same class in both splits; a val folder may lack some classes."""
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not found:
+        raise UsageError(f"{folder} holds no class subfolders: expected one subfolder of images per class")
+    is_train = classes is None
+    if is_train:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UsageError(f"{folder} has class folders {unknown} that the training folder does not have")
+    labels, paths = [], []
+    for label, name in enumerate(classes):
+        files = _images_in(folder / name) if (folder / name).is_dir() else []
+        if not files and is_train:
+            raise UsageError(f"class folder {folder / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        labels += [label] * len(files)
+        paths += [str(p) for p in files]
+    return _Split(labels=labels, paths=paths), classes
+
+
+def _imagefolder(root: Path, val_fraction: float, seed: int) -> tuple[_Split, _Split, list[str], str]:
+    """``root/train`` + ``root/val``; without a val folder, a fixed stratified split of the train images."""
+    if not root.is_dir():
+        raise UsageError(f"data.root not found: {root} (expected train/ and val/ folders, or class folders)")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if (root / "val").is_dir() and train_dir == root:
+        raise UsageError(f"{root} has a val/ folder but no train/ folder: add {root / 'train'}")
+    train, classes = _scan_folder(train_dir, None)
+    if (root / "val").is_dir():
+        val, _ = _scan_folder(root / "val", classes)
+        if len(val) == 0:
+            raise UsageError(f"{root / 'val'} holds no images: add images or remove it to split {train_dir}")
+        return train, val, classes, "folder"
+    train_idx, val_idx = _stratified_split(train.labels, val_fraction, seed)
+    return train.take(train_idx), train.take(val_idx), classes, "split"
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"CIFAR file not found: {path} (expected the official python-version files)")
+    try:
+        with path.open("rb") as f:
+            # The official CIFAR files are pickles: acceptable only because the user points at them.
+            raw = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UsageError(f"{path} is not a CIFAR python-version batch file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} is not a CIFAR python-version batch file (no dict inside)")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar_batch(path: Path, label_key: str) -> _Split:
+    batch = _unpickle(path)
+    if "data" not in batch or label_key not in batch:
+        raise UsageError(f"{path} lacks the 'data' or '{label_key}' entry of a CIFAR python-version batch")
+    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return _Split(labels=[int(y) for y in batch[label_key]], images=torch.from_numpy(data.copy()))
+
+
+def _cifar(name: str, root: Path) -> tuple[_Split, _Split, list[str]]:
+    """The official train files as train, the official test file as val (no split to record)."""
+    if name == "cifar10":
+        folder, test_file = "cifar-10-batches-py", "test_batch"
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        meta_file, names_key, label_key = "batches.meta", "label_names", "labels"
+    else:
+        folder, train_files, test_file = "cifar-100-python", ["train"], "test"
+        meta_file, names_key, label_key = "meta", "fine_label_names", "fine_labels"
+    base = root if root.name == folder else root / folder
+    if not base.is_dir():
+        raise UsageError(f"{name} folder not found: {base} (expected {folder}/ from the official archive)")
+    parts = [_cifar_batch(base / f, label_key) for f in train_files]
+    train = _Split(labels=sum((p.labels for p in parts), []), images=torch.cat([p.images for p in parts]))
+    val = _cifar_batch(base / test_file, label_key)
+    meta = _unpickle(base / meta_file)
+    if names_key not in meta:
+        raise UsageError(f"{base / meta_file} lacks the '{names_key}' entry")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+    return train, val, classes
+
+
+def _load(
+    name: str, root: str | None, val_fraction: float, seed: int
+) -> tuple[_Split, _Split, list[str], str]:
+    """Train and val splits of a data set, its class names, and where val came from."""
+    if name == "digits":
+        return (*_digits(val_fraction, seed), "split")
+    if root is None:
+        raise UsageError(f"data.name={name} needs data.root: the folder that holds the data set")
+    if name == "imagefolder":
+        return _imagefolder(Path(root), val_fraction, seed)
+    if name in ("cifar10", "cifar100"):
+        return (*_cifar(name, Path(root)), "official test set")
+    raise UsageError(f"unknown data set {name!r}: use digits, imagefolder, cifar10 or cifar100")
+
+
+def _computed_stats(split: _Split, image_size: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training images at the size the model sees them."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for chunk in split.images.split(256):
+        x = F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+        total += x.double().sum(dim=(0, 2, 3))
+        total_sq += x.double().pow(2).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def _default_stats(name: str, train: _Split, image_size: int) -> tuple[list[float], list[float]]:
+    if name == "imagefolder":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if name == "cifar10":
+        return CIFAR10_MEAN, CIFAR10_STD
+    if name == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
+    return _computed_stats(train, image_size)
+
+
+def build_transform(
+    name: str, image_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentConfig | None
+) -> v2.Compose:
+    """Eval (``augment=None``): resize (ImageFolder: resize to 256/224 of the size, then center crop) and
+    normalize. Train: random-resized crop or the eval geometry, random crop with padding, horizontal flip,
+    each as ``augment`` asks, then normalize."""
+    steps: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
+    if augment is not None and augment.random_resized_crop:
+        steps.append(v2.RandomResizedCrop(image_size, antialias=True))
+    elif name == "imagefolder":
+        steps += [v2.Resize(round(image_size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(image_size)]
+    else:
+        steps.append(v2.Resize((image_size, image_size), antialias=True))
+    if augment is not None and augment.crop_padding > 0:
+        steps.append(v2.RandomCrop(image_size, padding=augment.crop_padding))
+    if augment is not None and augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return v2.Compose(steps)
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
+    """The training and validation data sets of a run, and the DataInfo (with the record) describing them."""
+    train, val, classes, val_source = _load(cfg.name, cfg.root, cfg.val_fraction, seed)
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = list(cfg.mean), list(cfg.std)
+    else:
+        default_mean, default_std = _default_stats(cfg.name, train, cfg.image_size)
+        mean = list(cfg.mean) if cfg.mean is not None else default_mean
+        std = list(cfg.std) if cfg.std is not None else default_std
+    record = {
+        "name": cfg.name,
+        "root": str(Path(cfg.root).resolve()) if cfg.root is not None else None,
+        "image_size": cfg.image_size,
+        "val_fraction": cfg.val_fraction,
+        "seed": seed,
+        "max_val_samples": cfg.max_val_samples,
+        "mean": mean,
+        "std": std,
+        "classes": classes,
+        "val_source": val_source,
+        "max_train_samples": cfg.max_train_samples,
+        "augment": {
+            "crop_padding": cfg.augment.crop_padding,
+            "random_resized_crop": cfg.augment.random_resized_crop,
+            "hflip": cfg.augment.hflip,
+        },
+    }
+    train = _limit(train, cfg.max_train_samples, seed, "max_train_samples")
+    val = _limit(val, cfg.max_val_samples, seed, "max_val_samples")
+    train_ds = ImageDataset(train, build_transform(cfg.name, cfg.image_size, mean, std, cfg.augment), classes)
+    val_ds = ImageDataset(val, build_transform(cfg.name, cfg.image_size, mean, std, None), classes)
+    info = DataInfo(classes=classes, image_size=cfg.image_size, mean=mean, std=std, record=record)
+    return train_ds, val_ds, info
+
+
+def dataset_from_record(record: dict[str, Any], split: str = "val", augment: bool = False) -> ImageDataset:
+    """Rebuild a run's split from ``DataInfo.record`` (as stored in a checkpoint's ``data``)."""
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise UsageError(f"data record lacks {', '.join(missing)}: it was not written by kdfast.data")
+    if split not in ("train", "val"):
+        raise UsageError(f"split must be 'train' or 'val', got {split!r}")
+    train, val, classes, _ = _load(record["name"], record["root"], record["val_fraction"], record["seed"])
+    if classes != list(record["classes"]):
+        raise UsageError(
+            f"the data at {record['root']} has classes {classes}, the record says {record['classes']}"
+        )
+    chosen = val if split == "val" else train
+    chosen = _limit(chosen, record.get(f"max_{split}_samples"), record["seed"], f"max_{split}_samples")
+    augment_cfg = AugmentConfig(**record.get("augment", {})) if augment else None
+    transform = build_transform(
+        record["name"], record["image_size"], record["mean"], record["std"], augment_cfg
+    )
+    return ImageDataset(chosen, transform, classes)
+
+
+def _clipped_span(center: float, length: float, size: int) -> tuple[int, int]:
+    """The pixel span of a box side centred at ``center``, cut off at the image border (so it can shrink)."""
+    low, high = np.clip([round(center - length / 2), round(center + length / 2)], 0, size)
+    return int(low), int(high)
+
+
+class CutMix:
+    """CutMix (Yun et al. 2019, Eq. 1-2): with probability ``prob`` draw lam ~ Beta(beta, beta), cut a box
+    of area (1 - lam) W H at a uniform center out of each image and fill it from the batch rolled by one.
+    Targets are lam' onehot(y) + (1 - lam') onehot(y_rolled), lam' = 1 - (clipped box area) / (W H), the
+    fraction of pixels actually kept: soft (B, K) probabilities for ``F.cross_entropy``."""
+
+    def __init__(self, num_classes: int, prob: float = 1.0, beta: float = 1.0) -> None:
+        if num_classes < 1:
+            raise UsageError(f"CutMix needs num_classes >= 1, got {num_classes}")
+        if not 0.0 <= prob <= 1.0:
+            raise UsageError(f"data.augment.cutmix is a probability in [0, 1], got {prob}")
+        if beta <= 0:
+            raise UsageError(f"data.augment.cutmix_beta must be > 0, got {beta}")
+        self.num_classes = num_classes
+        self.prob = prob
+        self.beta = beta
+
+    def __call__(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+        if low < 0 or high >= self.num_classes:
+            raise UsageError(f"CutMix labels must lie in [0, {self.num_classes}), got {low} to {high}")
+        targets = F.one_hot(labels.long(), self.num_classes).float()
+        # numpy draws the Beta sample; its seed comes from torch so a torch.Generator fixes the whole result.
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        rng = np.random.default_rng(seed)
+        if rng.random() >= self.prob:
+            return images, targets
+        height, width = images.shape[-2:]
+        cut = float(np.sqrt(1.0 - rng.beta(self.beta, self.beta)))
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        top, bottom = _clipped_span(cy, cut * height, height)
+        left, right = _clipped_span(cx, cut * width, width)
+        mixed = images.clone()
+        mixed[..., top:bottom, left:right] = images.roll(1, dims=0)[..., top:bottom, left:right]
+        kept = 1.0 - (bottom - top) * (right - left) / (height * width)
+        return mixed, kept * targets + (1.0 - kept) * targets.roll(1, dims=0)
