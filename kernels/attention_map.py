@@ -1,14 +1,31 @@
 """Attention-transfer maps (Zagoruyko & Komodakis 2017) and their bilinear resize to a common grid.
 
-Reference first (the specification), then the Triton kernels.
+Reference first (the specification), then the Triton kernels, their launchers, the ``torch.library``
+registration (namespace ``kdfast``) and the public functions.
+
+Bilinear resize is ``F.interpolate(mode="bilinear", align_corners=False)``: output row y samples the
+source at s(y) = max((y + 0.5) * H / h - 0.5, 0) between rows i0 = floor(s) and i1 = min(i0 + 1, H - 1)
+with weights 1 - (s - i0) and s - i0 (columns likewise). As a matrix, resize(Q) = R_h Q R_w^T with
+R_h (h x H) and R_w (w x W) holding those weights, so its transpose is dQ = R_h^T dM R_w. The backward
+kernels evaluate that transpose as a gather: each program owns a tile of source pixels and sums over the
+output rows that can touch the tile, building the few needed entries of R_h and R_w on the fly (no atomics,
+no dense matrices in memory).
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels._dispatch import use_triton
+
+EPS = 1e-12
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = (*TRITON_DTYPES, torch.float64)
 
 
 def resize_reference(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -29,10 +46,419 @@ def attention_map_reference(
     return maps
 
 
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _abs_pow(x, p, P_MODE: tl.constexpr):
+    """|x|^p in fp32; P_MODE 1 and 2 are exact fast paths, 0 is any p > 0 (0 at x = 0)."""
+    ax = tl.abs(x)
+    if P_MODE == 1:
+        return ax
+    elif P_MODE == 2:
+        return x * x
+    else:
+        return tl.where(ax > 0, tl.exp2(p * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
+
+
+@triton.jit
+def _abs_pow_grad(x, p, P_MODE: tl.constexpr):
+    """d|x|^p / dx = p |x|^(p-1) sign(x), taken as 0 at x = 0 (the subgradient; eager gives NaN for p < 1)."""
+    if P_MODE == 1:
+        return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    elif P_MODE == 2:
+        return 2.0 * x
+    else:
+        ax = tl.abs(x)
+        mag = tl.where(ax > 0, p * tl.exp2((p - 1.0) * tl.log2(tl.where(ax > 0, ax, 1.0))), 0.0)
+        return tl.where(x < 0, -mag, mag)
+
+
+@triton.jit
+def _source_index(dst, scale, size_in):
+    """Source coordinate of output index ``dst`` under align_corners=False: (i0, i1, weight of i1)."""
+    src = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), size_in - 1)
+    i1 = tl.minimum(i0 + 1, size_in - 1)
+    return i0, i1, src - i0.to(tl.float32)
+
+
+@triton.jit
+def _bilinear_gather(src_ptr, stride_h, stride_w, offs, h, w, H, W, scale_h, scale_w, mask):
+    """Values at flat output offsets ``offs`` of an (h, w) bilinear resize of one (H, W) fp32-read plane."""
+    y = offs // w
+    x = offs % w
+    i0, i1, ly = _source_index(y, scale_h, H)
+    j0, j1, lx = _source_index(x, scale_w, W)
+    v00 = tl.load(src_ptr + i0 * stride_h + j0 * stride_w, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(src_ptr + i0 * stride_h + j1 * stride_w, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(src_ptr + i1 * stride_h + j0 * stride_w, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(src_ptr + i1 * stride_h + j1 * stride_w, mask=mask, other=0.0).to(tl.float32)
+    top = v00 * (1.0 - lx) + v01 * lx
+    bottom = v10 * (1.0 - lx) + v11 * lx
+    return top * (1.0 - ly) + bottom * ly
+
+
+@triton.jit
+def _resize_transpose_tile(
+    g_ptr, o_ptr, coef_g, coef_o, i, j, mask, tile_start, tile_end, h, w, H, W, scale_h, scale_w,
+    HAS_O: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """(R_h^T D R_w)[i, j] for a tile of source pixels, with D = coef_g * G + coef_o * O, G and O
+    contiguous (h, w) fp32 planes (O only when HAS_O). Only output rows that can touch the tile's source
+    rows are visited: s(y) is monotone, so they form a range; one row of slack each side absorbs rounding
+    (extra rows carry zero weight, so the range need only be a superset)."""
+    row_lo = tile_start // W
+    row_hi = (tile_end - 1) // W
+    y_lo = tl.maximum(((row_lo - 0.5) / scale_h - 0.5).to(tl.int32) - 1, 0)
+    y_hi = tl.minimum(((row_hi + 1.5) / scale_h - 0.5).to(tl.int32) + 2, h)
+    acc = tl.zeros(i.shape, dtype=tl.float32)
+    for y in range(y_lo, y_hi):
+        # A 1-element tensor: the interpreter hands loop indices over as Python ints.
+        i0, i1, ly = _source_index(tl.zeros((1,), dtype=tl.int32) + y, scale_h, H)
+        wy = tl.where(i == i0, 1.0 - ly, 0.0) + tl.where(i == i1, ly, 0.0)
+        row = tl.zeros(i.shape, dtype=tl.float32)
+        for x0 in range(0, w, BLOCK_X):
+            xs = x0 + tl.arange(0, BLOCK_X)
+            xmask = xs < w
+            d = coef_g * tl.load(g_ptr + y * w + xs, mask=xmask, other=0.0)
+            if HAS_O:
+                d += coef_o * tl.load(o_ptr + y * w + xs, mask=xmask, other=0.0)
+            j0, j1, lx = _source_index(xs, scale_w, W)
+            wx = tl.where(j[None, :] == j0[:, None], (1.0 - lx)[:, None], 0.0)
+            wx += tl.where(j[None, :] == j1[:, None], lx[:, None], 0.0)
+            row += tl.sum(d[:, None] * wx, axis=0)
+        acc += wy * row
+    return tl.where(mask, acc, 0.0)
+
+
+@triton.jit
+def _pool_kernel(
+    f_ptr, q_ptr, C, HW, W, stride_b, stride_c, stride_h, stride_w, p, inv_c,
+    P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Q[b, tile] = mean_c |F[b, c, tile]|^p in fp32: the only pass over the feature in the forward.
+
+    Programs own (sample, spatial tile) pairs rather than whole samples: at B = 128 one program per sample
+    leaves most of the GPU's memory pipes idle. The price is that the resize and the L2 norm need the whole
+    pooled map, so they run in ``_resize_normalize_kernel``, a second pass over B*H*W fp32 values (1/C of
+    the feature's size)."""
+    b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    mask = offs < HW
+    spatial = (offs // W) * stride_h + (offs % W) * stride_w
+    base = f_ptr + b.to(tl.int64) * stride_b
+    acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        m = (cs[:, None] < C) & mask[None, :]
+        x = tl.load(base + cs[:, None].to(tl.int64) * stride_c + spatial[None, :], mask=m, other=0.0)
+        acc += _abs_pow(x.to(tl.float32), p, P_MODE)
+    tl.store(q_ptr + b * HW + offs, tl.sum(acc, axis=0) * inv_c, mask=mask)
+
+
+@triton.jit
+def _resize_normalize_kernel(
+    q_ptr, out_ptr, norm_ptr, h, w, H, W, scale_h, scale_w, eps,
+    NORMALIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sample: M = resize(Q), out = M / max(||M||_2, eps); saves ||M||_2 for backward."""
+    b = tl.program_id(0)
+    hw = h * w
+    q = q_ptr + b * H * W
+    out = out_ptr + b * hw
+    sumsq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, hw, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < hw
+        m = _bilinear_gather(q, W, 1, offs, h, w, H, W, scale_h, scale_w, mask)
+        sumsq += m * m
+        tl.store(out + offs, m, mask=mask)
+    norm = tl.sqrt(tl.sum(sumsq, axis=0))
+    tl.store(norm_ptr + b, norm)
+    if NORMALIZE:
+        inv = 1.0 / tl.maximum(norm, eps)
+        for start in range(0, hw, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < hw
+            tl.store(out + offs, tl.load(out + offs, mask=mask) * inv, mask=mask)
+
+
+@triton.jit
+def _attention_map_backward_kernel(
+    g_ptr, out_ptr, norm_ptr, f_ptr, df_ptr, C, h, w, H, W,
+    stride_b, stride_c, stride_h, stride_w, dstride_b, dstride_c, dstride_h, dstride_w,
+    scale_h, scale_w, p, inv_c, eps,
+    NORMALIZE: tl.constexpr, P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    """dF[b, :, tile] = (R_h^T dM R_w)[tile] * p |F|^(p-1) sign(F) / C, one pass over F and dF.
+
+    dM = (G - out <out, G>) / ||M|| is the F.normalize backward (G / eps once ||M|| < eps, where the clamp
+    has no gradient). Each program recomputes <out, G> over the h*w map (a few hundred values) rather
+    than launching a separate pass for it."""
+    b = tl.program_id(0)
+    tile_start = tl.program_id(1) * BLOCK_HW
+    offs = tile_start + tl.arange(0, BLOCK_HW)
+    HW = H * W
+    mask = offs < HW
+    hw = h * w
+    g = g_ptr + b * hw
+    o = out_ptr + b * hw
+    coef_g = 1.0
+    coef_o = 0.0
+    if NORMALIZE:
+        dot = tl.zeros((BLOCK_OUT,), dtype=tl.float32)
+        for start in range(0, hw, BLOCK_OUT):
+            k = start + tl.arange(0, BLOCK_OUT)
+            km = k < hw
+            dot += tl.load(g + k, mask=km, other=0.0) * tl.load(o + k, mask=km, other=0.0)
+        norm = tl.load(norm_ptr + b)
+        coef_g = 1.0 / tl.maximum(norm, eps)
+        coef_o = tl.where(norm >= eps, -tl.sum(dot, axis=0) * coef_g, 0.0)
+    i = offs // W
+    j = offs % W
+    dq = _resize_transpose_tile(
+        g, o, coef_g, coef_o, i, j, mask, tile_start, tl.minimum(tile_start + BLOCK_HW, HW),
+        h, w, H, W, scale_h, scale_w, NORMALIZE, BLOCK_X,
+    )
+    dq = dq * inv_c
+    src = f_ptr + b.to(tl.int64) * stride_b + (i * stride_h + j * stride_w)[None, :]
+    dst = df_ptr + b.to(tl.int64) * dstride_b + (i * dstride_h + j * dstride_w)[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        cs = (c0 + tl.arange(0, BLOCK_C))[:, None]
+        m = (cs < C) & mask[None, :]
+        x = tl.load(src + cs.to(tl.int64) * stride_c, mask=m, other=0.0)
+        grad = dq[None, :] * _abs_pow_grad(x.to(tl.float32), p, P_MODE)
+        tl.store(dst + cs.to(tl.int64) * dstride_c, grad.to(x.dtype), mask=m)
+
+
+@triton.jit
+def _resize_forward_kernel(
+    x_ptr, y_ptr, C, h, w, H, W, stride_b, stride_c, stride_h, stride_w, scale_h, scale_w,
+    BLOCK: tl.constexpr,
+):
+    """Y[plane, tile] = bilinear gather from X[plane]; one program per (plane, output tile)."""
+    plane = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < h * w
+    src = x_ptr + (plane // C).to(tl.int64) * stride_b + (plane % C).to(tl.int64) * stride_c
+    val = _bilinear_gather(src, stride_h, stride_w, offs, h, w, H, W, scale_h, scale_w, mask)
+    tl.store(y_ptr + plane.to(tl.int64) * h * w + offs, val.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _resize_backward_kernel(
+    g_ptr, dx_ptr, h, w, H, W, scale_h, scale_w, BLOCK: tl.constexpr, BLOCK_X: tl.constexpr,
+):
+    """dX[plane, tile] = (R_h^T G R_w)[tile] for a contiguous fp32 G; one program per (plane, source tile)."""
+    plane = tl.program_id(0).to(tl.int64)
+    tile_start = tl.program_id(1) * BLOCK
+    offs = tile_start + tl.arange(0, BLOCK)
+    mask = offs < H * W
+    g = g_ptr + plane * h * w
+    dx = _resize_transpose_tile(
+        g, g, 1.0, 0.0, offs // W, offs % W, mask, tile_start, tl.minimum(tile_start + BLOCK, H * W),
+        h, w, H, W, scale_h, scale_w, False, BLOCK_X,
+    )
+    tl.store(dx_ptr + plane * H * W + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+# Up to 128 source pixels x 32 channels per step: 4K fp32 accumulators per program, 128 contiguous pixels
+# per channel row (NCHW), and at B = 128 with 14x14 maps still 256 programs. Smaller maps trade pixels for
+# channels so the tile stays full.
+BLOCK_HW = 128
+TILE = 4096
+BLOCK_X = 16
+
+
+def _blocks(C: int, HW: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of the passes over the feature."""
+    block_hw = min(BLOCK_HW, triton.next_power_of_2(HW))
+    return min(TILE // block_hw, triton.next_power_of_2(C)), block_hw
+
+
+def _p_mode(p: float) -> int:
+    """The kernels' P_MODE: exact fast paths for p = 1 and p = 2, exp2/log2 for any other p."""
+    return 1 if p == 1 else 2 if p == 2 else 0
+
+
+def _scale(size_in: int, size_out: int) -> float:
+    """PyTorch's area_pixel_compute_scale for align_corners=False and an explicit size (fp32 in the kernel,
+    as in ATen's float kernels)."""
+    return size_in / size_out
+
+
+def _attention_map_forward(
+    features: torch.Tensor, h: int, w: int, p: float, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, H, W = features.shape
+    pooled = torch.empty(B, H, W, device=features.device, dtype=torch.float32)
+    out = torch.empty(B, h, w, device=features.device, dtype=torch.float32)
+    norm = torch.empty(B, device=features.device, dtype=torch.float32)
+    if B == 0:
+        return out, norm
+    block_c, block_hw = _blocks(C, H * W)
+    _pool_kernel[(B, triton.cdiv(H * W, block_hw))](
+        features, pooled, C, H * W, W, *features.stride(), float(p), 1.0 / C,
+        P_MODE=_p_mode(p), BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    _resize_normalize_kernel[(B,)](
+        pooled, out, norm, h, w, H, W, _scale(H, h), _scale(W, w), EPS,
+        NORMALIZE=normalize, BLOCK=min(triton.next_power_of_2(h * w), 1024),
+    )
+    return out, norm
+
+
+def _attention_map_backward(
+    grad: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, p: float,
+    normalize: bool,
+) -> torch.Tensor:
+    B, C, H, W = features.shape
+    h, w = out.shape[1:]
+    grad = grad.to(torch.float32).contiguous()
+    dfeatures = torch.empty_like(features)
+    if B == 0:
+        return dfeatures
+    block_c, block_hw = _blocks(C, H * W)
+    _attention_map_backward_kernel[(B, triton.cdiv(H * W, block_hw))](
+        grad, out.contiguous(), norm, features, dfeatures, C, h, w, H, W,
+        *features.stride(), *dfeatures.stride(), _scale(H, h), _scale(W, w), float(p), 1.0 / C, EPS,
+        NORMALIZE=normalize, P_MODE=_p_mode(p), BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_X=BLOCK_X,
+        BLOCK_OUT=min(triton.next_power_of_2(h * w), 1024),
+    )
+    return dfeatures
+
+
+def _resize_forward(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    B, C, H, W = maps.shape
+    out = torch.empty(B, C, h, w, device=maps.device, dtype=maps.dtype)
+    if out.numel():
+        _resize_forward_kernel[(B * C, triton.cdiv(h * w, BLOCK_HW))](
+            maps, out, C, h, w, H, W, *maps.stride(), _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW
+        )
+    return out
+
+
+def _resize_backward(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    B, C, h, w = grad.shape
+    dmaps = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
+    if dmaps.numel():
+        _resize_backward_kernel[(B * C, triton.cdiv(H * W, BLOCK_HW))](
+            grad.to(torch.float32).contiguous(), dmaps, h, w, H, W, _scale(H, h), _scale(W, w),
+            BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X,
+        )
+    return dmaps
+
+
+# ------------------------------------------------------------------------------- torch.library operators
+
+
+@torch.library.custom_op("kdfast::attention_map", mutates_args=())
+def _attention_map_op(
+    features: torch.Tensor, h: int, w: int, p: float, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_map_forward(features, h, w, p, normalize)
+
+
+@_attention_map_op.register_fake
+def _(features, h, w, p, normalize):
+    B = features.shape[0]
+    return features.new_empty(B, h, w, dtype=torch.float32), features.new_empty(B, dtype=torch.float32)
+
+
+@torch.library.custom_op("kdfast::attention_map_backward", mutates_args=())
+def _attention_map_backward_op(
+    grad: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, p: float,
+    normalize: bool,
+) -> torch.Tensor:
+    return _attention_map_backward(grad, features, out, norm, p, normalize)
+
+
+@_attention_map_backward_op.register_fake
+def _(grad, features, out, norm, p, normalize):
+    return torch.empty_like(features)
+
+
+def _attention_map_setup(ctx, inputs, output) -> None:
+    features, _, _, p, normalize = inputs
+    ctx.save_for_backward(features, *output)
+    ctx.p, ctx.normalize = p, normalize
+
+
+def _attention_map_grad(ctx, grad_out, _grad_norm):
+    features, out, norm = ctx.saved_tensors
+    dfeatures = _attention_map_backward_op(grad_out, features, out, norm, ctx.p, ctx.normalize)
+    return dfeatures, None, None, None, None
+
+
+_attention_map_op.register_autograd(_attention_map_grad, setup_context=_attention_map_setup)
+
+
+@torch.library.custom_op("kdfast::resize", mutates_args=())
+def _resize_op(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return _resize_forward(maps, h, w)
+
+
+@_resize_op.register_fake
+def _(maps, h, w):
+    return maps.new_empty(maps.shape[0], maps.shape[1], h, w)
+
+
+@torch.library.custom_op("kdfast::resize_backward", mutates_args=())
+def _resize_backward_op(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    return _resize_backward(grad, H, W)
+
+
+@_resize_backward_op.register_fake
+def _(grad, H, W):
+    return grad.new_empty(grad.shape[0], grad.shape[1], H, W)
+
+
+def _resize_setup(ctx, inputs, output) -> None:
+    ctx.in_size = inputs[0].shape[2:]
+
+
+def _resize_grad(ctx, grad_out):
+    return _resize_backward_op(grad_out, *ctx.in_size), None, None
+
+
+_resize_op.register_autograd(_resize_grad, setup_context=_resize_setup)
+
+
+# -------------------------------------------------------------------------------------- public functions
+
+
+def _check_input(t: torch.Tensor, name: str, triton_path: bool) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+    allowed = TRITON_DTYPES if triton_path else REFERENCE_DTYPES
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} dtype must be one of {allowed}, got {t.dtype}")
+
+
+def _check_size(size) -> tuple[int, int]:
+    ok = (
+        isinstance(size, (tuple, list, torch.Size))
+        and len(size) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)
+    )
+    if not ok:
+        raise ValueError(f"size must be two positive ints (h, w), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def resize(maps: torch.Tensor, size: tuple[int, int], *, impl: str = "auto") -> torch.Tensor:
-    if use_triton(impl, maps):
-        raise NotImplementedError("Triton resize: being written")
-    return resize_reference(maps, size)
+    """Bilinear resize of (B, C, H, W) maps to ``size`` (AGKD: student maps resized to the teacher grid),
+    ``F.interpolate(mode="bilinear", align_corners=False)`` semantics; output in the input dtype."""
+    triton_path = use_triton(impl, maps)
+    _check_input(maps, "maps", triton_path)
+    h, w = _check_size(size)
+    if triton_path:
+        return _resize_op(maps, h, w)
+    return resize_reference(maps, (h, w))
 
 
 def attention_map(
@@ -43,6 +469,17 @@ def attention_map(
     normalize: bool = True,
     impl: str = "auto",
 ) -> torch.Tensor:
-    if use_triton(impl, features):
-        raise NotImplementedError("Triton attention map: being written")
-    return attention_map_reference(features, size, p=p, normalize=normalize)
+    """Attention-transfer map (Zagoruyko & Komodakis 2017, Sec. 3.1, F^p_sum taken as a channel mean):
+    Q = mean_c |F_c|^p, resized bilinearly to ``size`` (None: kept; AGKD resizes student maps to the teacher
+    grid), then Q / max(||Q||_2, 1e-12) over h*w, the normalization inside their AT loss (eq. 2).
+    (B, C, H, W) -> (B, h, w). The Triton path accepts fp32/fp16/bf16 and always returns fp32 maps (they
+    feed losses); gradients come back in the feature dtype."""
+    triton_path = use_triton(impl, features)
+    _check_input(features, "features", triton_path)
+    out_size = None if size is None else _check_size(size)
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    if triton_path:
+        h, w = out_size if out_size is not None else features.shape[2:]
+        return _attention_map_op(features, h, w, float(p), bool(normalize))[0]
+    return attention_map_reference(features, out_size, p=p, normalize=normalize)
