@@ -147,9 +147,41 @@ class AttentionLossConfig:
 
 
 @dataclass
+class MTDPairConfig:
+    """One distilled transformer layer: a student attention tap against a teacher attention tap."""
+
+    student: str = ""
+    teacher: str = ""
+
+
+@dataclass
+class MTDConfig:
+    """MTD: per layer, L_CAD = KL(CAD_s || CAD_t) with CAD = softmax(Q K^T / sqrt(d_q)) and
+    L_VR = KL(VR_s || VR_t) with VR = softmax(V V^T / sqrt(d_v)); terms combined by ``weighting``.
+
+    ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers);
+    "layer" shares one weight per layer ("13D"); the supervised loss is one more task.
+    ``relation_heads`` re-splits the concatenated heads of both models into this many heads (MiniLMv2),
+    so teacher and student may have different head counts; null keeps the heads as they are.
+    """
+
+    pairs: list[MTDPairConfig] = field(default_factory=list)
+    relations: list[Literal["cad", "vr"]] = field(default_factory=lambda: ["cad", "vr"])
+    weighting: Literal["uniform", "manual", "learnable", "uncertainty"] = "uncertainty"
+    granularity: Literal["layer_kind", "layer"] = "layer_kind"
+    manual_weights: list[float] | None = None
+    relation_heads: int | None = None
+    direction: Literal["student_teacher", "teacher_student"] = "student_teacher"
+
+
+@dataclass
 class LossConfig:
+    """``method`` picks the distillation loss: AGKD (kd + attention alignment) or MTD (kd + CAD/VR)."""
+
+    method: Literal["agkd", "mtd"] = "agkd"
     kd: KDConfig = field(default_factory=KDConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
+    mtd: MTDConfig = field(default_factory=MTDConfig)
 
 
 @dataclass
@@ -369,6 +401,8 @@ def validate(cfg: Config) -> None:
     perceptual = attention.perceptual
     if perceptual.weights is not None and not Path(perceptual.weights).is_file():
         raise ConfigError(f"loss.attention.perceptual.weights: file not found: {perceptual.weights}")
+    if cfg.loss.method == "mtd":
+        _validate_mtd(cfg)
     for i, pair in enumerate(attention.pairs):
         where = f"loss.attention.pairs[{i}]"
         if pair.student not in cfg.student.taps:
@@ -382,6 +416,32 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where}.teacher names no teacher tap {name!r}: {_closest(name, cfg.teacher.taps)}")
         if cfg.student.taps[pair.student].kind != "feature":
             raise ConfigError(f"{where}.student: student tap {pair.student!r} must have kind 'feature' (a CNN map)")
+
+
+def _validate_mtd(cfg: Config) -> None:
+    mtd = cfg.loss.mtd
+    if not mtd.pairs:
+        raise ConfigError("loss.method=mtd needs loss.mtd.pairs: the (student, teacher) attention taps to distill")
+    for i, pair in enumerate(mtd.pairs):
+        for role in ("student", "teacher"):
+            taps = getattr(cfg, role).taps
+            name = getattr(pair, role)
+            if name not in taps:
+                raise ConfigError(f"loss.mtd.pairs[{i}].{role} names no {role} tap {name!r}: {_closest(name, taps)}")
+            if taps[name].kind != "attention":
+                raise ConfigError(f"loss.mtd.pairs[{i}].{role}: {role} tap {name!r} must have kind 'attention'")
+    if not mtd.relations:
+        raise ConfigError("loss.mtd.relations is empty: list 'cad', 'vr' or both")
+    if mtd.weighting == "manual":
+        per_layer = 1 if mtd.granularity == "layer" else len(mtd.relations)
+        expected = len(mtd.pairs) * per_layer
+        if mtd.manual_weights is None or len(mtd.manual_weights) != expected:
+            raise ConfigError(
+                f"loss.mtd.weighting=manual needs loss.mtd.manual_weights with {expected} values "
+                f"({len(mtd.pairs)} pairs x {per_layer} per pair), got {mtd.manual_weights}"
+            )
+    if mtd.relation_heads is not None:
+        _positive(mtd.relation_heads, "loss.mtd.relation_heads")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
