@@ -1,0 +1,127 @@
+"""One door to every model: ``build_model({source, name, kwargs})`` for timm, torchvision and kdfast names.
+
+Nothing here downloads: pretrained weights come from local files only, loaded with
+``torch.load(weights_only=True)`` so that loading a file never runs code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from kdfast.config import ArchSpec
+from kdfast.errors import CheckpointError, ConfigError, UsageError
+
+_KDFAST_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a kdfast model builder under its function name (``source: kdfast, name: <fn name>``)."""
+    _KDFAST_MODELS[fn.__name__] = fn
+    return fn
+
+
+def kdfast_models() -> list[str]:
+    """The registered kdfast model names."""
+    return sorted(_KDFAST_MODELS)
+
+
+def _closest_names(name: str, names: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else "no similar name exists"
+
+
+def _builder(source: str, name: str) -> Callable[..., nn.Module]:
+    if source == "kdfast":
+        if name not in _KDFAST_MODELS:
+            raise ConfigError(f"unknown kdfast model {name!r}: {_closest_names(name, _KDFAST_MODELS)}")
+        return _KDFAST_MODELS[name]
+    if source == "timm":
+        if not timm.is_model(name):
+            raise ConfigError(f"unknown timm model {name!r}: {_closest_names(name, timm.list_models())}")
+        return lambda **kwargs: timm.create_model(name, **kwargs)
+    if source == "torchvision":
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise ConfigError(f"unknown torchvision model {name!r}: {_closest_names(name, names)}")
+        return lambda **kwargs: torchvision.models.get_model(name, **kwargs)
+    raise ConfigError(f"arch.source must be one of 'timm', 'torchvision', 'kdfast', got {source!r}")
+
+
+def _refuse_downloads(source: str, name: str, kwargs: Mapping[str, Any]) -> None:
+    if source == "timm" and kwargs.get("pretrained"):
+        asked = "pretrained=true"
+    elif source == "torchvision" and kwargs.get("weights") is not None:
+        asked = f"weights={kwargs['weights']}"
+    else:
+        return
+    raise UsageError(
+        f"pretrained weights for {source} {name} ({asked}) would need a download; download the file "
+        "elsewhere and pass its path as weights: <file> (teacher.weights / student.weights)"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a raw state dict, or a kdfast checkpoint dict (its ``state_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file it cannot unpickle safely
+        raise CheckpointError(f"{path} is not a loadable weights file ({exc.__class__.__name__})") from None
+    if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("kdfast."):
+        obj = obj.get("state_dict")
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state_dict`` strictly; the first missing, unexpected or mis-shaped key -> CheckpointError."""
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key not in own:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (the file is for another architecture)")
+        if own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: shape mismatch at {key!r}: "
+                f"file {tuple(value.shape)}, model {tuple(own[key].shape)}"
+            )
+    missing = [key for key in own if key not in state_dict]
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]!r} (and {len(missing) - 1} more)")
+    model.load_state_dict(state_dict)
+
+
+def build_model(
+    arch: Mapping[str, Any] | ArchSpec, num_classes: int | None = None, weights: str | None = None
+) -> nn.Module:
+    """Build ``{source: timm | torchvision | kdfast, name, kwargs}``; ``num_classes`` goes into the kwargs
+    unless they give it; ``weights`` is a local file (raw state dict or kdfast checkpoint) loaded strictly."""
+    if isinstance(arch, ArchSpec):
+        source, name, kwargs = arch.source, arch.name, dict(arch.kwargs)
+    else:
+        source, name, kwargs = (
+            arch.get("source", "kdfast"),
+            arch.get("name", ""),
+            dict(arch.get("kwargs") or {}),
+        )
+    builder = _builder(source, name)
+    _refuse_downloads(source, name, kwargs)
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        model = builder(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"arch.kwargs for {source} {name} do not fit: {exc}") from None
+    if weights is not None:
+        load_weights(model, read_state_dict(weights), str(weights))
+    return model

@@ -1,0 +1,206 @@
+"""AGKD losses against independent references: torch.nn.functional, pytorch_msssim, explicit attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_msssim
+import torch
+import torch.nn.functional as F
+
+from kdfast.config import (
+    AttentionLossConfig,
+    AttentionPairConfig,
+    KDConfig,
+    LossConfig,
+    PerceptualConfig,
+    TapConfig,
+)
+from kdfast.errors import UsageError
+from kdfast.losses import AGKDLoss, cls_attention_map, kd_loss
+from kdfast.taps import QKV
+
+B, K = 3, 5
+STUDENT_TAPS = {"mid": TapConfig(path="blocks.2")}
+TEACHER_TAPS = {"vgg": TapConfig(path="vgg.features.13"), "vit": TapConfig(path="vit.attn", kind="attention")}
+
+
+def _taps(seed: int = 0, tokens: int = 1 + 16):
+    g = torch.Generator().manual_seed(seed)
+    student = {"mid": torch.randn(B, 6, 4, 4, generator=g)}
+    qkv = QKV(*(torch.randn(B, 2, tokens, 8, generator=g) for _ in range(3)))
+    return student, {"vgg": torch.randn(B, 7, 8, 8, generator=g), "vit": qkv}
+
+
+def _loss(metric: str = "mse", teacher=("vgg",), combine: str = "add", **attention) -> AGKDLoss:
+    pairs = [AttentionPairConfig(student="mid", teacher=list(teacher), combine=combine)]
+    cfg = LossConfig(
+        kd=KDConfig(alpha=0.3, temperature=2.0),
+        attention=AttentionLossConfig(metric=metric, pairs=pairs, window_size=3, **attention),
+    )
+    return AGKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+
+
+def _at_map(feature: torch.Tensor, size) -> torch.Tensor:
+    """Zagoruyko & Komodakis attention map, written out: mean_c F^2, bilinear resize, L2 over the grid."""
+    maps = F.interpolate(
+        feature.pow(2).mean(1, keepdim=True), size=size, mode="bilinear", align_corners=False
+    )
+    return maps / maps.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def _cls_map(qkv: QKV, size) -> torch.Tensor:
+    """The CLS row of the full N x N attention matrix, as the test's independent reference: (B, 1, h, w)."""
+    full = torch.softmax(qkv.q @ qkv.k.transpose(-1, -2) / math.sqrt(qkv.q.shape[-1]), dim=-1)
+    side = math.isqrt(full.shape[-1] - 1)
+    row = full[:, :, 0, 1:].mean(1).reshape(-1, 1, side, side)
+    row = F.interpolate(row, size=size, mode="bilinear", align_corners=False)
+    return row / row.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+def test_kd_loss_hand_computed_two_class_case():
+    # p_T = (3/4, 1/4), p_S = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2); CE(label 0) = ln 2
+    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    got = kd_loss(student, teacher, torch.tensor([0]), alpha=0.25, temperature=1.0)
+    expected = 0.25 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) + 0.75 * math.log(2)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_kd_loss_matches_functional(soft):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, K, generator=g), torch.randn(6, K, generator=g)
+    labels = torch.randint(0, K, (6,), generator=g)
+    targets = torch.softmax(torch.randn(6, K, generator=g), 1) if soft else labels
+    alpha, tau = 0.7, 3.0
+    kl = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
+    expected = alpha * tau**2 * kl + (1 - alpha) * F.cross_entropy(s, targets, label_smoothing=0.1)
+    got = kd_loss(s, t, targets, alpha=alpha, temperature=tau, label_smoothing=0.1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_cls_attention_map_equals_the_explicit_attention_matrix():
+    qkv = _taps(tokens=1 + 25)[1]["vit"]
+    torch.testing.assert_close(cls_attention_map(qkv, (8, 8), impl="reference"), _cls_map(qkv, (8, 8))[:, 0])
+
+
+def test_no_pairs_is_kd_loss_and_parts_sum_to_the_total():
+    cfg = LossConfig(kd=KDConfig(alpha=0.3, temperature=2.0))
+    s, t, y = torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2])
+    loss, parts = AGKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS)(s, t, y, {}, {})
+    torch.testing.assert_close(loss, kd_loss(s, t, y, alpha=0.3, temperature=2.0))
+    assert set(parts) == {"kd", "ce"}
+    torch.testing.assert_close(parts["kd"] + parts["ce"], loss)
+
+
+@pytest.mark.parametrize("metric", ["mse", "cosine", "ssim", "hybrid"])
+def test_metrics_match_independent_references(metric):
+    student_taps, teacher_taps = _taps()
+    s = _at_map(student_taps["mid"], (8, 8))  # grid: the teacher feature tap's 8 x 8
+    t = _at_map(teacher_taps["vgg"], (8, 8))
+    cos = 1 - F.cosine_similarity(s.flatten(1), t.flatten(1)).mean()
+    peak = t.flatten(1).amax(1).view(-1, 1, 1, 1)
+    one_minus_ssim = (
+        1 - pytorch_msssim.ssim(s / peak, t / peak, data_range=1.0, win_size=3, size_average=False).mean()
+    )
+    expected = {
+        "mse": F.mse_loss(s, t),
+        "cosine": cos,
+        "ssim": one_minus_ssim,
+        "hybrid": 0.2 * one_minus_ssim + 0.8 * cos,
+    }[metric]
+    loss_fn = _loss(metric, weight=2.0, alpha=0.2, beta=0.8)
+    logits, teacher_logits, y = torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2])
+    loss, parts = loss_fn(logits, teacher_logits, y, student_taps, teacher_taps)
+    torch.testing.assert_close(parts["attention"], 2.0 * expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        loss, kd_loss(logits, teacher_logits, y, alpha=0.3, temperature=2.0) + 2 * expected
+    )
+
+
+def test_combine_add_and_concat():
+    student_taps, teacher_taps = _taps()
+    s = _at_map(student_taps["mid"], (6, 6))
+    vgg, vit = _at_map(teacher_taps["vgg"], (6, 6)), _cls_map(teacher_taps["vit"], (6, 6))
+    added = (vgg + vit) / (vgg + vit).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
+    add = _loss("mse", ("vgg", "vit"), "add", grid=6)
+    concat = _loss("mse", ("vgg", "vit"), "concat", grid=6)
+    torch.testing.assert_close(add(*args)[1]["attention"], F.mse_loss(s, added))
+    expected_concat = (F.mse_loss(s, vgg) + F.mse_loss(s, vit)) / 2
+    torch.testing.assert_close(concat(*args)[1]["attention"], expected_concat)
+    ((student_map, teacher_map),) = concat.maps(student_taps, teacher_taps)
+    assert student_map.shape == teacher_map.shape == (B, 6, 6)
+    torch.testing.assert_close(teacher_map, ((vgg + vit) / 2)[:, 0])
+
+
+def test_grid_from_the_attention_tap_when_no_feature_tap():
+    student_taps, teacher_taps = _taps()
+    ((student_map, teacher_map),) = _loss("mse", ("vit",)).maps(student_taps, teacher_taps)
+    assert student_map.shape == teacher_map.shape == (B, 4, 4)
+
+
+def test_perceptual_default_is_a_frozen_seeded_random_net():
+    student_taps, teacher_taps = _taps()
+    student_taps["mid"].requires_grad_(True)
+    first, second = _loss("perceptual"), _loss("perceptual")
+    assert not any(p.requires_grad for p in first.parameters())
+    first.train()
+    assert not first.perceptual.net.training
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]))
+    value = first(*args, student_taps, teacher_taps)[1]["attention"]
+    torch.testing.assert_close(value, second(*args, student_taps, teacher_taps)[1]["attention"])
+    assert value.item() > 0
+    value.backward()
+    assert student_taps["mid"].grad.abs().sum() > 0
+    same = {"mid": F.interpolate(teacher_taps["vgg"], size=(4, 4))}
+    same_map = {"vgg": same["mid"]}
+    assert first(*args, same, same_map)[1]["attention"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_perceptual_with_a_configured_network_and_layer():
+    arch = {"source": "kdfast", "name": "edge_cnn"}
+    student_taps, teacher_taps = _taps()
+    loss_fn = _loss("perceptual", perceptual=PerceptualConfig(arch=arch, layer="blocks.0"))
+    assert loss_fn.check(student_taps, teacher_taps) is None
+    with pytest.raises(UsageError, match="perceptual.layer"):
+        _loss("perceptual", perceptual=PerceptualConfig(arch=arch))
+
+
+def test_gradients_reach_the_student_feature_through_the_hybrid_metric():
+    student_taps, teacher_taps = _taps()
+    student_taps["mid"].requires_grad_(True)
+    loss, _ = _loss("hybrid", ("vgg", "vit"))(
+        torch.randn(B, K), torch.randn(B, K), torch.zeros(B).long(), student_taps, teacher_taps
+    )
+    loss.backward()
+    assert torch.isfinite(student_taps["mid"].grad).all() and student_taps["mid"].grad.abs().sum() > 0
+
+
+def test_bad_tap_shapes_are_usage_errors():
+    student_taps, teacher_taps = _taps()
+    loss_fn = _loss("hybrid", ("vgg", "vit"))
+    with pytest.raises(UsageError, match="feature tap 'mid' has shape \\(3, 6\\)"):
+        loss_fn.check({"mid": torch.randn(B, 6)}, teacher_taps)
+    with pytest.raises(UsageError, match="no class token"):
+        loss_fn.check(student_taps, {**teacher_taps, "vit": _taps(tokens=16)[1]["vit"]})
+    with pytest.raises(UsageError, match="student batch 3 != teacher batch 2"):
+        loss_fn.check(
+            student_taps, {"vgg": teacher_taps["vgg"][:2], "vit": QKV(*(t[:2] for t in teacher_taps["vit"]))}
+        )
+    with pytest.raises(UsageError, match="teacher tap 'vit' gave Tensor"):
+        loss_fn.check(student_taps, {**teacher_taps, "vit": teacher_taps["vgg"]})
+    with pytest.raises(UsageError, match="teacher tap 'nope'"):
+        _loss("mse", ("nope",))
+
+
+def test_compiled_loss_has_no_graph_break_and_equals_eager():
+    student_taps, teacher_taps = _taps()
+    loss_fn = _loss("hybrid", ("vgg", "vit"))
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    eager_loss, eager_parts = loss_fn(*args)
+    loss, parts = compiled(*args)
+    torch.testing.assert_close(loss, eager_loss)
+    assert parts.keys() == eager_parts.keys()
