@@ -1,0 +1,133 @@
+"""report.json, report.md and a latency-vs-accuracy chart; the same table is printed by the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_COLUMNS = (
+    "backend",
+    "precision",
+    "size",
+    "max abs err",
+    "top-1 agree",
+    "accuracy",
+    "p50 b1 ms",
+    "p99 b1 ms",
+    "thr bN img/s",
+    "gates",
+)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gates_cell(row: dict) -> str:
+    gates = row.get("gates") or []
+    if row.get("error"):
+        return f"ERROR: {row['error']}"
+    if not gates:
+        return "reference"
+    failed = [g for g in gates if g["passed"] is False]
+    if not failed:
+        return "pass"
+    return "FAIL: " + "; ".join(f"{g['gate']} = {g['value']:.4g} vs {g['threshold']:.4g}" for g in failed)
+
+
+def _cells(row: dict) -> list[str]:
+    parity, lat = row.get("parity") or {}, row.get("latency") or {}
+    size = row.get("size_bytes")
+    return [
+        row["backend"],
+        row["precision"],
+        "-" if size is None else f"{size / 1e6:.2f} MB",
+        _fmt(parity.get("max_abs"), ".2e"),
+        _fmt(None if "top1_agreement" not in parity else 100 * parity["top1_agreement"], ".2f"),
+        _fmt(None if row.get("accuracy") is None else 100 * row["accuracy"], ".2f"),
+        _fmt(lat.get("p50_ms"), ".3f"),
+        _fmt(lat.get("p99_ms"), ".3f"),
+        _fmt(lat.get("throughput_ips"), ".1f"),
+        _gates_cell(row),
+    ]
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a Markdown table (readable as plain text too)."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[dict], path: Path) -> Path:
+    """Scatter of batch-1 p50 latency against accuracy, one labelled point per backend and precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = [
+        r
+        for r in rows
+        if (r.get("latency") or {}).get("p50_ms") is not None and r.get("accuracy") is not None
+    ]
+    for i, row in enumerate(points):
+        lat, acc = row["latency"]["p50_ms"], 100 * row["accuracy"]
+        ax.scatter(lat, acc)
+        # Backends often tie on accuracy; staggering the labels keeps them legible.
+        ax.annotate(
+            f"{row['backend']} {row['precision']}",
+            (lat, acc),
+            fontsize=8,
+            textcoords="offset points",
+            xytext=(4, 4 + 11 * (i % 4)),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 p50 latency (ms, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("latency vs accuracy per backend")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(report: dict, out: Path) -> dict[str, Path]:
+    """Write report.json, report.md and latency_accuracy.png under ``out``; returns their paths."""
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "latency_accuracy.png"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=str))
+    failed = [
+        f"- {r['backend']} {r['precision']}: {_gates_cell(r)}"
+        for r in report["rows"]
+        if _gates_cell(r).startswith(("FAIL", "ERROR"))
+    ]
+    notes = [f"- {n}" for n in report.get("notes", [])]
+    md = [
+        f"# Export report: {report['model']}",
+        "",
+        f"Status: **{report['status']}**",
+        "",
+        table(report["rows"]),
+        "",
+        *(["## Failed gates", "", *failed, ""] if failed else []),
+        *(["## Notes", "", *notes, ""] if notes else []),
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(report["settings"], indent=1),
+        "```",
+        "",
+        "## Machine and versions",
+        "",
+        "```json",
+        json.dumps(report["machine"], indent=1),
+        "```",
+        "",
+        f"![latency vs accuracy]({paths['png'].name})",
+        "",
+    ]
+    paths["md"].write_text("\n".join(md))
+    write_chart(report["rows"], paths["png"])
+    return paths

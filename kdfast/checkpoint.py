@@ -1,0 +1,238 @@
+"""The ``student.pt`` contract (DESIGN, Contracts): writing, reading, validating and rebuilding a student.
+
+A checkpoint is a ``torch.save`` of a plain dict that loads with ``torch.load(weights_only=True)``, so
+loading one never runs code. Everything a user can get wrong on the reading side is one
+:class:`~kdfast.errors.CheckpointError` line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import pickle
+import platform
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdfast.errors import CheckpointError
+
+STUDENT_FORMAT = "kdfast.student/1"
+TEACHER_FORMAT = "kdfast.teacher/1"
+
+# Field -> the type it must have after loading; `versions` is written by us, the rest by the caller.
+_FIELDS: dict[str, type] = {
+    "format": str,
+    "arch": dict,
+    "state_dict": dict,
+    "input": dict,
+    "classes": list,
+    "data": dict,
+    "metrics": dict,
+    "config": dict,
+    "versions": dict,
+}
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "kdfast": _package_version("kdfast"),
+        "torch": str(torch.__version__),
+        "torchvision": _package_version("torchvision"),
+        "timm": _package_version("timm"),
+        "python": platform.python_version(),
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip ``torch.compile`` (``_orig_mod``) and DDP / DataParallel (``module``) wrappers, nested or not."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse anything ``weights_only=True`` could not load back, at save time rather than at load time."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"{where}: key {key!r} is a {type(key).__name__}; use str keys")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (value is None or type(value) in (str, int, float, bool) or isinstance(value, Tensor)):
+        raise CheckpointError(
+            f"{where} is a {type(value).__name__}; checkpoints hold only dicts, lists, str, numbers, tensors"
+        )
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    arch: dict,
+    input: dict,
+    classes: list[str],
+    data: dict,
+    metrics: dict,
+    config: dict,
+    format: str = STUDENT_FORMAT,
+) -> None:
+    """Write ``model`` and what is needed to rebuild, preprocess for and re-verify it, atomically.
+
+    The state dict goes to CPU with compile / DDP wrappers stripped, so the keys match a freshly built
+    ``build_model(arch)``. The file appears under ``path`` only once complete (temp file + ``os.replace``).
+    """
+    state_dict = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    record = {
+        "format": format,
+        "arch": dict(arch),
+        "state_dict": state_dict,
+        "input": dict(input),
+        "classes": list(classes),
+        "data": dict(data),
+        "metrics": dict(metrics),
+        "config": dict(config),
+        "versions": _versions(),
+    }
+    _check_plain({k: v for k, v in record.items() if k != "state_dict"}, "checkpoint")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp creates 0600; the checkpoint should get the permissions any new file gets here.
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _validate(ckpt: Any, path: Path, expect: str | None) -> dict:
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise CheckpointError(f"{path} is not a kdfast checkpoint (no 'format' field)")
+    if expect is not None and ckpt["format"] != expect:
+        raise CheckpointError(f"{path} has format {ckpt['format']!r}; expected {expect!r}")
+    for name, kind in _FIELDS.items():
+        if name not in ckpt:
+            raise CheckpointError(f"{path} lacks the field {name!r}")
+        if not isinstance(ckpt[name], kind):
+            raise CheckpointError(
+                f"{path}: field {name!r} is a {type(ckpt[name]).__name__}, expected {kind.__name__}"
+            )
+    arch = ckpt["arch"]
+    if not (isinstance(arch.get("source"), str) and isinstance(arch.get("name"), str)):
+        raise CheckpointError(f"{path}: 'arch' needs str 'source' and 'name', got {arch!r}")
+    if not isinstance(arch.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: 'arch.kwargs' must be a dict")
+    bad = next((k for k, v in ckpt["state_dict"].items() if not isinstance(v, Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: state_dict entry {bad!r} is not a tensor")
+    size = ckpt["input"].get("size")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise CheckpointError(f"{path}: 'input.size' must be [C, H, W] positive ints, got {size!r}")
+    for stat in ("mean", "std"):
+        values = ckpt["input"].get(stat)
+        if not (
+            isinstance(values, list)
+            and len(values) == size[0]
+            and all(isinstance(v, (int, float)) for v in values)
+        ):
+            raise CheckpointError(f"{path}: 'input.{stat}' must be {size[0]} numbers, got {values!r}")
+    if not all(isinstance(c, str) for c in ckpt["classes"]):
+        raise CheckpointError(f"{path}: 'classes' must be a list of str")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, *, expect: str | None = STUDENT_FORMAT) -> dict:
+    """Read and validate a checkpoint with ``torch.load(weights_only=True)``; never executes pickled code.
+
+    ``expect`` is the required ``format`` (None accepts any kdfast format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable checkpoint"
+        if not isinstance(e, pickle.UnpicklingError):
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None
+        # torch words the refusal differently across versions; the offending global follows "GLOBAL".
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path} was refused: it would load {refused.group(1)}, which a plain kdfast "
+                "checkpoint never contains (weights_only=True)"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (not a torch.save file)") from None
+    return _validate(ckpt, path, expect)
+
+
+def _first_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            return f"missing weight {key!r}"
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            return (
+                f"weight {key!r} has shape {tuple(state_dict[key].shape)}, "
+                f"the architecture needs {tuple(tensor.shape)}"
+            )
+    extra = next((k for k in state_dict if k not in expected), None)
+    return None if extra is None else f"unexpected weight {extra!r}"
+
+
+def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.Module:
+    """``kdfast.models.build_model(ckpt["arch"])`` with its weights loaded strictly, in eval mode."""
+    from kdfast.models import build_model
+
+    arch = ckpt["arch"]
+    num_classes = None if "num_classes" in arch.get("kwargs", {}) else len(ckpt["classes"])
+    try:
+        model = build_model(arch, num_classes=num_classes, weights=None)
+    except Exception as e:  # noqa: BLE001 - unknown names surface as many exception types across sources
+        raise CheckpointError(
+            f"cannot build arch {arch.get('source')}:{arch.get('name')} from the checkpoint: {_first_line(e)}"
+        ) from None
+    mismatch = _first_mismatch(model, ckpt["state_dict"])
+    if mismatch is not None:
+        raise CheckpointError(f"weights do not fit {arch.get('source')}:{arch.get('name')}: {mismatch}")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.to(device).eval()
+
+
+def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``."""
+    from kdfast.data import dataset_from_record
+
+    dataset = dataset_from_record(ckpt["data"], split)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise CheckpointError(f"the {split} split described by the checkpoint is empty")
+    images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
+    return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
