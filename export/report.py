@@ -35,12 +35,17 @@ def _gates_cell(row: dict) -> str:
     return "FAIL: " + "; ".join(f"{g['gate']} = {g['value']:.4g} vs {g['threshold']:.4g}" for g in failed)
 
 
+def precision_label(row: dict) -> str:
+    """The precision, with the variant when one precision has several files (the two INT8 ONNX files)."""
+    return f"{row['precision']} ({row['variant']})" if row.get("variant") else row["precision"]
+
+
 def _cells(row: dict) -> list[str]:
     parity, lat = row.get("parity") or {}, row.get("latency") or {}
     size = row.get("size_bytes")
     return [
         row["backend"],
-        row["precision"],
+        precision_label(row),
         "-" if size is None else f"{size / 1e6:.2f} MB",
         _fmt(parity.get("max_abs"), ".2e"),
         _fmt(None if "top1_agreement" not in parity else 100 * parity["top1_agreement"], ".2f"),
@@ -77,7 +82,7 @@ def write_chart(rows: list[dict], path: Path) -> Path:
         ax.scatter(lat, acc)
         # Backends often tie on accuracy; staggering the labels keeps them legible.
         ax.annotate(
-            f"{row['backend']} {row['precision']}",
+            f"{row['backend']} {precision_label(row)}",
             (lat, acc),
             fontsize=8,
             textcoords="offset points",
@@ -99,7 +104,7 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "latency_accuracy.png"}
     paths["json"].write_text(json.dumps(report, indent=2, default=str))
     failed = [
-        f"- {r['backend']} {r['precision']}: {_gates_cell(r)}"
+        f"- {r['backend']} {precision_label(r)}: {_gates_cell(r)}"
         for r in report["rows"]
         if _gates_cell(r).startswith(("FAIL", "ERROR"))
     ]

@@ -25,12 +25,15 @@ from torch import nn
 from export import ort_backend, precision, tensorrt_backend
 from export.latency import Protocol, summarize, time_cpu, time_cuda
 from export.onnx_export import export_onnx
-from export.report import table, write_reports
+from export.report import precision_label, table, write_reports
 from export.verify import DEFAULT_GATES, Gates, check_gates, failed_gates, parity
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# The INT8 file tuned for ONNX Runtime on x86 CPUs; "int8" itself is the TensorRT-ready file.
+ORT_INT8 = "int8-ort"
+ORT_INT8_VARIANT = "u8s8 for ORT CPU"
 BACKENDS = ("ort", "trt", "aoti")
 BASELINES = ("eager", "compile")
 
@@ -213,10 +216,12 @@ class _Run:
         device: str = "cpu",
         error: str | None = None,
         reference: np.ndarray | None = None,
+        variant: str | None = None,
     ) -> dict:
         row: dict = {
             "backend": backend,
             "precision": prec,
+            "variant": variant,
             "device": device,
             "file": str(path) if path else None,
             "size_bytes": path.stat().st_size if path and path.exists() else None,
@@ -247,6 +252,7 @@ def _baselines(run: _Run) -> None:
         {
             "backend": "pytorch-eager",
             "precision": "fp32",
+            "variant": None,
             "device": "cpu",
             "file": None,
             "size_bytes": None,
@@ -284,23 +290,29 @@ def _onnx(run: _Run, ckpt: dict, out: Path, example: torch.Tensor, calib: torch.
         files["fp16"] = precision.to_fp16(files["fp32"], out / "student.fp16.onnx")
         precision.copy_metadata(files["fp32"], files["fp16"])
     if "int8" in args.precision:
+        images = calib.numpy().astype(np.float32)
         files["int8"] = precision.to_int8_qdq(
-            files["fp32"], out / "student.int8.onnx", calib.numpy().astype(np.float32), batch=args.max_batch
+            files["fp32"], out / "student.int8.onnx", images, batch=args.max_batch
         )
-        precision.copy_metadata(files["fp32"], files["int8"])
-    return {p: f for p, f in files.items() if p in args.precision}
+        files[ORT_INT8] = precision.to_int8_ort(
+            files["fp32"], out / "student.int8-ort.onnx", images, batch=args.max_batch
+        )
+        for name in ("int8", ORT_INT8):
+            precision.copy_metadata(files["fp32"], files[name])
+    return {p: f for p, f in files.items() if p in args.precision or p == ORT_INT8}
 
 
 def _ort(run: _Run, files: dict[str, Path]) -> None:
-    for prec, path in files.items():
+    for name, path in files.items():
         session = ort_backend.make_session(path, threads=run.args.threads)
         fn = ort_backend.runner(session)
         run.add(
             "onnxruntime",
-            prec,
+            "int8" if name == ORT_INT8 else name,
             path=path,
             logits=_batched(fn, run.images, run.args.max_batch),
             latency=run.time_numpy(fn),
+            variant=ORT_INT8_VARIANT if name == ORT_INT8 else None,
         )
 
 
@@ -330,6 +342,8 @@ def _trt(run: _Run, ckpt: dict, files: dict[str, Path]) -> None:
     reference = reference.float().cpu().numpy()
     x1, xn = torch.from_numpy(run.x1).cuda(), torch.from_numpy(run.xn).cuda()
     for prec, onnx_path in files.items():
+        if prec == ORT_INT8:
+            continue
         engine_path = onnx_path.with_suffix(".engine")
         try:
             tensorrt_backend.build_engine(
@@ -399,6 +413,12 @@ def export_student(args: argparse.Namespace) -> int:
     notes = [f"verification data: {source}, {len(images)} images"]
     if labels is None:
         notes.append("random inputs: parity only, accuracy and the INT8 accuracy gate were not measured")
+    if "int8" in args.precision:
+        notes.append(
+            "INT8 files: student.int8.onnx is for TensorRT (symmetric int8 Q/DQ, zero-points 0); "
+            f"student.int8-ort.onnx ({ORT_INT8_VARIANT}: uint8 asymmetric activations, int8 per-channel "
+            "weights, narrow convs in fp32) is the one to deploy on ONNX Runtime CPU"
+        )
 
     example = torch.from_numpy(run.xn[:2].copy())
     _baselines(run)
@@ -416,10 +436,10 @@ def export_student(args: argparse.Namespace) -> int:
             notes.append(unavailable)
 
     problems = [
-        f"{r['backend']} {r['precision']} {g['gate']} = {g['value']:.4g} (limit {g['threshold']:.4g})"
+        f"{r['backend']} {precision_label(r)} {g['gate']} = {g['value']:.4g} (limit {g['threshold']:.4g})"
         for r in run.rows
         for g in failed_gates(r["gates"])
-    ] + [f"{r['backend']} {r['precision']}: {r['error']}" for r in run.rows if r["error"]]
+    ] + [f"{r['backend']} {precision_label(r)}: {r['error']}" for r in run.rows if r["error"]]
     if problems:
         status, code = "FAILED: " + "; ".join(problems), EXIT_GATE_FAILED
     elif unavailable:
