@@ -61,12 +61,14 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> None:
         series: dict[str, list[tuple[float, float]]] = defaultdict(list)
         top1: list[tuple[float, float]] = []
         for row in rows:
-            if row["stage"] != stage:
+            # the loop writes step rows and an epoch-mean row; plot the epoch rows where they exist
+            if row["stage"] != stage or row.get("scope", "epoch") != "epoch":
                 continue
             if row["split"] == "train" and row.get("loss") is not None:
                 series["loss"].append((row["epoch"], float(row["loss"])))
                 for name, value in (row.get("parts") or {}).items():
-                    series[name].append((row["epoch"], float(value)))
+                    if not name.startswith("w_"):  # task weights (MTD) are not losses
+                        series[name].append((row["epoch"], float(value)))
             elif row["split"] == "val" and row.get("top1") is not None:
                 top1.append((row["epoch"], float(row["top1"])))
         for name, points in series.items():

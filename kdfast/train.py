@@ -608,12 +608,12 @@ def run_stage(
     return metrics
 
 
-def results_table(results: dict[str, dict]) -> str:
+def results_table(results: dict[str, dict], method: str) -> str:
     """The Markdown table of results.md and the final printout."""
     names = {
         "teacher": "teacher",
         "baseline": "baseline student (CE only)",
-        "student": "distilled student (AGKD)",
+        "student": f"distilled student ({method.upper()})",
     }
     lines = ["| model | arch | params | top-1 (%) | top-5 (%) |", "| --- | --- | ---: | ---: | ---: |"]
     for key, row in results.items():
@@ -649,6 +649,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     """The three stages (teacher, baseline, distill) and the outputs; returns the results table rows."""
     from kdfast.data import build_datasets
     from kdfast.losses import AGKDLoss
+    from kdfast.mtd import MTDLoss
     from kdfast.plots import plot_training_curves
     from kdfast.taps import Taps
 
@@ -674,7 +675,8 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    loss_fn = AGKDLoss(
+    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss}[cfg.loss.method]
+    loss_fn = loss_class(
         cfg.loss,
         cfg.student.taps,
         cfg.teacher.taps,
@@ -740,7 +742,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     if rt.dist.is_main:
         student.eval()
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        table = results_table(results)
+        table = results_table(results, cfg.loss.method)
         (out / "results.md").write_text(f"# kdfast results ({cfg.data.name})\n\n{table}\n")
         plot_training_curves(out / "metrics.jsonl", out / "curves.png")
         _attention_picture(student_taps, teacher_taps, loss_fn, run)
