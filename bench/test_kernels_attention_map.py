@@ -43,8 +43,13 @@ def test_attention_map_forward(bench_op, impl, c, hw, dtype):
     features = torch.randn(BATCH, c, hw, hw, device="cuda", dtype=dtype)
     op = _op(impl)
     bench_op(
-        lambda: op(features), features.device, group="attention_map fwd", impl=impl,
-        case=_case(c, hw, dtype), bytes=features.numel() * features.element_size(), triton=triton.__version__,
+        lambda: op(features),
+        features.device,
+        group="attention_map fwd",
+        impl=impl,
+        case=_case(c, hw, dtype),
+        bytes=features.numel() * features.element_size(),
+        triton=triton.__version__,
     )
 
 
@@ -63,6 +68,11 @@ def test_attention_map_forward_backward(bench_op, impl, c, hw, dtype):
         torch.autograd.backward(out, grad.to(out.dtype))
 
     bench_op(
-        step, features.device, group="attention_map fwd+bwd", impl=impl, case=_case(c, hw, dtype),
-        bytes=3 * features.numel() * features.element_size(), triton=triton.__version__,
+        step,
+        features.device,
+        group="attention_map fwd+bwd",
+        impl=impl,
+        case=_case(c, hw, dtype),
+        bytes=3 * features.numel() * features.element_size(),
+        triton=triton.__version__,
     )

@@ -70,25 +70,30 @@ def write_chart(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     points = [
         r
         for r in rows
         if (r.get("latency") or {}).get("p50_ms") is not None and r.get("accuracy") is not None
     ]
+    # Backends often tie on accuracy, so points are told apart by marker and a legend outside the axes
+    # rather than by labels that would pile up on each other.
+    markers = "osD^vP*Xh<>"
     for i, row in enumerate(points):
         lat, acc = row["latency"]["p50_ms"], 100 * row["accuracy"]
-        ax.scatter(lat, acc)
-        # Backends often tie on accuracy; staggering the labels keeps them legible.
-        ax.annotate(
-            f"{row['backend']} {precision_label(row)}",
-            (lat, acc),
-            fontsize=8,
-            textcoords="offset points",
-            xytext=(4, 4 + 11 * (i % 4)),
+        ax.scatter(
+            lat, acc, marker=markers[i % len(markers)], s=60, label=f"{row['backend']} {precision_label(row)}"
         )
+    if points:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.margins(x=0.1, y=0.15)
     ax.set_xscale("log")
+    # plain numbers on the log axis: matplotlib's default labels minor ticks as 3x10^-1 and they collide
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("batch-1 p50 latency (ms, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("latency vs accuracy per backend")

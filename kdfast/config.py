@@ -217,7 +217,9 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
     if not valid:
         return "none are defined"
     near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else f"valid keys: {', '.join(valid)}"
+    return (
+        f"did you mean {' or '.join(repr(n) for n in near)}?" if near else f"valid keys: {', '.join(valid)}"
+    )
 
 
 def _type_name(tp: Any) -> str:
@@ -310,7 +312,9 @@ def _set_override(raw: dict[str, Any], assignment: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(
+            f"--set {key}: the value {text!r} is not valid YAML ({exc.__class__.__name__})"
+        ) from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -380,9 +384,13 @@ def validate(cfg: Config) -> None:
     for key in ("mean", "std"):
         value = getattr(data, key)
         if value is not None and len(value) != 3:
-            raise ConfigError(f"config key 'data.{key}' must list 3 values (one per RGB channel), got {value}")
+            raise ConfigError(
+                f"config key 'data.{key}' must list 3 values (one per RGB channel), got {value}"
+            )
     if not 0.0 <= data.augment.cutmix <= 1.0:
-        raise ConfigError(f"config key 'data.augment.cutmix' is a probability in [0, 1], got {data.augment.cutmix}")
+        raise ConfigError(
+            f"config key 'data.augment.cutmix' is a probability in [0, 1], got {data.augment.cutmix}"
+        )
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(cfg, role)
         if model.weights is not None and not Path(model.weights).is_file():
@@ -391,13 +399,17 @@ def validate(cfg: Config) -> None:
         _positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
         for name, tap in model.taps.items():
             if not tap.path:
-                raise ConfigError(f"config key '{role}.taps.{name}.path' is empty: give the module path to tap")
+                raise ConfigError(
+                    f"config key '{role}.taps.{name}.path' is empty: give the module path to tap"
+                )
     if not 0.0 <= cfg.loss.kd.alpha <= 1.0:
         raise ConfigError(f"config key 'loss.kd.alpha' must be in [0, 1], got {cfg.loss.kd.alpha}")
     _positive(cfg.loss.kd.temperature, "loss.kd.temperature")
     attention = cfg.loss.attention
     if attention.window_size % 2 == 0 or attention.window_size < 1:
-        raise ConfigError(f"config key 'loss.attention.window_size' must be odd and >= 1, got {attention.window_size}")
+        raise ConfigError(
+            f"config key 'loss.attention.window_size' must be odd and >= 1, got {attention.window_size}"
+        )
     perceptual = attention.perceptual
     if perceptual.weights is not None and not Path(perceptual.weights).is_file():
         raise ConfigError(f"loss.attention.perceptual.weights: file not found: {perceptual.weights}")
@@ -406,30 +418,39 @@ def validate(cfg: Config) -> None:
     for i, pair in enumerate(attention.pairs):
         where = f"loss.attention.pairs[{i}]"
         if pair.student not in cfg.student.taps:
-            raise ConfigError(
-                f"{where}.student names no student tap {pair.student!r}: {_closest(pair.student, cfg.student.taps)}"
-            )
+            near = _closest(pair.student, cfg.student.taps)
+            raise ConfigError(f"{where}.student names no student tap {pair.student!r}: {near}")
         if not pair.teacher:
             raise ConfigError(f"{where}.teacher is empty: name one or more teacher taps")
         for name in pair.teacher:
             if name not in cfg.teacher.taps:
-                raise ConfigError(f"{where}.teacher names no teacher tap {name!r}: {_closest(name, cfg.teacher.taps)}")
+                raise ConfigError(
+                    f"{where}.teacher names no teacher tap {name!r}: {_closest(name, cfg.teacher.taps)}"
+                )
         if cfg.student.taps[pair.student].kind != "feature":
-            raise ConfigError(f"{where}.student: student tap {pair.student!r} must have kind 'feature' (a CNN map)")
+            raise ConfigError(
+                f"{where}.student: student tap {pair.student!r} must have kind 'feature' (a CNN map)"
+            )
 
 
 def _validate_mtd(cfg: Config) -> None:
     mtd = cfg.loss.mtd
     if not mtd.pairs:
-        raise ConfigError("loss.method=mtd needs loss.mtd.pairs: the (student, teacher) attention taps to distill")
+        raise ConfigError(
+            "loss.method=mtd needs loss.mtd.pairs: the (student, teacher) attention taps to distill"
+        )
     for i, pair in enumerate(mtd.pairs):
         for role in ("student", "teacher"):
             taps = getattr(cfg, role).taps
             name = getattr(pair, role)
             if name not in taps:
-                raise ConfigError(f"loss.mtd.pairs[{i}].{role} names no {role} tap {name!r}: {_closest(name, taps)}")
+                raise ConfigError(
+                    f"loss.mtd.pairs[{i}].{role} names no {role} tap {name!r}: {_closest(name, taps)}"
+                )
             if taps[name].kind != "attention":
-                raise ConfigError(f"loss.mtd.pairs[{i}].{role}: {role} tap {name!r} must have kind 'attention'")
+                raise ConfigError(
+                    f"loss.mtd.pairs[{i}].{role}: {role} tap {name!r} must have kind 'attention'"
+                )
     if not mtd.relations:
         raise ConfigError("loss.mtd.relations is empty: list 'cad', 'vr' or both")
     if mtd.weighting == "manual":

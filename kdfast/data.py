@@ -39,7 +39,15 @@ CIFAR100_STD = [0.2673, 0.2564, 0.2762]
 EVAL_RESIZE_RATIO = 256 / 224
 
 RECORD_KEYS = (
-    "name", "root", "image_size", "val_fraction", "seed", "max_val_samples", "mean", "std", "classes",
+    "name",
+    "root",
+    "image_size",
+    "val_fraction",
+    "seed",
+    "max_val_samples",
+    "mean",
+    "std",
+    "classes",
 )
 
 

@@ -83,7 +83,7 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> None:
             right.set_ylabel("val top-1")
             handles, names = handles + [line], names + ["val top-1"]
         if handles:
-            ax.legend(handles, names, fontsize="small")
+            ax.legend(handles, names, fontsize="small", loc="center right")  # losses fall, top-1 rises
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
 

@@ -39,5 +39,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
     if not triton_available():
         raise ValueError("impl='triton' needs the triton package; install it or use impl='reference'")
     if not on_cuda and not interpreting():
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels is imported")
+        raise ValueError(
+            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels is imported"
+        )
     return True

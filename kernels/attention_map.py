@@ -101,8 +101,23 @@ def _bilinear_gather(src_ptr, stride_h, stride_w, offs, h, w, H, W, scale_h, sca
 
 @triton.jit
 def _resize_transpose_tile(
-    g_ptr, o_ptr, coef_g, coef_o, i, j, mask, tile_start, tile_end, h, w, H, W, scale_h, scale_w,
-    HAS_O: tl.constexpr, BLOCK_X: tl.constexpr,
+    g_ptr,
+    o_ptr,
+    coef_g,
+    coef_o,
+    i,
+    j,
+    mask,
+    tile_start,
+    tile_end,
+    h,
+    w,
+    H,
+    W,
+    scale_h,
+    scale_w,
+    HAS_O: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):
     """(R_h^T D R_w)[i, j] for a tile of source pixels, with D = coef_g * G + coef_o * O, G and O
     contiguous (h, w) fp32 planes (O only when HAS_O). Only output rows that can touch the tile's source
@@ -134,8 +149,20 @@ def _resize_transpose_tile(
 
 @triton.jit
 def _pool_kernel(
-    f_ptr, q_ptr, C, HW, W, stride_b, stride_c, stride_h, stride_w, p, inv_c,
-    P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    f_ptr,
+    q_ptr,
+    C,
+    HW,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    p,
+    inv_c,
+    P_MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     """Q[b, tile] = mean_c |F[b, c, tile]|^p in fp32: the only pass over the feature in the forward.
 
@@ -159,8 +186,18 @@ def _pool_kernel(
 
 @triton.jit
 def _resize_normalize_kernel(
-    q_ptr, out_ptr, norm_ptr, h, w, H, W, scale_h, scale_w, eps,
-    NORMALIZE: tl.constexpr, BLOCK: tl.constexpr,
+    q_ptr,
+    out_ptr,
+    norm_ptr,
+    h,
+    w,
+    H,
+    W,
+    scale_h,
+    scale_w,
+    eps,
+    NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per sample: M = resize(Q), out = M / max(||M||_2, eps); saves ||M||_2 for backward."""
     b = tl.program_id(0)
@@ -186,11 +223,35 @@ def _resize_normalize_kernel(
 
 @triton.jit
 def _attention_map_backward_kernel(
-    g_ptr, out_ptr, norm_ptr, f_ptr, df_ptr, C, h, w, H, W,
-    stride_b, stride_c, stride_h, stride_w, dstride_b, dstride_c, dstride_h, dstride_w,
-    scale_h, scale_w, p, inv_c, eps,
-    NORMALIZE: tl.constexpr, P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-    BLOCK_X: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    g_ptr,
+    out_ptr,
+    norm_ptr,
+    f_ptr,
+    df_ptr,
+    C,
+    h,
+    w,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    dstride_b,
+    dstride_c,
+    dstride_h,
+    dstride_w,
+    scale_h,
+    scale_w,
+    p,
+    inv_c,
+    eps,
+    NORMALIZE: tl.constexpr,
+    P_MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
 ):
     """dF[b, :, tile] = (R_h^T dM R_w)[tile] * p |F|^(p-1) sign(F) / C, one pass over F and dF.
 
@@ -219,8 +280,23 @@ def _attention_map_backward_kernel(
     i = offs // W
     j = offs % W
     dq = _resize_transpose_tile(
-        g, o, coef_g, coef_o, i, j, mask, tile_start, tl.minimum(tile_start + BLOCK_HW, HW),
-        h, w, H, W, scale_h, scale_w, NORMALIZE, BLOCK_X,
+        g,
+        o,
+        coef_g,
+        coef_o,
+        i,
+        j,
+        mask,
+        tile_start,
+        tl.minimum(tile_start + BLOCK_HW, HW),
+        h,
+        w,
+        H,
+        W,
+        scale_h,
+        scale_w,
+        NORMALIZE,
+        BLOCK_X,
     )
     dq = dq * inv_c
     src = f_ptr + b.to(tl.int64) * stride_b + (i * stride_h + j * stride_w)[None, :]
@@ -235,7 +311,19 @@ def _attention_map_backward_kernel(
 
 @triton.jit
 def _resize_forward_kernel(
-    x_ptr, y_ptr, C, h, w, H, W, stride_b, stride_c, stride_h, stride_w, scale_h, scale_w,
+    x_ptr,
+    y_ptr,
+    C,
+    h,
+    w,
+    H,
+    W,
+    stride_b,
+    stride_c,
+    stride_h,
+    stride_w,
+    scale_h,
+    scale_w,
     BLOCK: tl.constexpr,
 ):
     """Y[plane, tile] = bilinear gather from X[plane]; one program per (plane, output tile)."""
@@ -249,7 +337,16 @@ def _resize_forward_kernel(
 
 @triton.jit
 def _resize_backward_kernel(
-    g_ptr, dx_ptr, h, w, H, W, scale_h, scale_w, BLOCK: tl.constexpr, BLOCK_X: tl.constexpr,
+    g_ptr,
+    dx_ptr,
+    h,
+    w,
+    H,
+    W,
+    scale_h,
+    scale_w,
+    BLOCK: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):
     """dX[plane, tile] = (R_h^T G R_w)[tile] for a contiguous fp32 G; one program per (plane, source tile)."""
     plane = tl.program_id(0).to(tl.int64)
@@ -258,8 +355,23 @@ def _resize_backward_kernel(
     mask = offs < H * W
     g = g_ptr + plane * h * w
     dx = _resize_transpose_tile(
-        g, g, 1.0, 0.0, offs // W, offs % W, mask, tile_start, tl.minimum(tile_start + BLOCK, H * W),
-        h, w, H, W, scale_h, scale_w, False, BLOCK_X,
+        g,
+        g,
+        1.0,
+        0.0,
+        offs // W,
+        offs % W,
+        mask,
+        tile_start,
+        tl.minimum(tile_start + BLOCK, H * W),
+        h,
+        w,
+        H,
+        W,
+        scale_h,
+        scale_w,
+        False,
+        BLOCK_X,
     )
     tl.store(dx_ptr + plane * H * W + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -302,18 +414,41 @@ def _attention_map_forward(
         return out, norm
     block_c, block_hw = _blocks(C, H * W)
     _pool_kernel[(B, triton.cdiv(H * W, block_hw))](
-        features, pooled, C, H * W, W, *features.stride(), float(p), 1.0 / C,
-        P_MODE=_p_mode(p), BLOCK_C=block_c, BLOCK_HW=block_hw,
+        features,
+        pooled,
+        C,
+        H * W,
+        W,
+        *features.stride(),
+        float(p),
+        1.0 / C,
+        P_MODE=_p_mode(p),
+        BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
     )
     _resize_normalize_kernel[(B,)](
-        pooled, out, norm, h, w, H, W, _scale(H, h), _scale(W, w), EPS,
-        NORMALIZE=normalize, BLOCK=min(triton.next_power_of_2(h * w), 1024),
+        pooled,
+        out,
+        norm,
+        h,
+        w,
+        H,
+        W,
+        _scale(H, h),
+        _scale(W, w),
+        EPS,
+        NORMALIZE=normalize,
+        BLOCK=min(triton.next_power_of_2(h * w), 1024),
     )
     return out, norm
 
 
 def _attention_map_backward(
-    grad: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, p: float,
+    grad: torch.Tensor,
+    features: torch.Tensor,
+    out: torch.Tensor,
+    norm: torch.Tensor,
+    p: float,
     normalize: bool,
 ) -> torch.Tensor:
     B, C, H, W = features.shape
@@ -324,9 +459,28 @@ def _attention_map_backward(
         return dfeatures
     block_c, block_hw = _blocks(C, H * W)
     _attention_map_backward_kernel[(B, triton.cdiv(H * W, block_hw))](
-        grad, out.contiguous(), norm, features, dfeatures, C, h, w, H, W,
-        *features.stride(), *dfeatures.stride(), _scale(H, h), _scale(W, w), float(p), 1.0 / C, EPS,
-        NORMALIZE=normalize, P_MODE=_p_mode(p), BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_X=BLOCK_X,
+        grad,
+        out.contiguous(),
+        norm,
+        features,
+        dfeatures,
+        C,
+        h,
+        w,
+        H,
+        W,
+        *features.stride(),
+        *dfeatures.stride(),
+        _scale(H, h),
+        _scale(W, w),
+        float(p),
+        1.0 / C,
+        EPS,
+        NORMALIZE=normalize,
+        P_MODE=_p_mode(p),
+        BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
+        BLOCK_X=BLOCK_X,
         BLOCK_OUT=min(triton.next_power_of_2(h * w), 1024),
     )
     return dfeatures
@@ -347,8 +501,16 @@ def _resize_backward(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
     dmaps = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if dmaps.numel():
         _resize_backward_kernel[(B * C, triton.cdiv(H * W, BLOCK_HW))](
-            grad.to(torch.float32).contiguous(), dmaps, h, w, H, W, _scale(H, h), _scale(W, w),
-            BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X,
+            grad.to(torch.float32).contiguous(),
+            dmaps,
+            h,
+            w,
+            H,
+            W,
+            _scale(H, h),
+            _scale(W, w),
+            BLOCK=BLOCK_HW,
+            BLOCK_X=BLOCK_X,
         )
     return dmaps
 
@@ -371,7 +533,11 @@ def _(features, h, w, p, normalize):
 
 @torch.library.custom_op("kdfast::attention_map_backward", mutates_args=())
 def _attention_map_backward_op(
-    grad: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, p: float,
+    grad: torch.Tensor,
+    features: torch.Tensor,
+    out: torch.Tensor,
+    norm: torch.Tensor,
+    p: float,
     normalize: bool,
 ) -> torch.Tensor:
     return _attention_map_backward(grad, features, out, norm, p, normalize)

@@ -99,8 +99,14 @@ MAX_TILED_WINDOW = 33
 DOT_PRECISION = "tf32x3"
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float,
-                  dtypes: tuple[torch.dtype, ...]) -> None:
+def _check_inputs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    window_size: int,
+    sigma: float,
+    data_range: float,
+    dtypes: tuple[torch.dtype, ...],
+) -> None:
     """Raise a ValueError naming what to change when the inputs do not fit the SSIM contract."""
     for name, t in (("x", x), ("y", y)):
         if t.dim() != 4:
@@ -161,17 +167,33 @@ def _axis(size: int, window_size: int) -> _Axis:
         )
     halo = window_size - 1
     return _Axis(
-        size, out, False,
-        TILE_STEP, _pow2(TILE_STEP + halo), triton.cdiv(out, TILE_STEP),
-        TILE_STEP, _pow2(TILE_STEP + halo), _pow2(TILE_STEP + 2 * halo), triton.cdiv(size, TILE_STEP), halo,
+        size,
+        out,
+        False,
+        TILE_STEP,
+        _pow2(TILE_STEP + halo),
+        triton.cdiv(out, TILE_STEP),
+        TILE_STEP,
+        _pow2(TILE_STEP + halo),
+        _pow2(TILE_STEP + 2 * halo),
+        triton.cdiv(size, TILE_STEP),
+        halo,
     )
 
 
 if triton is not None:
 
     @triton.jit
-    def _window(ROWS: tl.constexpr, COLS: tl.constexpr, shift, ksize, sigma, inv_norm,
-                TRANS: tl.constexpr, IDENTITY: tl.constexpr):
+    def _window(
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        shift,
+        ksize,
+        sigma,
+        inv_norm,
+        TRANS: tl.constexpr,
+        IDENTITY: tl.constexpr,
+    ):
         """Banded matrix W[i, j] = g[j - i + shift] (g[i - j + shift] if TRANS): one 1-D 'valid' Gaussian
         pass as a matmul. Built in registers so no host tensor or cache is needed per shape."""
         rows = tl.arange(0, ROWS)[:, None]
@@ -193,10 +215,36 @@ if triton is not None:
 
     @triton.jit
     def _ssim_fwd_kernel(
-        x_ptr, y_ptr, stats_ptr, C, H, W, H_OUT, W_OUT, steps_h, steps_w,
-        sxb, sxc, sxh, sxw, syb, syc, syh, syw, ksize, sigma, inv_norm, c1, c2,
-        ID_H: tl.constexpr, ID_W: tl.constexpr, BO_H: tl.constexpr, BI_H: tl.constexpr,
-        BO_W: tl.constexpr, BI_W: tl.constexpr, PREC: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        stats_ptr,
+        C,
+        H,
+        W,
+        H_OUT,
+        W_OUT,
+        steps_h,
+        steps_w,
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        syb,
+        syc,
+        syh,
+        syw,
+        ksize,
+        sigma,
+        inv_norm,
+        c1,
+        c2,
+        ID_H: tl.constexpr,
+        ID_W: tl.constexpr,
+        BO_H: tl.constexpr,
+        BI_H: tl.constexpr,
+        BO_W: tl.constexpr,
+        BI_W: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         """One program per (b, c) plane: reads x and y once, writes [mean SSIM map, x.y, x.x, y.y]."""
         plane = tl.program_id(0)
@@ -232,8 +280,12 @@ if triton is not None:
                 var_x = _blur(x * x, gh, gwt, PREC) - mu_x * mu_x
                 var_y = _blur(y * y, gh, gwt, PREC) - mu_y * mu_y
                 cov = _blur(x * y, gh, gwt, PREC) - mu_x * mu_y
-                s = ((2.0 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)
-                     * (2.0 * cov + c2) / (var_x + var_y + c2))
+                s = (
+                    (2.0 * mu_x * mu_y + c1)
+                    / (mu_x * mu_x + mu_y * mu_y + c1)
+                    * (2.0 * cov + c2)
+                    / (var_x + var_y + c2)
+                )
                 ssim_sum += tl.sum(tl.where((out_rows < H_OUT) & (out_cols < W_OUT), s, 0.0))
         out = stats_ptr + plane * 4
         tl.store(out, ssim_sum / (H_OUT * W_OUT))
@@ -243,8 +295,17 @@ if triton is not None:
 
     @triton.jit
     def _ssim_reduce_kernel(
-        stats_ptr, ssim_ptr, loss_ptr, B, C, alpha, beta, eps,
-        NONNEGATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        stats_ptr,
+        ssim_ptr,
+        loss_ptr,
+        B,
+        C,
+        alpha,
+        beta,
+        eps,
+        NONNEGATIVE: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """One program: per-sample SSIM (mean over channels) and the scalar hybrid loss from plane stats."""
         offs_c = tl.arange(0, BLOCK_C)[None, :]
@@ -268,13 +329,52 @@ if triton is not None:
 
     @triton.jit
     def _ssim_bwd_kernel(
-        x_ptr, y_ptr, dx_ptr, dy_ptr, stats_ptr, gloss_ptr, gssim_ptr, gssim_stride,
-        C, H, W, H_OUT, W_OUT, steps_h, steps_w,
-        sxb, sxc, sxh, sxw, syb, syc, syh, syw, ksize, sigma, inv_norm, c1, c2, ssim_scale, cos_scale, eps,
-        HALO_H, HALO_W, ID_H: tl.constexpr, ID_W: tl.constexpr, NONNEGATIVE: tl.constexpr,
-        HAS_GLOSS: tl.constexpr, HAS_GSSIM: tl.constexpr,
-        BT_H: tl.constexpr, BO_H: tl.constexpr, BI_H: tl.constexpr,
-        BT_W: tl.constexpr, BO_W: tl.constexpr, BI_W: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+        x_ptr,
+        y_ptr,
+        dx_ptr,
+        dy_ptr,
+        stats_ptr,
+        gloss_ptr,
+        gssim_ptr,
+        gssim_stride,
+        C,
+        H,
+        W,
+        H_OUT,
+        W_OUT,
+        steps_h,
+        steps_w,
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        syb,
+        syc,
+        syh,
+        syw,
+        ksize,
+        sigma,
+        inv_norm,
+        c1,
+        c2,
+        ssim_scale,
+        cos_scale,
+        eps,
+        HALO_H,
+        HALO_W,
+        ID_H: tl.constexpr,
+        ID_W: tl.constexpr,
+        NONNEGATIVE: tl.constexpr,
+        HAS_GLOSS: tl.constexpr,
+        HAS_GSSIM: tl.constexpr,
+        BT_H: tl.constexpr,
+        BO_H: tl.constexpr,
+        BI_H: tl.constexpr,
+        BT_W: tl.constexpr,
+        BO_W: tl.constexpr,
+        BI_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         """One program per plane: recomputes the five moments (no map is stored by the forward), turns
         dLoss/dSSIM-map into dLoss/dmoments (eq. 13 differentiated), and maps those back through the
@@ -377,35 +477,82 @@ def _num_warps(*blocks: int) -> int:
 
 
 def _launch_forward(
-    x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float, k2: float,
-    nonnegative: bool, alpha: float, beta: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    window_size: int,
+    sigma: float,
+    data_range: float,
+    k1: float,
+    k2: float,
+    nonnegative: bool,
+    alpha: float,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two launches: the plane kernel (moments, SSIM mean, cosine partial sums) and the reduction."""
     batch, channels, height, width = x.shape
     ah, aw = _axis(height, window_size), _axis(width, window_size)
     stats = torch.empty((batch * channels, 4), device=x.device, dtype=torch.float32)
     _ssim_fwd_kernel[(batch * channels,)](
-        x, y, stats, channels, height, width, ah.out, aw.out, ah.fwd_steps, aw.fwd_steps,
-        *x.stride(), *y.stride(), window_size, sigma, _window_norm(window_size, sigma),
-        (k1 * data_range) ** 2, (k2 * data_range) ** 2,
-        ID_H=ah.identity, ID_W=aw.identity, BO_H=ah.fwd_out, BI_H=ah.fwd_in, BO_W=aw.fwd_out, BI_W=aw.fwd_in,
-        PREC=DOT_PRECISION, num_warps=_num_warps(ah.fwd_in, aw.fwd_in),
+        x,
+        y,
+        stats,
+        channels,
+        height,
+        width,
+        ah.out,
+        aw.out,
+        ah.fwd_steps,
+        aw.fwd_steps,
+        *x.stride(),
+        *y.stride(),
+        window_size,
+        sigma,
+        _window_norm(window_size, sigma),
+        (k1 * data_range) ** 2,
+        (k2 * data_range) ** 2,
+        ID_H=ah.identity,
+        ID_W=aw.identity,
+        BO_H=ah.fwd_out,
+        BI_H=ah.fwd_in,
+        BO_W=aw.fwd_out,
+        BI_W=aw.fwd_in,
+        PREC=DOT_PRECISION,
+        num_warps=_num_warps(ah.fwd_in, aw.fwd_in),
     )
     per_sample = torch.empty((batch,), device=x.device, dtype=x.dtype)
     loss = torch.empty((), device=x.device, dtype=x.dtype)
     block_c = triton.next_power_of_2(channels)
     block_b = max(1, min(triton.next_power_of_2(batch), 4096 // block_c))
     _ssim_reduce_kernel[(1,)](
-        stats, per_sample, loss, batch, channels, alpha, beta, COSINE_EPS,
-        NONNEGATIVE=nonnegative, BLOCK_B=block_b, BLOCK_C=block_c,
+        stats,
+        per_sample,
+        loss,
+        batch,
+        channels,
+        alpha,
+        beta,
+        COSINE_EPS,
+        NONNEGATIVE=nonnegative,
+        BLOCK_B=block_b,
+        BLOCK_C=block_c,
     )
     return loss, per_sample, stats
 
 
 def _launch_backward(
-    grad_loss: torch.Tensor | None, grad_ssim: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-    stats: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float, k2: float,
-    nonnegative: bool, alpha: float, beta: float,
+    grad_loss: torch.Tensor | None,
+    grad_ssim: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stats: torch.Tensor,
+    window_size: int,
+    sigma: float,
+    data_range: float,
+    k1: float,
+    k2: float,
+    nonnegative: bool,
+    alpha: float,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: dx and dy of alpha * (1 - mean SSIM) + beta * (1 - mean cos) and/or of SSIM per sample."""
     batch, channels, height, width = x.shape
@@ -413,15 +560,46 @@ def _launch_backward(
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dy = torch.empty(y.shape, device=y.device, dtype=y.dtype)
     _ssim_bwd_kernel[(batch * channels,)](
-        x, y, dx, dy, stats, x if grad_loss is None else grad_loss,
-        x if grad_ssim is None else grad_ssim, 0 if grad_ssim is None else grad_ssim.stride(0),
-        channels, height, width, ah.out, aw.out, ah.bwd_steps, aw.bwd_steps,
-        *x.stride(), *y.stride(), window_size, sigma, _window_norm(window_size, sigma),
-        (k1 * data_range) ** 2, (k2 * data_range) ** 2, -alpha / batch, -beta / batch, COSINE_EPS,
-        ah.halo, aw.halo, ID_H=ah.identity, ID_W=aw.identity, NONNEGATIVE=nonnegative,
-        HAS_GLOSS=grad_loss is not None, HAS_GSSIM=grad_ssim is not None,
-        BT_H=ah.bwd_tile, BO_H=ah.bwd_out, BI_H=ah.bwd_in, BT_W=aw.bwd_tile, BO_W=aw.bwd_out, BI_W=aw.bwd_in,
-        BLOCK_C=triton.next_power_of_2(channels), PREC=DOT_PRECISION,
+        x,
+        y,
+        dx,
+        dy,
+        stats,
+        x if grad_loss is None else grad_loss,
+        x if grad_ssim is None else grad_ssim,
+        0 if grad_ssim is None else grad_ssim.stride(0),
+        channels,
+        height,
+        width,
+        ah.out,
+        aw.out,
+        ah.bwd_steps,
+        aw.bwd_steps,
+        *x.stride(),
+        *y.stride(),
+        window_size,
+        sigma,
+        _window_norm(window_size, sigma),
+        (k1 * data_range) ** 2,
+        (k2 * data_range) ** 2,
+        -alpha / batch,
+        -beta / batch,
+        COSINE_EPS,
+        ah.halo,
+        aw.halo,
+        ID_H=ah.identity,
+        ID_W=aw.identity,
+        NONNEGATIVE=nonnegative,
+        HAS_GLOSS=grad_loss is not None,
+        HAS_GSSIM=grad_ssim is not None,
+        BT_H=ah.bwd_tile,
+        BO_H=ah.bwd_out,
+        BI_H=ah.bwd_in,
+        BT_W=aw.bwd_tile,
+        BO_W=aw.bwd_out,
+        BI_W=aw.bwd_in,
+        BLOCK_C=triton.next_power_of_2(channels),
+        PREC=DOT_PRECISION,
         num_warps=_num_warps(ah.bwd_in, aw.bwd_in),
     )
     return dx, dy
@@ -429,8 +607,16 @@ def _launch_backward(
 
 @torch.library.custom_op("kdfast::ssim_fwd", mutates_args=())
 def _ssim_fwd(
-    x: torch.Tensor, y: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float, k2: float,
-    nonnegative: bool, alpha: float, beta: float,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    window_size: int,
+    sigma: float,
+    data_range: float,
+    k1: float,
+    k2: float,
+    nonnegative: bool,
+    alpha: float,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hybrid loss, per-sample SSIM, per-plane stats [mean SSIM, x.y, x.x, y.y] saved for backward)."""
     return _launch_forward(x, y, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta)
@@ -448,9 +634,19 @@ def _(x, y, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta):
 
 @torch.library.custom_op("kdfast::ssim_bwd", mutates_args=())
 def _ssim_bwd(
-    grad_loss: torch.Tensor | None, grad_ssim: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-    stats: torch.Tensor, window_size: int, sigma: float, data_range: float, k1: float, k2: float,
-    nonnegative: bool, alpha: float, beta: float,
+    grad_loss: torch.Tensor | None,
+    grad_ssim: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stats: torch.Tensor,
+    window_size: int,
+    sigma: float,
+    data_range: float,
+    k1: float,
+    k2: float,
+    nonnegative: bool,
+    alpha: float,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradients of kdfast::ssim_fwd given the gradients of its loss and per-sample SSIM outputs."""
     return _launch_backward(
@@ -501,10 +697,21 @@ def ssim(
     triton_path = use_triton(impl, x, y)
     _check_inputs(x, y, window_size, sigma, data_range, DTYPES_TRITON if triton_path else DTYPES_REFERENCE)
     if triton_path:
-        return _ssim_fwd(x, y, window_size, float(sigma), float(data_range), float(k[0]), float(k[1]),
-                         bool(nonnegative), 0.0, 0.0)[1]
-    return ssim_reference(x, y, window_size=window_size, sigma=sigma, data_range=data_range, k=k,
-                          nonnegative=nonnegative)
+        return _ssim_fwd(
+            x,
+            y,
+            window_size,
+            float(sigma),
+            float(data_range),
+            float(k[0]),
+            float(k[1]),
+            bool(nonnegative),
+            0.0,
+            0.0,
+        )[1]
+    return ssim_reference(
+        x, y, window_size=window_size, sigma=sigma, data_range=data_range, k=k, nonnegative=nonnegative
+    )
 
 
 def ssim_cosine_loss(
@@ -523,10 +730,30 @@ def ssim_cosine_loss(
     """AGKD hybrid attention loss alpha * L_SSIM + beta * L_cos = alpha * (1 - mean_b SSIM_b)
     + beta * (1 - mean_b cos(student_b, teacher_b)), a scalar; see :func:`ssim_cosine_loss_reference`."""
     triton_path = use_triton(impl, student, teacher)
-    _check_inputs(student, teacher, window_size, sigma, data_range,
-                  DTYPES_TRITON if triton_path else DTYPES_REFERENCE)
+    _check_inputs(
+        student, teacher, window_size, sigma, data_range, DTYPES_TRITON if triton_path else DTYPES_REFERENCE
+    )
     if triton_path:
-        return _ssim_fwd(student, teacher, window_size, float(sigma), float(data_range), float(k[0]),
-                         float(k[1]), bool(nonnegative), float(alpha), float(beta))[0]
-    return ssim_cosine_loss_reference(student, teacher, alpha=alpha, beta=beta, window_size=window_size,
-                                      sigma=sigma, data_range=data_range, k=k, nonnegative=nonnegative)
+        return _ssim_fwd(
+            student,
+            teacher,
+            window_size,
+            float(sigma),
+            float(data_range),
+            float(k[0]),
+            float(k[1]),
+            bool(nonnegative),
+            float(alpha),
+            float(beta),
+        )[0]
+    return ssim_cosine_loss_reference(
+        student,
+        teacher,
+        alpha=alpha,
+        beta=beta,
+        window_size=window_size,
+        sigma=sigma,
+        data_range=data_range,
+        k=k,
+        nonnegative=nonnegative,
+    )

@@ -28,15 +28,18 @@ def test_default_loads_and_matches_the_yaml_file():
 
 
 def test_set_overrides_are_typed_by_yaml():
-    cfg = load_config(None, [
-        "data.batch_size=32",
-        "teacher.train.optimizer.lr=1e-3",
-        "runtime.compile=false",
-        "runtime.grad_clip=null",
-        "data.mean=[0.5, 0.4, 0.3]",
-        "student.train.schedule.warmup_epochs=2",
-        "loss.attention.metric=ssim",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.batch_size=32",
+            "teacher.train.optimizer.lr=1e-3",
+            "runtime.compile=false",
+            "runtime.grad_clip=null",
+            "data.mean=[0.5, 0.4, 0.3]",
+            "student.train.schedule.warmup_epochs=2",
+            "loss.attention.metric=ssim",
+        ],
+    )
     assert cfg.data.batch_size == 32 and type(cfg.data.batch_size) is int
     lr, warmup = cfg.teacher.train.optimizer.lr, cfg.student.train.schedule.warmup_epochs
     assert lr == pytest.approx(1e-3) and type(lr) is float

@@ -81,8 +81,11 @@ def test_digits_config_mean_std_is_used_and_recorded():
     image, label = val[0]
     assert image.min() >= (0 - 0.5) / 0.25 - 1e-6 and image.max() <= (1 - 0.5) / 0.25 + 1e-6
     raw = load_digits()
-    matches = [i for i, im in enumerate(raw.images) if torch.allclose(
-        torch.from_numpy(im / 16.0).float(), image[0] * 0.25 + 0.5, atol=1e-6)]
+    matches = [
+        i
+        for i, im in enumerate(raw.images)
+        if torch.allclose(torch.from_numpy(im / 16.0).float(), image[0] * 0.25 + 0.5, atol=1e-6)
+    ]
     assert matches and all(raw.target[i] == label for i in matches)
 
 

@@ -18,9 +18,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _qk(b: int, h: int, n: int, d: int, dtype=torch.float32, grad: bool = True, gen=None) -> list:
-    return [
-        torch.randn(b, h, n, d, generator=gen).to(dtype).requires_grad_(grad) for _ in range(2)
-    ]
+    return [torch.randn(b, h, n, d, generator=gen).to(dtype).requires_grad_(grad) for _ in range(2)]
 
 
 def _kl_div_rows(q_s, k_s, q_t, k_t, direction: str) -> torch.Tensor:

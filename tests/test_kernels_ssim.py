@@ -83,6 +83,7 @@ def test_reference_gradcheck_float64():
     x, y = _pair((2, 1, 6, 7), torch.float64)
     x.requires_grad_()
     y.requires_grad_()
+
     def loss_fn(a, b):
         return ssim_cosine_loss_reference(a, b, alpha=0.4, beta=0.6, window_size=3)
 
@@ -202,6 +203,7 @@ def test_opcheck():
 
 def test_compile_fullgraph_has_no_graph_break():
     x, y = _pair((2, 1, 9, 10))
+
     def loss_fn(s, t):
         return ssim_cosine_loss(s, t, impl="triton", window_size=3)
 

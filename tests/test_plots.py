@@ -16,15 +16,34 @@ def _metrics(path):
     for stage in ("teacher", "distill"):
         for epoch in range(3):
             for step in range(2):
-                rows.append({
-                    "stage": stage, "epoch": epoch, "step": epoch * 2 + step, "split": "train",
-                    "loss": 2.0 / (epoch + 1) + 0.1 * step, "lr": 1e-3, "top1": None, "top5": None,
-                    "parts": {"kd": 1.0 / (epoch + 1), "attention": 0.5}, "images_per_s": 100.0,
-                })
-            rows.append({
-                "stage": stage, "epoch": epoch, "step": epoch * 2 + 1, "split": "val", "loss": 1.0,
-                "lr": 1e-3, "top1": 0.5 + 0.1 * epoch, "top5": 0.9, "parts": {}, "images_per_s": 0.0,
-            })
+                rows.append(
+                    {
+                        "stage": stage,
+                        "epoch": epoch,
+                        "step": epoch * 2 + step,
+                        "split": "train",
+                        "loss": 2.0 / (epoch + 1) + 0.1 * step,
+                        "lr": 1e-3,
+                        "top1": None,
+                        "top5": None,
+                        "parts": {"kd": 1.0 / (epoch + 1), "attention": 0.5},
+                        "images_per_s": 100.0,
+                    }
+                )
+            rows.append(
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "step": epoch * 2 + 1,
+                    "split": "val",
+                    "loss": 1.0,
+                    "lr": 1e-3,
+                    "top1": 0.5 + 0.1 * epoch,
+                    "top5": 0.9,
+                    "parts": {},
+                    "images_per_s": 0.0,
+                }
+            )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -72,9 +91,17 @@ def test_attention_grid_png(tmp_path):
 def test_attention_grid_rejects_mismatched_maps(tmp_path):
     images = torch.randn(2, 3, 8, 8)
     with pytest.raises(UsageError, match="student_maps"):
-        plot_attention_grid(images, [0.5] * 3, [0.5] * 3, torch.rand(2, 4, 4), torch.rand(3, 4, 4),
-                            tmp_path / "a.png")
+        plot_attention_grid(
+            images, [0.5] * 3, [0.5] * 3, torch.rand(2, 4, 4), torch.rand(3, 4, 4), tmp_path / "a.png"
+        )
     with pytest.raises(UsageError, match="labels"):
-        plot_attention_grid(images, [0.5] * 3, [0.5] * 3, torch.rand(2, 4, 4), torch.rand(2, 4, 4),
-                            tmp_path / "a.png", labels=["only one"])
+        plot_attention_grid(
+            images,
+            [0.5] * 3,
+            [0.5] * 3,
+            torch.rand(2, 4, 4),
+            torch.rand(2, 4, 4),
+            tmp_path / "a.png",
+            labels=["only one"],
+        )
     assert not (tmp_path / "a.png").exists()
