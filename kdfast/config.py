@@ -175,13 +175,50 @@ class MTDConfig:
 
 
 @dataclass
-class LossConfig:
-    """``method`` picks the distillation loss: AGKD (kd + attention alignment) or MTD (kd + CAD/VR)."""
+class CAKDConfig:
+    """CAKD (Transformer teacher -> CNN student): a partially-cross-attention projector (PCA) and a
+    group-wise linear projector (GL) map the student's CNN feature into the teacher's attention and token
+    spaces; multi-view robust training perturbs the student's input and adds an adversarial term against a
+    discriminator between teacher tokens and projected student tokens. Projectors and discriminator belong to
+    the loss, so they are dropped at inference.
 
-    method: Literal["agkd", "mtd"] = "agkd"
+    ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap
+    (Q, K, V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D).
+    """
+
+    student: str = ""
+    teacher_attention: str = ""
+    teacher_tokens: str = ""
+    pca_weight: float = 1.0
+    gl_weight: float = 1.0
+    replace_prob: float = 0.5
+    dropout: float = 0.1
+    view_prob: float = 0.5
+    adversarial_weight: float = 0.1
+    discriminator_every: int = 5
+    discriminator_lr: float = 1e-4
+
+
+@dataclass
+class TITNConfig:
+    """TITN: alpha * CutMix-CE(class head, labels) + (1 - alpha) * CE(distillation head, argmax teacher);
+    the student is a transformer-in-transformer with a class token and a DeiT-style distillation token."""
+
+    alpha: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    """``method`` picks the distillation loss: AGKD (kd + attention alignment), MTD (kd + CAD/VR),
+    CAKD (kd + cross-architecture projectors + multi-view adversarial term) or TITN (class + distillation
+    token heads)."""
+
+    method: Literal["agkd", "mtd", "cakd", "titn"] = "agkd"
     kd: KDConfig = field(default_factory=KDConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
     mtd: MTDConfig = field(default_factory=MTDConfig)
+    cakd: CAKDConfig = field(default_factory=CAKDConfig)
+    titn: TITNConfig = field(default_factory=TITNConfig)
 
 
 @dataclass
@@ -415,6 +452,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.attention.perceptual.weights: file not found: {perceptual.weights}")
     if cfg.loss.method == "mtd":
         _validate_mtd(cfg)
+    if cfg.loss.method == "cakd":
+        _validate_cakd(cfg)
+    if not 0.0 <= cfg.loss.titn.alpha <= 1.0:
+        raise ConfigError(f"config key 'loss.titn.alpha' must be in [0, 1], got {cfg.loss.titn.alpha}")
     for i, pair in enumerate(attention.pairs):
         where = f"loss.attention.pairs[{i}]"
         if pair.student not in cfg.student.taps:
@@ -463,6 +504,26 @@ def _validate_mtd(cfg: Config) -> None:
             )
     if mtd.relation_heads is not None:
         _positive(mtd.relation_heads, "loss.mtd.relation_heads")
+
+
+def _validate_cakd(cfg: Config) -> None:
+    cakd = cfg.loss.cakd
+    wanted = (
+        ("student", cakd.student, cfg.student.taps, "feature"),
+        ("teacher_attention", cakd.teacher_attention, cfg.teacher.taps, "attention"),
+        ("teacher_tokens", cakd.teacher_tokens, cfg.teacher.taps, "feature"),
+    )
+    for key, name, taps, kind in wanted:
+        if name not in taps:
+            raise ConfigError(f"loss.cakd.{key} names no tap {name!r}: {_closest(name, taps)}")
+        if taps[name].kind != kind:
+            raise ConfigError(f"loss.cakd.{key}: tap {name!r} must have kind {kind!r}")
+    for key in ("replace_prob", "view_prob", "dropout"):
+        value = getattr(cakd, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'loss.cakd.{key}' is a probability in [0, 1], got {value}")
+    _positive(cakd.discriminator_every, "loss.cakd.discriminator_every")
+    _positive(cakd.discriminator_lr, "loss.cakd.discriminator_lr")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -136,7 +136,28 @@ class PerceptualFeatures(nn.Module):
         return self.net(planes)[1]["layer"]
 
 
-class AGKDLoss(nn.Module):
+class DistillationLoss(nn.Module):
+    """What the training loop asks of a distillation method (AGKD, MTD, CAKD, TITN): a loss module.
+
+    ``forward(student_logits, teacher_logits, targets, student_taps, teacher_taps) -> (loss, parts)``;
+    ``check(student_taps, teacher_taps)`` raises UsageError on taps whose shapes cannot be matched;
+    ``maps(student_taps, teacher_taps)`` gives (student, teacher) attention maps for pictures. Its trainable
+    parameters (projectors, task weights) are optimized and checkpointed with the student and dropped at
+    inference. The three hooks below default to nothing; a method that needs one overrides it.
+    """
+
+    def prepare_student(self, student: nn.Module) -> None:
+        """Called once before the distillation stage (TITN switches on the distillation head here)."""
+
+    def student_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's input for this batch; the teacher always sees ``images`` (CAKD's multi-view)."""
+        return images
+
+    def after_step(self) -> None:
+        """Called after each optimizer step of the student (CAKD trains its discriminator here)."""
+
+
+class AGKDLoss(DistillationLoss):
     """AGKD eq. 4: kd_loss (eq. 1) + weight * sum over the configured (student tap, teacher taps) pairs of the
     attention metric (eq. 3) between the student map and the combined teacher map (eq. 2).
 

@@ -26,7 +26,7 @@ from torch import nn
 import kernels
 from kdfast.config import LossConfig, MTDPairConfig, TapConfig
 from kdfast.errors import UsageError
-from kdfast.losses import cls_attention_map, kd_kl, patch_grid, supervised_ce
+from kdfast.losses import DistillationLoss, cls_attention_map, kd_kl, patch_grid, supervised_ce
 from kdfast.taps import QKV
 
 
@@ -43,7 +43,7 @@ def uncertainty_weighting(losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return (losses / (2 * w.square()) + torch.log1p(w.square())).sum()
 
 
-class MTDLoss(nn.Module):
+class MTDLoss(DistillationLoss):
     """MTD: kd_loss (AGKD eq. 1) + L_CAD (eq. 1) and L_VR (eq. 2) per configured (student, teacher) attention
     tap pair, combined by the task weighting of eq. 4; same interface as :class:`kdfast.losses.AGKDLoss`.
 

@@ -32,6 +32,7 @@ from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
+from kdfast.losses import DistillationLoss
 
 STAGES = ("teacher", "baseline", "distill")
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
@@ -217,7 +218,7 @@ def ce_step(model: nn.Module, label_smoothing: float) -> Step:
     return step
 
 
-def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module) -> Step:
+def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: DistillationLoss) -> Step:
     """The AGKD objective (eq. 4): the frozen teacher's logits and taps under no_grad, the student's with
     grad, combined by ``loss_fn`` (KD + CE of eq. 1 + the attention alignment of eq. 3). ``student`` and
     ``teacher`` are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
@@ -225,7 +226,7 @@ def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module) -> 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             teacher_logits, teacher_taps = teacher(images)
-        student_logits, student_taps = student(images)
+        student_logits, student_taps = student(loss_fn.student_view(images))
         loss, parts = loss_fn(student_logits, teacher_logits, targets, student_taps, teacher_taps)
         return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -375,17 +376,18 @@ def train_stage(
     step_fn: Step,
     stage_cfg: StageConfig,
     run: Run,
-    extra: nn.Module | None = None,
+    extra: DistillationLoss | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``stage_cfg.epochs`` epochs on ``step_fn(images, targets) -> (loss, parts)``.
 
     ``model`` is the plain module whose weights are saved; ``step_fn`` may run it through DDP. ``extra``
-    holds trainable loss parameters (optimized and saved alongside). Every epoch ends with validation, a
+    is the distillation loss module: its trainable parameters are optimized and saved alongside, and its
+    ``after_step`` hook runs after every optimizer step. Every epoch ends with validation, a
     metrics row and an atomic state file ``state_<stage>.pt``; a run started with ``--resume`` continues
     from it. Returns the final validation metrics.
     """
     cfg, rt, log = run.cfg, run.rt, run.log
-    extra = extra if extra is not None else nn.Module()
+    extra = extra if extra is not None else DistillationLoss()
     state_path = run.out / f"state_{stage}.pt"
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, stage_cfg, rt.device)
@@ -457,6 +459,7 @@ def train_stage(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            extra.after_step()
             step += 1
             seen += images.shape[0]
             for key, part in {"loss": loss.detach(), **parts}.items():
@@ -596,7 +599,7 @@ def run_stage(
     step_fn: Step,
     model_cfg: ModelConfig,
     run: Run,
-    extra: nn.Module | None = None,
+    extra: DistillationLoss | None = None,
 ) -> dict:
     """Skip a stage finished before ``--resume``; otherwise train it and write its checkpoint."""
     done = _finished(stage, model, run)
@@ -725,6 +728,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
         }
         del baseline
 
+    loss_fn.prepare_student(student)
     metrics = run_stage(
         "distill",
         student,
