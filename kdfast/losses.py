@@ -79,7 +79,7 @@ def cls_attention_map(qkv: QKV, size: tuple[int, int], *, impl: str = "auto") ->
     return F.normalize(maps.flatten(1), dim=1, eps=1e-12).view_as(maps)
 
 
-def _spatial(feature: torch.Tensor, name: str) -> torch.Tensor:
+def spatial_feature(feature: torch.Tensor, name: str) -> torch.Tensor:
     """A feature tap as (B, C, H, W): CNN maps as they are; ViT tokens (B, N, D) without the prefix tokens."""
     if feature.dim() == 4:
         return feature
@@ -202,14 +202,14 @@ class AGKDLoss(DistillationLoss):
             return self.attention.grid, self.attention.grid
         for name in pair.teacher:
             if self.teacher_kinds[name] == "feature":
-                return tuple(_spatial(_tensor(teacher_taps, name, "teacher"), name).shape[-2:])
-        side, _ = patch_grid(_qkv(teacher_taps, pair.teacher[0]).k.shape[2])
+                return tuple(spatial_feature(tap_tensor(teacher_taps, name, "teacher"), name).shape[-2:])
+        side, _ = patch_grid(tap_qkv(teacher_taps, pair.teacher[0]).k.shape[2])
         return side, side
 
     def _teacher_map(self, name: str, teacher_taps: Mapping[str, Any], grid: tuple[int, int]) -> torch.Tensor:
         if self.teacher_kinds[name] == "attention":
-            return cls_attention_map(_qkv(teacher_taps, name), grid, impl=self.impl)
-        feature = _spatial(_tensor(teacher_taps, name, "teacher"), name).float()
+            return cls_attention_map(tap_qkv(teacher_taps, name), grid, impl=self.impl)
+        feature = spatial_feature(tap_tensor(teacher_taps, name, "teacher"), name).float()
         return kernels.attention_map(feature, grid, impl=self.impl)
 
     def pair_maps(
@@ -218,7 +218,7 @@ class AGKDLoss(DistillationLoss):
         """(student, teacher) maps of one pair as (B, C, h, w): C = 1 for "add", the number of teacher taps
         for "concat" (the student map repeated per channel); AGKD eq. 2."""
         grid = self._grid(pair, teacher_taps)
-        feature = _spatial(_tensor(student_taps, pair.student, "student"), pair.student).float()
+        feature = spatial_feature(tap_tensor(student_taps, pair.student, "student"), pair.student).float()
         student = kernels.attention_map(feature, grid, impl=self.impl)
         teachers = torch.stack([self._teacher_map(name, teacher_taps, grid) for name in pair.teacher], dim=1)
         if teachers.shape[0] != student.shape[0]:
@@ -303,7 +303,7 @@ class AGKDLoss(DistillationLoss):
         return sum(parts.values()), parts
 
 
-def _tensor(taps: Mapping[str, Any], name: str, role: str) -> torch.Tensor:
+def tap_tensor(taps: Mapping[str, Any], name: str, role: str) -> torch.Tensor:
     value = taps.get(name)
     if not isinstance(value, torch.Tensor):
         got = "nothing" if value is None else type(value).__name__
@@ -311,7 +311,7 @@ def _tensor(taps: Mapping[str, Any], name: str, role: str) -> torch.Tensor:
     return value
 
 
-def _qkv(taps: Mapping[str, Any], name: str) -> QKV:
+def tap_qkv(taps: Mapping[str, Any], name: str) -> QKV:
     value = taps.get(name)
     if not isinstance(value, QKV):
         got = "nothing" if value is None else type(value).__name__

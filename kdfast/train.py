@@ -651,6 +651,7 @@ def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Modul
 def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     """The three stages (teacher, baseline, distill) and the outputs; returns the results table rows."""
     from kdfast.data import build_datasets
+    from kdfast.cakd import CAKDLoss
     from kdfast.losses import AGKDLoss
     from kdfast.mtd import MTDLoss
     from kdfast.plots import plot_training_curves
@@ -678,7 +679,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss}[cfg.loss.method]
+    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss}[cfg.loss.method]
     loss_fn = loss_class(
         cfg.loss,
         cfg.student.taps,

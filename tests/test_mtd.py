@@ -32,15 +32,15 @@ def _loss(impl: str = "reference", pairs=PAIRS, **mtd) -> MTDLoss:
     return MTDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl=impl)
 
 
-def _qkv(g: torch.Generator, heads: int, width: int, tokens: int = N) -> QKV:
+def tap_qkv(g: torch.Generator, heads: int, width: int, tokens: int = N) -> QKV:
     return QKV(*(torch.randn(B, heads, tokens, width, generator=g) for _ in range(3)))
 
 
 def _taps(seed: int = 0, student=(2, 4), teacher=(2, 6)):
     g = torch.Generator().manual_seed(seed)
     return (
-        {name: _qkv(g, *student) for name in STUDENT_TAPS},
-        {name: _qkv(g, *teacher) for name in TEACHER_TAPS},
+        {name: tap_qkv(g, *student) for name in STUDENT_TAPS},
+        {name: tap_qkv(g, *teacher) for name in TEACHER_TAPS},
     )
 
 
@@ -204,7 +204,7 @@ def test_check_rejects_taps_that_cannot_be_matched():
         loss.check(student, teacher)
     g = torch.Generator().manual_seed(0)
     student, teacher = _taps()
-    teacher["t1"] = _qkv(g, 2, 6, tokens=N + 1)
+    teacher["t1"] = tap_qkv(g, 2, 6, tokens=N + 1)
     with pytest.raises(UsageError, match="same batch and token count"):
         loss.check(student, teacher)
     with pytest.raises(UsageError, match="relation_heads=4 does not divide the teacher's .* 6"):
