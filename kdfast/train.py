@@ -28,11 +28,19 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from kdfast.cakd import CAKDLoss
+from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
+from kdfast.data import CutMix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
-from kdfast.losses import DistillationLoss
+from kdfast.losses import AGKDLoss, DistillationLoss
+from kdfast.models import build_model
+from kdfast.mtd import MTDLoss
+from kdfast.plots import plot_attention_grid, plot_training_curves
+from kdfast.taps import Taps
+from kdfast.titn import TITNLoss
 
 STAGES = ("teacher", "baseline", "distill")
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
@@ -389,6 +397,7 @@ def train_stage(
     cfg, rt, log = run.cfg, run.rt, run.log
     extra = extra if extra is not None else DistillationLoss()
     state_path = run.out / f"state_{stage}.pt"
+    loss_params = [p for p in extra.parameters() if p.requires_grad] if rt.dist.enabled else []
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, stage_cfg, rt.device)
     generator = torch.Generator()
@@ -421,8 +430,6 @@ def train_stage(
     run_step = torch.compile(step_fn) if rt.compile else step_fn
     cutmix = None
     if cfg.data.augment.cutmix > 0:
-        from kdfast.data import CutMix
-
         cutmix = CutMix(run.num_classes, cfg.data.augment.cutmix, cfg.data.augment.cutmix_beta)
     clip = cfg.runtime.grad_clip
     for epoch in range(epoch0, stage_cfg.epochs):
@@ -453,6 +460,12 @@ def train_stage(
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # DDP averages the student's gradients; the loss module (projectors, task weights) is not
+            # wrapped, so its gradients are averaged here or its copies would drift apart across ranks.
+            for p in loss_params:
+                if p.grad is not None:
+                    p.grad.div_(rt.dist.world_size)
+                    all_reduce_sum(p.grad, rt.dist)
             if clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip)
@@ -545,7 +558,6 @@ def arch_record(model_cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
 
 
 def _build(model_cfg: ModelConfig, run: Run, weights: str | None = None) -> nn.Module:
-    from kdfast.models import build_model
 
     torch.manual_seed(run.cfg.seed)  # the baseline and the distilled student start from the same weights
     model = build_model(asdict(model_cfg.arch), num_classes=run.num_classes, weights=weights)
@@ -563,7 +575,6 @@ def _ddp(module: nn.Module, run: Run) -> nn.Module:
 
 
 def _save_stage(stage: str, model: nn.Module, model_cfg: ModelConfig, metrics: dict, run: Run) -> None:
-    from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, save_checkpoint
 
     if not run.rt.dist.is_main:
         return
@@ -583,7 +594,6 @@ def _save_stage(stage: str, model: nn.Module, model_cfg: ModelConfig, metrics: d
 
 def _finished(stage: str, model: nn.Module, run: Run) -> dict | None:
     """On ``--resume``, a stage whose checkpoint exists is done: load its weights and recorded metrics."""
-    from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint
 
     path = run.out / STAGE_FILES[stage]
     if not (run.resume and path.exists()):
@@ -627,7 +637,6 @@ def results_table(results: dict[str, dict], method: str) -> str:
 
 
 def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module, run: Run) -> None:
-    from kdfast.plots import plot_attention_grid
 
     images, labels = next(iter(DataLoader(run.val_ds, batch_size=8, shuffle=False)))
     with torch.no_grad():
@@ -650,12 +659,6 @@ def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Modul
 
 def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     """The three stages (teacher, baseline, distill) and the outputs; returns the results table rows."""
-    from kdfast.data import build_datasets
-    from kdfast.cakd import CAKDLoss
-    from kdfast.losses import AGKDLoss
-    from kdfast.mtd import MTDLoss
-    from kdfast.plots import plot_training_curves
-    from kdfast.taps import Taps
 
     rt = resolve_runtime(cfg)
     out = Path(cfg.out)
@@ -679,7 +682,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss}[cfg.loss.method]
+    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss, "titn": TITNLoss}[cfg.loss.method]
     loss_fn = loss_class(
         cfg.loss,
         cfg.student.taps,
@@ -688,6 +691,8 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
         label_smoothing=cfg.student.train.label_smoothing,
     )
     loss_fn = loss_fn.to(rt.device)
+    # before any training, so a student the method cannot use fails now (the baseline is another instance)
+    loss_fn.prepare_student(student)
     probe = next(iter(_val_loader(run)))[0][: cfg.data.batch_size].to(rt.device)
     teacher.eval()
     student.eval()
@@ -729,7 +734,6 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
         }
         del baseline
 
-    loss_fn.prepare_student(student)
     metrics = run_stage(
         "distill",
         student,

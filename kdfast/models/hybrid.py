@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import vgg19, vit_b_16
-from torchvision.models.vgg import VGG, make_layers
+from torchvision.models.vgg import VGG, cfgs, make_layers
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from kdfast.models.registry import load_weights, read_state_dict, register_model
@@ -55,13 +55,7 @@ def hybrid_teacher_small(num_classes: int = 10, image_size: int = 32) -> HybridT
     4 heads, width 64, patch 4). Taps: ``vgg.features.13`` (before the last pool, 8x8 at 32) and
     ``vit.encoder.layers.encoder_layer_3.self_attention``."""
     widths = [32, "M", 64, "M", 128, 128, "M"]
-    features = make_layers(widths, batch_norm=True)
-    # VGG's constructor allocates a 25088 x 4096 classifier that this branch replaces at once; building it
-    # on the meta device skips that 400 MB. The features above were made outside, so they stay real.
-    with torch.device("meta"):
-        vgg = VGG(features, num_classes=num_classes, init_weights=False)
-    vgg.avgpool = nn.AdaptiveAvgPool2d(1)
-    vgg.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(widths[-2], num_classes))
+    vgg = _small_input_vgg(make_layers(widths, batch_norm=True), widths[-2], num_classes, dropout=0.1)
     vit = VisionTransformer(
         image_size=image_size,
         patch_size=4,
@@ -72,3 +66,21 @@ def hybrid_teacher_small(num_classes: int = 10, image_size: int = 32) -> HybridT
         num_classes=num_classes,
     )
     return HybridTeacher(vgg, vit, num_classes)
+
+
+def _small_input_vgg(features: nn.Sequential, width: int, num_classes: int, dropout: float) -> VGG:
+    """torchvision's VGG with a global-average-pool + one linear head, the usual form for 32x32 inputs."""
+    # VGG's constructor allocates a 25088 x 4096 classifier that is replaced at once; building it on the meta
+    # device skips that 400 MB. ``features`` were made outside, so they stay real.
+    with torch.device("meta"):
+        vgg = VGG(features, num_classes=num_classes, init_weights=False)
+    vgg.avgpool = nn.AdaptiveAvgPool2d(1)
+    vgg.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+    return vgg
+
+
+@register_model
+def vgg16_bn_cifar(num_classes: int = 10) -> VGG:
+    """VGG16-BN (torchvision's layer config "D" with batch norm) with the global-pool + linear head used on
+    CIFAR-sized inputs (TITN's teacher): the 13 conv layers of VGG16-BN, 14.7M parameters instead of 138M."""
+    return _small_input_vgg(make_layers(cfgs["D"], batch_norm=True), 512, num_classes, dropout=0.5)

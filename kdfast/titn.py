@@ -1,0 +1,124 @@
+"""TITN: a transformer-in-transformer student with a class token and a distillation token, taught by a CNN
+teacher through DeiT's hard-label distillation (Touvron et al. 2021, Sec. 4) on CutMix batches.
+
+Numbering used in the docstrings:
+  (1) L = alpha * CE(psi(Z_cls), y~) + (1 - alpha) * CE(psi(Z_dist), y_T),  y_T = argmax_c Z_T(c)
+      y~ the CutMix target lam * onehot(y_a) + (1 - lam) * onehot(y_b), lam ~ Beta(0.5, 0.5) (Yun et al.
+      2019; the loop draws it, see ``kdfast.data.CutMix``), or the integer label without CutMix
+  (2) inference: the mean of the class and distillation heads' logits (``kdfast.models.tnt``, eq. 6)
+The student is :class:`kdfast.models.tnt.TNTDistilled`; any model with ``set_distilled_training`` that
+returns the (class, distillation) pair in training mode (timm's ``deit_*_distilled_*``) works as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdfast.config import LossConfig, TapConfig
+from kdfast.errors import UsageError
+from kdfast.losses import DistillationLoss, supervised_ce
+from kdfast.taps import Taps, unwrap
+
+
+def distilled_student(student: nn.Module) -> nn.Module:
+    """The model inside Taps / DDP / ``torch.compile`` wrappers that owns ``set_distilled_training``."""
+    while True:
+        inner = unwrap(student)
+        if not isinstance(inner, Taps):
+            return inner
+        student = inner.model
+
+
+class TITNLoss(DistillationLoss):
+    """Eq. 1: alpha * CE(class head, targets) + (1 - alpha) * CE(distillation head, argmax teacher).
+
+    ``forward`` returns (loss, parts) with parts {"cls", "distill"} already weighted, so they sum to the
+    loss. The student's logits must be the (class, distillation) pair of a training-mode forward with
+    distilled training on (:meth:`prepare_student` switches it on). TITN uses no taps: the constructor
+    takes the tap configs only to share the interface of the other methods.
+    """
+
+    def __init__(
+        self,
+        cfg: LossConfig,
+        student_taps_cfg: Mapping[str, TapConfig],
+        teacher_taps_cfg: Mapping[str, TapConfig],
+        kernels_impl: str = "auto",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.alpha = cfg.titn.alpha
+        self.label_smoothing = label_smoothing
+
+    def prepare_student(self, student: nn.Module) -> None:
+        """Switch on the distillation head's output (DeiT): the student must have a distillation token."""
+        model = distilled_student(student)
+        if not callable(getattr(model, "set_distilled_training", None)):
+            raise UsageError(
+                f"loss.method=titn needs a student with a distillation token, and {type(model).__name__} has "
+                "none: use student.arch {source: kdfast, name: tnt_distilled_digits} (or tnt_distilled_s)"
+            )
+        model.set_distilled_training(True)
+
+    def heads(self, student_logits: Any, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class_logits, distill_logits) of the student, each (B, K) with the teacher's B and K; a
+        UsageError names what does not match."""
+        if not (isinstance(student_logits, (tuple, list)) and len(student_logits) == 2):
+            got = (
+                f"one tensor of shape {tuple(student_logits.shape)}"
+                if isinstance(student_logits, torch.Tensor)
+                else type(student_logits).__name__
+            )
+            raise UsageError(
+                f"loss.method=titn needs the student's training-mode output (class_logits, distill_logits), "
+                f"got {got}: use a tnt_distilled_* student and call TITNLoss.prepare_student on it"
+            )
+        logits, distill = student_logits
+        expected = tuple(teacher_logits.shape)
+        for name, tensor in (("class", logits), ("distillation", distill)):
+            if tuple(tensor.shape) != expected:
+                raise UsageError(
+                    f"the student's {name} logits have shape {tuple(tensor.shape)} and the teacher's "
+                    f"{expected}: build both for the same data set (the same number of classes)"
+                )
+        return logits, distill
+
+    def check(
+        self,
+        student_taps: Mapping[str, Any],
+        teacher_taps: Mapping[str, Any],
+        *,
+        student_logits: Any = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> None:
+        """Raise UsageError when the student's training-mode logits are not a (class, distillation) pair
+        of the teacher's shape. TITN uses no taps; without logits there is nothing to check."""
+        if student_logits is not None and teacher_logits is not None:
+            self.heads(student_logits, teacher_logits)
+
+    def maps(
+        self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """TITN aligns no attention maps, so there is no picture to draw."""
+        return []
+
+    def forward(
+        self,
+        student_logits: Any,
+        teacher_logits: torch.Tensor,
+        targets: torch.Tensor,
+        student_taps: Mapping[str, Any],
+        teacher_taps: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, distill = self.heads(student_logits, teacher_logits)
+        teacher_labels = teacher_logits.detach().argmax(dim=1)
+        parts = {
+            "cls": self.alpha * supervised_ce(logits, targets, self.label_smoothing),
+            "distill": (1 - self.alpha) * F.cross_entropy(distill.float(), teacher_labels),
+        }
+        return sum(parts.values()), parts
