@@ -89,7 +89,7 @@ def test_train_step_default_cpu(bench_op, benchmark, piece: str, impl: str) -> N
         group="train_step default cpu",
         piece=piece,
         impl=impl,
-        shape=f"B{batch} 3x{size}x{size} fp32",
+        case=f"{piece} B{batch} 3x{size}x{size} fp32",
     )
     _record_speed(benchmark, batch)
 
@@ -110,6 +110,6 @@ def test_train_step_agkd_224_b128(bench_op, benchmark, piece: str, impl: str) ->
         group="train_step agkd 224 b128",
         piece=piece,
         impl=impl,
-        shape=f"B{batch} 3x{size}x{size} bf16",
+        case=f"{piece} B{batch} 3x{size}x{size} bf16",
     )
     _record_speed(benchmark, batch)

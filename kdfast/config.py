@@ -208,17 +208,41 @@ class TITNConfig:
 
 
 @dataclass
+class SoKDConfig:
+    """SoKD, a plug-in on top of feature distillation between a student and a teacher feature tap.
+
+    DAFA searches feature augmentation sub-policies applied to the teacher feature (Gumbel-softmax over
+    ``sub_policies`` sub-policies of ``ops_per_policy`` operations, a relaxed Bernoulli per operation,
+    straight-through magnitudes) by the consistency loss 1/2 (s(f_t) - f_s)^2 for the first
+    ``search_epochs`` epochs; DAM's shared detection head (heatmap, size and offset branches) finds areas of
+    mutual interest. Loss = kd + alpha * L_D (the two heads' outputs aligned) + beta * L_DA (the feature loss
+    masked to those areas).
+    """
+
+    student: str = ""
+    teacher: str = ""
+    alpha: float = 1.0
+    beta: float = 1.0
+    search_epochs: int = 1
+    sub_policies: int = 8
+    ops_per_policy: int = 2
+    temperature: float = 0.5
+    search_lr: float = 3e-3
+
+
+@dataclass
 class LossConfig:
     """``method`` picks the distillation loss: AGKD (kd + attention alignment), MTD (kd + CAD/VR),
     CAKD (kd + cross-architecture projectors + multi-view adversarial term) or TITN (class + distillation
     token heads)."""
 
-    method: Literal["agkd", "mtd", "cakd", "titn"] = "agkd"
+    method: Literal["agkd", "mtd", "cakd", "titn", "sokd"] = "agkd"
     kd: KDConfig = field(default_factory=KDConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
     mtd: MTDConfig = field(default_factory=MTDConfig)
     cakd: CAKDConfig = field(default_factory=CAKDConfig)
     titn: TITNConfig = field(default_factory=TITNConfig)
+    sokd: SoKDConfig = field(default_factory=SoKDConfig)
 
 
 @dataclass
@@ -454,6 +478,8 @@ def validate(cfg: Config) -> None:
         _validate_mtd(cfg)
     if cfg.loss.method == "cakd":
         _validate_cakd(cfg)
+    if cfg.loss.method == "sokd":
+        _validate_sokd(cfg)
     if not 0.0 <= cfg.loss.titn.alpha <= 1.0:
         raise ConfigError(f"config key 'loss.titn.alpha' must be in [0, 1], got {cfg.loss.titn.alpha}")
     for i, pair in enumerate(attention.pairs):
@@ -524,6 +550,19 @@ def _validate_cakd(cfg: Config) -> None:
             raise ConfigError(f"config key 'loss.cakd.{key}' is a probability in [0, 1], got {value}")
     _positive(cakd.discriminator_every, "loss.cakd.discriminator_every")
     _positive(cakd.discriminator_lr, "loss.cakd.discriminator_lr")
+
+
+def _validate_sokd(cfg: Config) -> None:
+    sokd = cfg.loss.sokd
+    for role in ("student", "teacher"):
+        name, taps = getattr(sokd, role), getattr(cfg, role).taps
+        if name not in taps:
+            raise ConfigError(f"loss.sokd.{role} names no {role} tap {name!r}: {_closest(name, taps)}")
+        if taps[name].kind != "feature":
+            raise ConfigError(f"loss.sokd.{role}: tap {name!r} must have kind 'feature'")
+    _positive(sokd.search_epochs, "loss.sokd.search_epochs", allow_zero=True)
+    for key in ("sub_policies", "ops_per_policy", "temperature", "search_lr"):
+        _positive(getattr(sokd, key), f"loss.sokd.{key}")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -143,7 +143,7 @@ class DistillationLoss(nn.Module):
     ``check(student_taps, teacher_taps)`` raises UsageError on taps whose shapes cannot be matched;
     ``maps(student_taps, teacher_taps)`` gives (student, teacher) attention maps for pictures. Its trainable
     parameters (projectors, task weights) are optimized and checkpointed with the student and dropped at
-    inference. The three hooks below default to nothing; a method that needs one overrides it.
+    inference. The hooks below default to nothing; a method that needs one overrides it.
     """
 
     def prepare_student(self, student: nn.Module) -> None:
@@ -155,6 +155,9 @@ class DistillationLoss(nn.Module):
 
     def after_step(self) -> None:
         """Called after each optimizer step of the student (CAKD trains its discriminator here)."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called at the start of each training epoch, counted from 0 (SoKD ends its search phase here)."""
 
 
 class AGKDLoss(DistillationLoss):

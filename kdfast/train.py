@@ -390,9 +390,9 @@ def train_stage(
 
     ``model`` is the plain module whose weights are saved; ``step_fn`` may run it through DDP. ``extra``
     is the distillation loss module: its trainable parameters are optimized and saved alongside, and its
-    ``after_step`` hook runs after every optimizer step. Every epoch ends with validation, a
-    metrics row and an atomic state file ``state_<stage>.pt``; a run started with ``--resume`` continues
-    from it. Returns the final validation metrics.
+    ``start_epoch`` and ``after_step`` hooks run at the start of every epoch and after every optimizer
+    step. Every epoch ends with validation, a metrics row and an atomic state file ``state_<stage>.pt``; a
+    run started with ``--resume`` continues from it. Returns the final validation metrics.
     """
     cfg, rt, log = run.cfg, run.rt, run.log
     extra = extra if extra is not None else DistillationLoss()
@@ -435,6 +435,7 @@ def train_stage(
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
         extra.train()
+        extra.start_epoch(epoch)
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from export.onnx_export import INPUT_NAME, export_onnx
 from kdfast.config import CONFIG_DIR, LossConfig, TITNConfig, load_config
@@ -246,8 +247,12 @@ def test_bundled_config_loads_and_builds_the_student_and_the_loss():
     assert cfg.loss.method == "titn" and cfg.loss.titn.alpha == 0.5
     assert (cfg.data.name, cfg.data.image_size) == ("digits", 32)
     assert cfg.data.augment.cutmix == 1.0 and cfg.data.augment.cutmix_beta == 0.5
-    assert (cfg.teacher.arch.source, cfg.teacher.arch.name) == ("torchvision", "vgg16_bn")
-    assert cfg.teacher.arch.kwargs == {"num_classes": 10}
+    teacher = build_model(cfg.teacher.arch, num_classes=10)
+    # the teacher's conv trunk is torchvision's VGG16-BN layer for layer (same parameter names and shapes)
+    reference = torchvision.models.vgg16_bn(weights=None).features.state_dict()
+    trunk = teacher.features.state_dict()
+    assert {k: v.shape for k, v in trunk.items()} == {k: v.shape for k, v in reference.items()}
+    assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert cfg.student.taps == {} and cfg.teacher.taps == {} and cfg.loss.attention.pairs == []
     student = build_model(cfg.student.arch, num_classes=10)
     assert isinstance(student, TNTDistilled) and student.img_size == cfg.data.image_size
