@@ -306,8 +306,8 @@ def test_cakd_digits_config_loads_and_its_models_match():
         teacher_logits, teacher_out = teacher(images)
     student_logits, student_out = student(images)
     loss.check(student_out, teacher_out)
-    assert student_out["mid"].shape[-2:] == (8, 8) and teacher_out["attn"].q.shape[2] == 65
-    assert loss.gl.fcs.out_channels == 96 and loss.pca.heads == 4
+    assert student_out["mid"].shape[-2:] == (8, 8) and teacher_out["attn"].q.shape[2] == 17
+    assert loss.gl.fcs.out_channels == 128 and loss.pca.heads == 4
     total, _ = loss(student_logits, teacher_logits, torch.tensor([1, 7]), student_out, teacher_out)
     assert torch.isfinite(total)
 
