@@ -34,6 +34,7 @@ from kdfast.losses import (
     cls_attention_map,
     kd_kl,
     patch_grid,
+    resize_to,
     spatial_feature,
     supervised_ce,
     tap_qkv,
@@ -42,10 +43,6 @@ from kdfast.losses import (
 from kdfast.taps import QKV
 
 GL_WINDOW = 4  # eq. 3: a 4x4 neighbourhood per teacher token, so 16 FCs
-
-
-def _resized(feature: torch.Tensor, size: tuple[int, int], impl: str) -> torch.Tensor:
-    return feature if tuple(feature.shape[-2:]) == size else kernels.resize(feature, size, impl=impl)
 
 
 def _patch_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -275,11 +272,11 @@ class CAKDLoss(DistillationLoss):
         feature, attention, tokens = self._inputs(student_taps, teacher_taps)
         attention = QKV(*(x.detach() for x in attention))
         side, _ = patch_grid(attention.q.shape[2])
-        student = self.pca(_resized(feature, (side, side), self.impl))
+        student = self.pca(resize_to(feature, (side, side), self.impl))
         if self.training and self.cakd.replace_prob > 0:
             student = partial_cross(student, attention, self.cakd.replace_prob)
         token_side = patch_grid(tokens.shape[1])[0] * GL_WINDOW
-        projected = self.gl(_resized(feature, (token_side, token_side), self.impl))
+        projected = self.gl(resize_to(feature, (token_side, token_side), self.impl))
         return student, attention, projected, tokens.detach()
 
     def forward(

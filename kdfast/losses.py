@@ -79,6 +79,11 @@ def cls_attention_map(qkv: QKV, size: tuple[int, int], *, impl: str = "auto") ->
     return F.normalize(maps.flatten(1), dim=1, eps=1e-12).view_as(maps)
 
 
+def resize_to(feature: torch.Tensor, size: tuple[int, int], impl: str = "auto") -> torch.Tensor:
+    """(B, C, H, W) resized bilinearly to ``size`` by the kernels op; unchanged when it has that size."""
+    return feature if tuple(feature.shape[-2:]) == tuple(size) else kernels.resize(feature, size, impl=impl)
+
+
 def spatial_feature(feature: torch.Tensor, name: str) -> torch.Tensor:
     """A feature tap as (B, C, H, W): CNN maps as they are; ViT tokens (B, N, D) without the prefix tokens."""
     if feature.dim() == 4:

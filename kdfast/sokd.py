@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from kdfast.cakd import _resized
 from kdfast.config import LossConfig, TapConfig
 from kdfast.errors import UsageError
-from kdfast.losses import DistillationLoss, kd_kl, spatial_feature, supervised_ce, tap_tensor
+from kdfast.losses import DistillationLoss, kd_kl, resize_to, spatial_feature, supervised_ce, tap_tensor
 
 MAGNITUDE_LEVELS = 10  # eq. 2: magnitudes live on 11 levels 0, 0.1, ..., 1 in the forward pass
 MASK_FRACTION = 0.25  # eq. 5: the mask keeps a quarter of the grid
@@ -257,7 +256,7 @@ class SoKDLoss(DistillationLoss):
         if self.adapter is None:
             raise UsageError("SoKDLoss: call check() on a real batch first; it sizes the adapter")
         student, teacher = self._features(student_taps, teacher_taps)
-        teacher = _resized(teacher.detach().float(), tuple(student.shape[-2:]), self.impl)
+        teacher = resize_to(teacher.detach().float(), tuple(student.shape[-2:]), self.impl)
         return self.adapter(student.float()), teacher
 
     def forward(

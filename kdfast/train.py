@@ -39,6 +39,7 @@ from kdfast.losses import AGKDLoss, DistillationLoss
 from kdfast.models import build_model
 from kdfast.mtd import MTDLoss
 from kdfast.plots import plot_attention_grid, plot_training_curves
+from kdfast.sokd import SoKDLoss
 from kdfast.taps import Taps
 from kdfast.titn import TITNLoss
 
@@ -683,7 +684,8 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    loss_class = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss, "titn": TITNLoss}[cfg.loss.method]
+    methods = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss, "titn": TITNLoss, "sokd": SoKDLoss}
+    loss_class = methods[cfg.loss.method]
     loss_fn = loss_class(
         cfg.loss,
         cfg.student.taps,
