@@ -34,6 +34,8 @@ def bench_op(benchmark):
             info["peak_extra_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 2)
             info["device_name"] = torch.cuda.get_device_name(device)
         info["torch"] = torch.__version__
+        if "group" in info:
+            benchmark.group = info["group"]
         benchmark.extra_info.update(info)
 
         def timed():

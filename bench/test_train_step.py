@@ -84,8 +84,8 @@ def test_train_step_default_cpu(bench_op, benchmark, piece: str, impl: str) -> N
     bench_op(
         fn,
         "cpu",
-        rounds=5,
-        warmup=2,
+        rounds=25,
+        warmup=3,
         group="train_step default cpu",
         piece=piece,
         impl=impl,
