@@ -144,11 +144,8 @@ class CAKDLoss(DistillationLoss):
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.kd = cfg.kd
+        super().__init__(cfg, kernels_impl, label_smoothing)
         self.cakd = cfg.cakd
-        self.impl = kernels_impl
-        self.label_smoothing = label_smoothing
         wanted = (
             ("student", self.cakd.student, student_taps_cfg, "feature"),
             ("teacher_attention", self.cakd.teacher_attention, teacher_taps_cfg, "attention"),

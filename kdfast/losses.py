@@ -142,14 +142,23 @@ class PerceptualFeatures(nn.Module):
 
 
 class DistillationLoss(nn.Module):
-    """What the training loop asks of a distillation method (AGKD, MTD, CAKD, TITN): a loss module.
+    """What the training loop asks of a distillation method (AGKD, MTD, CAKD, TITN, SoKD): a loss module.
 
     ``forward(student_logits, teacher_logits, targets, student_taps, teacher_taps) -> (loss, parts)``;
     ``check(student_taps, teacher_taps)`` raises UsageError on taps whose shapes cannot be matched;
     ``maps(student_taps, teacher_taps)`` gives (student, teacher) attention maps for pictures. Its trainable
     parameters (projectors, task weights) are optimized and checkpointed with the student and dropped at
-    inference. The hooks below default to nothing; a method that needs one overrides it.
+    inference. ``kd``, ``impl`` and ``label_smoothing`` are the settings every method shares. The hooks below
+    default to nothing; a method that needs one overrides it.
     """
+
+    def __init__(
+        self, cfg: LossConfig | None = None, kernels_impl: str = "auto", label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.kd = cfg.kd if cfg is not None else None
+        self.impl = kernels_impl
+        self.label_smoothing = label_smoothing
 
     def prepare_student(self, student: nn.Module) -> None:
         """Called once before the distillation stage (TITN switches on the distillation head here)."""
@@ -181,13 +190,10 @@ class AGKDLoss(DistillationLoss):
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.kd = cfg.kd
+        super().__init__(cfg, kernels_impl, label_smoothing)
         self.attention = cfg.attention
         self.student_kinds = {name: tap.kind for name, tap in student_taps_cfg.items()}
         self.teacher_kinds = {name: tap.kind for name, tap in teacher_taps_cfg.items()}
-        self.impl = kernels_impl
-        self.label_smoothing = label_smoothing
         for pair in self.attention.pairs:
             self._names(pair)
         use_net = self.attention.metric == "perceptual" and bool(self.attention.pairs)

@@ -63,11 +63,8 @@ class MTDLoss(DistillationLoss):
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.kd = cfg.kd
+        super().__init__(cfg, kernels_impl, label_smoothing)
         self.mtd = cfg.mtd
-        self.impl = kernels_impl
-        self.label_smoothing = label_smoothing
         if not self.mtd.pairs:
             raise UsageError("loss.mtd.pairs is empty: name the (student, teacher) attention taps to distill")
         for pair in self.mtd.pairs:

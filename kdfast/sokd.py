@@ -194,11 +194,8 @@ class SoKDLoss(DistillationLoss):
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.kd = cfg.kd
+        super().__init__(cfg, kernels_impl, label_smoothing)
         self.sokd = cfg.sokd
-        self.impl = kernels_impl
-        self.label_smoothing = label_smoothing
         for role, name, taps_cfg in (
             ("student", self.sokd.student, student_taps_cfg),
             ("teacher", self.sokd.teacher, teacher_taps_cfg),

@@ -51,9 +51,8 @@ class TITNLoss(DistillationLoss):
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(cfg, kernels_impl, label_smoothing)
         self.alpha = cfg.titn.alpha
-        self.label_smoothing = label_smoothing
 
     def prepare_student(self, student: nn.Module) -> None:
         """Switch on the distillation head's output (DeiT): the student must have a distillation token."""
