@@ -18,13 +18,12 @@ patch grids (8x8 = 64 tokens in configs/cakd_digits.yaml), where that is a few h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 import kernels
 from kdfast.config import LossConfig, TapConfig
@@ -36,6 +35,7 @@ from kdfast.losses import (
     patch_grid,
     resize_to,
     spatial_feature,
+    step_aside,
     supervised_ce,
     tap_qkv,
     tap_tensor,
@@ -306,20 +306,14 @@ class CAKDLoss(DistillationLoss):
         if self.steps % self.cakd.discriminator_every or self._stash is None:
             return
         teacher, student = (x.float() for x in self._stash)
-        params = dict(self.discriminator.named_parameters())
-        with torch.enable_grad():
-            leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-            real = functional_call(self.discriminator, leaves, (teacher,))
-            fake = functional_call(self.discriminator, leaves, (student,))
-            loss = F.binary_cross_entropy_with_logits(
+
+        def discriminator_loss(discriminator: Callable[..., torch.Tensor]) -> torch.Tensor:
+            real, fake = discriminator(teacher), discriminator(student)
+            return F.binary_cross_entropy_with_logits(
                 real, torch.ones_like(real)
             ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-        for p, grad in zip(params.values(), grads, strict=True):
-            p.grad = grad
-        self.disc_optimizer.step()
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        self.last_disc_loss = loss.detach()
+
+        self.last_disc_loss = step_aside(self.discriminator, self.disc_optimizer, discriminator_loss)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The discriminator's Adam state and the step count, so a resumed run keeps its schedule."""

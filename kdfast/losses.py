@@ -13,12 +13,13 @@ Every map op goes through ``kernels`` with ``impl``, so the Triton kernels take 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 import kernels
 from kdfast.config import AttentionPairConfig, LossConfig, PerceptualConfig, TapConfig
@@ -139,6 +140,25 @@ class PerceptualFeatures(nn.Module):
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         planes = maps.flatten(0, 1)[:, None].expand(-1, 3, -1, -1)
         return self.net(planes)[1]["layer"]
+
+
+def step_aside(
+    module: nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[Callable[..., Any]], torch.Tensor]
+) -> torch.Tensor:
+    """One ``optimizer`` step of a sub-network that the student's optimizer must not see (its parameters keep
+    ``requires_grad=False``): ``loss_of(net)`` computes the loss with ``net(*inputs)``, which runs ``module``
+    on detached aliases of its parameters (``functional_call``), so no flag is ever toggled. CAKD's
+    discriminator and SoKD's augmentation search train this way. Returns the detached loss."""
+    params = dict(module.named_parameters())
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        loss = loss_of(lambda *inputs: functional_call(module, leaves, inputs))
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    for p, grad in zip(params.values(), grads, strict=True):
+        p.grad = grad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 class DistillationLoss(nn.Module):

@@ -27,11 +27,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from kdfast.config import LossConfig, TapConfig
 from kdfast.errors import UsageError
-from kdfast.losses import DistillationLoss, kd_kl, resize_to, spatial_feature, supervised_ce, tap_tensor
+from kdfast.losses import (
+    DistillationLoss,
+    kd_kl,
+    resize_to,
+    spatial_feature,
+    step_aside,
+    supervised_ce,
+    tap_tensor,
+)
 
 MAGNITUDE_LEVELS = 10  # eq. 2: magnitudes live on 11 levels 0, 0.1, ..., 1 in the forward pass
 MASK_FRACTION = 0.25  # eq. 5: the mask keeps a quarter of the grid
@@ -292,15 +299,7 @@ class SoKDLoss(DistillationLoss):
             return
         teacher, student = self._stash
         self._stash = None
-        params = dict(self.dafa.named_parameters())
-        with torch.enable_grad():
-            leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
-            loss = consistency_loss(functional_call(self.dafa, leaves, (teacher,)), student)
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        for p, grad in zip(params.values(), grads, strict=True):
-            p.grad = grad
-        self.dafa_optimizer.step()
-        self.dafa_optimizer.zero_grad(set_to_none=True)
+        step_aside(self.dafa, self.dafa_optimizer, lambda dafa: consistency_loss(dafa(teacher), student))
 
     def get_extra_state(self) -> dict[str, Any]:
         """DAFA's Adam state, so a resumed search continues where it stopped."""
