@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_without_interpreter
 
 import kernels
 from kernels._dispatch import use_triton
@@ -93,8 +90,5 @@ print("compiled", len(cases))
 def test_attention_map_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter accepts code the compiler rejects; compiling for an H100 target (no GPU needed)
     # checks the kernels as the GPU will see them.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, check=False
-    )
+    done = run_without_interpreter(COMPILE_FOR_SM90)
     assert done.returncode == 0 and "compiled 5" in done.stdout, done.stderr[-2000:]

@@ -2,13 +2,11 @@
 kernels (the CPU interpreter here) against the reference, forward and gradients."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_without_interpreter
 
 from kernels._dispatch import interpreting
 from kernels.attention_kl import attention_kl, attention_kl_reference
@@ -221,10 +219,7 @@ print("compiled", len(kernels))
 def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter accepts code the compiler rejects (and runs bf16 dots differently): compiling for
     # an H100 target, which needs no GPU, checks the kernels as the GPU will see them.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env, check=False
-    )
+    done = run_without_interpreter(COMPILE_FOR_SM90)
     assert done.returncode == 0 and "compiled 3" in done.stdout, done.stderr[-2000:]
 
 
