@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdfast.atomic import atomic_path, atomic_write
+
 BASELINES = ("reference", "eager")
 
 
@@ -140,7 +142,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_title(group)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"error: {args.json} is not a readable pytest-benchmark JSON file ({exc})", file=sys.stderr)
         return 2
-    args.out.write_text(markdown(data, rows, args.peak_bandwidth_gbs))
+    atomic_write(args.out, markdown(data, rows, args.peak_bandwidth_gbs))
     plot(rows, args.png)
     print(f"wrote {args.out} and {args.png} ({len(rows)} benchmarks)")
     return 0

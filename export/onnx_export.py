@@ -9,6 +9,8 @@ import onnx
 import torch
 from torch import nn
 
+from kdfast.atomic import atomic_write
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 _TWO_GB = 2**31
@@ -42,7 +44,7 @@ def export_onnx(
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     set_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, path)
+    atomic_write(path, proto.SerializeToString())
     return path
 
 

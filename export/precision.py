@@ -20,6 +20,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.onnx_export import INPUT_NAME
+from kdfast.atomic import atomic_write
 
 
 def to_fp16(src: Path, dst: Path) -> Path:
@@ -31,7 +32,7 @@ def to_fp16(src: Path, dst: Path) -> Path:
     proto = convert_float_to_float16(onnx.load(src), keep_io_types=True)
     _sort_topologically(proto.graph)
     onnx.checker.check_model(proto)
-    onnx.save(proto, dst)
+    atomic_write(dst, proto.SerializeToString())
     return dst
 
 
@@ -158,4 +159,4 @@ def copy_metadata(src: Path, dst: Path) -> None:
     proto = onnx.load(dst)
     del proto.metadata_props[:]
     proto.metadata_props.extend(props)
-    onnx.save(proto, dst)
+    atomic_write(dst, proto.SerializeToString())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdfast.atomic import atomic_path, atomic_write
+
 _COLUMNS = (
     "backend",
     "precision",
@@ -99,7 +101,8 @@ def write_chart(rows: list[dict], path: Path) -> Path:
     ax.set_title("latency vs accuracy per backend")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -107,7 +110,7 @@ def write_chart(rows: list[dict], path: Path) -> Path:
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     """Write report.json, report.md and latency_accuracy.png under ``out``; returns their paths."""
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "latency_accuracy.png"}
-    paths["json"].write_text(json.dumps(report, indent=2, default=str))
+    atomic_write(paths["json"], json.dumps(report, indent=2, default=str))
     failed = [
         f"- {r['backend']} {precision_label(r)}: {_gates_cell(r)}"
         for r in report["rows"]
@@ -138,6 +141,6 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
         f"![latency vs accuracy]({paths['png'].name})",
         "",
     ]
-    paths["md"].write_text("\n".join(md))
+    atomic_write(paths["md"], "\n".join(md))
     write_chart(report["rows"], paths["png"])
     return paths

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from kdfast.atomic import atomic_write
+
 # TensorRT DataType names -> torch dtypes; keyed by name so the map needs no tensorrt import.
 _TORCH_DTYPES = {
     "FLOAT": torch.float32,
@@ -180,13 +182,13 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    atomic_write(engine_path, bytes(serialized))
+    atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
     inspector = engine.create_engine_inspector()
     layers = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-    engine_path.with_suffix(".layers.json").write_text(json.dumps(json.loads(layers), indent=1))
+    atomic_write(engine_path.with_suffix(".layers.json"), json.dumps(json.loads(layers), indent=1))
     return {
         "tensorrt": trt.__version__,
         "strongly_typed": plan.strongly_typed,

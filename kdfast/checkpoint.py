@@ -12,7 +12,6 @@ import os
 import pickle
 import platform
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdfast.atomic import atomic_write
 from kdfast.errors import CheckpointError
 
 STUDENT_FORMAT = "kdfast.student/1"
@@ -103,7 +103,8 @@ def save_checkpoint(
     """Write ``model`` and what is needed to rebuild, preprocess for and re-verify it, atomically.
 
     The state dict goes to CPU with compile / DDP wrappers stripped, so the keys match a freshly built
-    ``build_model(arch)``. The file appears under ``path`` only once complete (temp file + ``os.replace``).
+    ``build_model(arch)``. The file appears under ``path`` only once complete
+    (:func:`kdfast.atomic.atomic_write`).
     """
     state_dict = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
     record = {
@@ -118,19 +119,7 @@ def save_checkpoint(
         "versions": _versions(),
     }
     _check_plain({k: v for k, v in record.items() if k != "state_dict"}, "checkpoint")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkstemp creates 0600; the checkpoint should get the permissions any new file gets here.
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(record, f))
 
 
 def _validate(ckpt: Any, path: Path, expect: str | None) -> dict:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -567,4 +568,4 @@ def _validate_sokd(cfg: Config) -> None:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what ``--resume`` and ``student.pt`` record)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

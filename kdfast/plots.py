@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from kdfast.atomic import atomic_path
 from kdfast.errors import UsageError
 
 
@@ -85,7 +86,8 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> None:
         if handles:
             ax.legend(handles, names, fontsize="small", loc="center right")  # losses fall, top-1 rises
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def _overlay(maps: Tensor, size: torch.Size) -> Tensor:
@@ -137,4 +139,5 @@ def plot_attention_grid(
             ax.set_axis_off()
     fig.colorbar(shown, ax=axes[1:, :].ravel().tolist(), label="attention (scaled to [0, 1])")
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from kdfast.atomic import atomic_write
 from kdfast.cakd import CAKDLoss
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
@@ -191,7 +193,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -303,12 +305,6 @@ def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.world_size
     torch_dist.all_gather_object(states, state)
     return states
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _train_loader(run: Run, generator: torch.Generator) -> DataLoader:
@@ -526,21 +522,19 @@ def train_stage(
         metrics = {**metrics, "train_loss": train_loss, "epochs": epoch + 1}
         rngs = _gather_rng(rt.dist)
         if rt.dist.is_main:
-            _save_atomic(
-                {
-                    "stage": stage,
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "model": model.state_dict(),
-                    "extra": extra.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rngs,
-                    "metrics": metrics,
-                },
-                state_path,
-            )
+            state = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "extra": extra.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rngs,
+                "metrics": metrics,
+            }
+            atomic_write(state_path, functools.partial(torch.save, state))
         barrier(rt.dist)
         if rt.dist.is_main and rt.progress:
             tqdm.write(
@@ -753,9 +747,9 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
 
     if rt.dist.is_main:
         student.eval()
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results, cfg.loss.method)
-        (out / "results.md").write_text(f"# kdfast results ({cfg.data.name})\n\n{table}\n")
+        atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}\n")
         plot_training_curves(out / "metrics.jsonl", out / "curves.png")
         _attention_picture(student_taps, teacher_taps, loss_fn, run)
         print(table)
