@@ -17,7 +17,7 @@ import torch
 from conftest import requires_cuda
 
 from kdfast.config import CONFIG_DIR, load_config
-from kdfast.losses import AGKDLoss
+from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
 from kdfast.taps import Taps
 from kdfast.train import ce_step, distill_step, make_optimizer
@@ -57,7 +57,7 @@ def _make_case(
     if piece == "ce_step":
         step = ce_step(student, label_smoothing=0.0)
     else:
-        loss_fn = AGKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="auto").to(device)
+        loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="auto").to(device)
         step = distill_step(Taps(student, cfg.student.taps), Taps(teacher, cfg.teacher.taps), loss_fn)
     step = torch.compile(step) if impl == "compiled" else step
     optimizer = make_optimizer(list(student.parameters()), cfg.student.train, device)

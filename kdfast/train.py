@@ -1,9 +1,11 @@
 """``python -m kdfast.train``: train (or load) the teacher, train a CE-only baseline student, distill the
-student with the AGKD loss, and write checkpoints, metrics, pictures and a results table.
+student with the configured methods (``loss.method``), and write checkpoints, metrics, pictures and a
+results table.
 
 The whole loop is :func:`train_stage`; the three stages differ only in the ``step`` function that maps a
 batch to ``(loss, parts)``: :func:`ce_step` for the teacher and the baseline, :func:`distill_step` for the
-student (AGKD eq. 4: the KD + CE of eq. 1 plus the attention term of eq. 3, computed by ``AGKDLoss``).
+student (the weighted terms of the configured methods plus the supervised CE: the
+:class:`~kdfast.methods.compose.CompositeLoss` built from ``cfg.loss`` through the method registry).
 """
 
 from __future__ import annotations
@@ -30,20 +32,17 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from kdfast.atomic import atomic_write
-from kdfast.cakd import CAKDLoss
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
 from kdfast.data import CutMix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
-from kdfast.losses import AGKDLoss, DistillationLoss
+from kdfast.methods.base import DistillationLoss
+from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
-from kdfast.mtd import MTDLoss
 from kdfast.plots import plot_attention_grid, plot_training_curves
-from kdfast.sokd import SoKDLoss
 from kdfast.taps import Taps
-from kdfast.titn import TITNLoss
 
 STAGES = ("teacher", "baseline", "distill")
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
@@ -219,8 +218,7 @@ class Run:
 
 
 def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone (the (1 - alpha) term of AGKD eq. 1 with alpha = 0),
-    on integer labels or CutMix-soft targets."""
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix-soft targets."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
@@ -230,9 +228,9 @@ def ce_step(model: nn.Module, label_smoothing: float) -> Step:
 
 
 def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: DistillationLoss) -> Step:
-    """The AGKD objective (eq. 4): the frozen teacher's logits and taps under no_grad, the student's with
-    grad, combined by ``loss_fn`` (KD + CE of eq. 1 + the attention alignment of eq. 3). ``student`` and
-    ``teacher`` are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
+    """The distillation objective: the frozen teacher's logits and taps under no_grad, the student's (on
+    ``loss_fn.student_view`` of the batch) with grad, combined by ``loss_fn``. ``student`` and ``teacher``
+    are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
@@ -617,12 +615,12 @@ def run_stage(
     return metrics
 
 
-def results_table(results: dict[str, dict], method: str) -> str:
+def results_table(results: dict[str, dict], methods: list[str]) -> str:
     """The Markdown table of results.md and the final printout."""
     names = {
         "teacher": "teacher",
         "baseline": "baseline student (CE only)",
-        "student": f"distilled student ({method.upper()})",
+        "student": f"distilled student ({' + '.join(m.upper() for m in methods)})",
     }
     lines = ["| model | arch | params | top-1 (%) | top-5 (%) |", "| --- | --- | ---: | ---: | ---: |"]
     for key, row in results.items():
@@ -678,9 +676,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    methods = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss, "titn": TITNLoss, "sokd": SoKDLoss}
-    loss_class = methods[cfg.loss.method]
-    loss_fn = loss_class(
+    loss_fn = CompositeLoss(
         cfg.loss,
         cfg.student.taps,
         cfg.teacher.taps,

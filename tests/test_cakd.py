@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.cakd import CAKDLoss, partial_cross
-from kdfast.config import CONFIG_DIR, CAKDConfig, KDConfig, LossConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.cakd import CAKDConfig, CAKDLoss, partial_cross
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.kd import KDConfig
 from kdfast.models import build_model
 from kdfast.taps import QKV, Taps
 
@@ -27,10 +29,12 @@ TEACHER_TAPS = {"ta": TapConfig(path="b", kind="attention"), "tt": TapConfig(pat
 CONFIG = CONFIG_DIR / "cakd_digits.yaml"
 
 
+def _section(**cakd) -> CAKDConfig:
+    return CAKDConfig(**{"student": "s", "teacher_attention": "ta", "teacher_tokens": "tt", **cakd})
+
+
 def _loss(**cakd) -> CAKDLoss:
-    settings = {"student": "s", "teacher_attention": "ta", "teacher_tokens": "tt", **cakd}
-    cfg = LossConfig(method="cakd", kd=KDConfig(alpha=ALPHA, temperature=TAU), cakd=CAKDConfig(**settings))
-    return CAKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    return CAKDLoss(_section(**cakd), STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
 def _taps(seed: int = 0, batch: int = B, channels: int = C):
@@ -86,28 +90,40 @@ def _explicit_gl(loss: CAKDLoss, feature: torch.Tensor) -> torch.Tensor:
     return torch.stack(tokens, dim=1)
 
 
-def test_forward_parts_match_explicit_terms():
-    loss = _built(replace_prob=0.0, dropout=0.0, pca_weight=0.7, gl_weight=1.3, adversarial_weight=0.2)
-    loss.train()
+def test_forward_parts_match_explicit_terms_and_kd_plus_cakd_is_the_old_total():
+    # [kd, cakd] with ce = 1 - alpha and kd.weight = alpha is what method cakd computed before methods became
+    # composable: alpha tau^2 KL + (1 - alpha) CE + pca_weight L_PCA + gl_weight L_GL + adv_weight L_MVG
+    section = _section(replace_prob=0.0, dropout=0.0, pca_weight=0.7, gl_weight=1.3, adversarial_weight=0.2)
+    cfg = LossConfig(
+        method=["kd", "cakd"],
+        ce=1 - ALPHA,
+        sections={"kd": KDConfig(weight=ALPHA, temperature=TAU), "cakd": section},
+    )
+    composite = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    composite.check(*_taps())
+    composite.train()
     student, teacher = _taps(seed=4)
     logits = _logits()
-    total, parts = loss(*logits, student, teacher)
+    total, parts = composite(*logits, student, teacher)
 
+    loss = composite.members["cakd"]
     s_logits, t_logits, targets = logits
     kl = F.kl_div(F.log_softmax(s_logits / TAU, 1), F.softmax(t_logits / TAU, 1), reduction="batchmean")
     projected = _explicit_gl(loss, student["s"])
     fooled = loss.discriminator(projected)
     expected = {
-        "kd": ALPHA * TAU**2 * kl,
-        "ce": (1 - ALPHA) * F.cross_entropy(s_logits, targets),
         "pca": 0.7 * _explicit_pca(loss, student["s"], teacher["ta"]),
         "gl": 1.3 * (projected - teacher["tt"][:, 1:]).square().mean(),
         "adv": 0.2 * -torch.log(torch.sigmoid(fooled)).mean(),
     }
-    assert set(parts) == set(expected)
+    assert set(parts) == {"ce", "kd", "cakd", "cakd/pca", "cakd/gl", "cakd/adv"}
     for key, value in expected.items():
-        torch.testing.assert_close(parts[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    torch.testing.assert_close(total, sum(expected.values()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(parts[f"cakd/{key}"], value, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(parts["cakd"], sum(expected.values()), rtol=1e-5, atol=1e-6)
+    old_total = (
+        ALPHA * TAU**2 * kl + (1 - ALPHA) * F.cross_entropy(s_logits, targets) + sum(expected.values())
+    )
+    torch.testing.assert_close(total, old_total, rtol=1e-5, atol=1e-6)
 
 
 def test_full_replacement_leaves_no_pca_loss():
@@ -291,16 +307,18 @@ def test_check_rejects_taps_that_cannot_be_matched():
         loss.check(*_taps(channels=7))
     with pytest.raises(UsageError, match="call check\\(\\) on a real batch first"):
         _loss()(*_logits(), *_taps())
-    with pytest.raises(UsageError, match="loss.cakd.teacher_tokens names tap 'ta': it must be a feature tap"):
+    with pytest.raises(
+        ConfigError, match="loss.cakd.teacher_tokens: teacher tap 'ta' must have kind 'feature'"
+    ):
         _loss(teacher_tokens="ta")
 
 
 def test_cakd_digits_config_loads_and_its_models_match():
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "cakd" and cfg.loss.cakd.replace_prob == 0.5
+    assert cfg.loss.method == ["kd", "cakd"] and cfg.loss.sections["cakd"].replace_prob == 0.5
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
-    loss = CAKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss = CAKDLoss(cfg.loss.sections["cakd"], cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
@@ -315,9 +333,12 @@ def test_cakd_digits_config_loads_and_its_models_match():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("loss.cakd.student=nope", "loss.cakd.student names no tap 'nope'"),
-        ("teacher.taps.attn.kind=feature", "teacher_attention: tap 'attn' must have kind 'attention'"),
-        ("loss.cakd.replace_prob=1.5", "replace_prob' is a probability"),
+        ("loss.cakd.student=nope", "loss.cakd.student names no student tap 'nope'"),
+        (
+            "teacher.taps.attn.kind=feature",
+            "teacher_attention: teacher tap 'attn' must have kind 'attention'",
+        ),
+        ("loss.cakd.replace_prob=1.5", "replace_prob' must be in \\[0, 1\\]"),
         ("loss.cakd.discriminator_every=0", "discriminator_every' must be > 0"),
     ],
 )
@@ -338,12 +359,7 @@ def test_cakd_end_to_end_timm_vit_teacher_edge_cnn_student():
     )
     teacher = Taps(vit, teacher_taps).eval()
     student = Taps(build_model({"source": "kdfast", "name": "edge_cnn"}, num_classes=3), student_taps)
-    cfg = LossConfig(
-        method="cakd",
-        cakd=CAKDConfig(
-            student="mid", teacher_attention="attn", teacher_tokens="tokens", discriminator_every=1
-        ),
-    )
+    cfg = CAKDConfig(student="mid", teacher_attention="attn", teacher_tokens="tokens", discriminator_every=1)
     loss = CAKDLoss(cfg, student_taps, teacher_taps, kernels_impl="reference")
     images, targets = torch.randn(B, 3, 16, 16), torch.tensor([0, 2])
     with torch.no_grad():

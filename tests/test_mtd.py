@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.config import CONFIG_DIR, KDConfig, LossConfig, MTDConfig, MTDPairConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.mtd import MTDConfig, MTDLoss, MTDPairConfig, relation_heads
 from kdfast.models import build_model
-from kdfast.mtd import MTDLoss, relation_heads
 from kdfast.taps import QKV, Taps
 
 B, N, CLASSES = 2, 5, 4
@@ -26,9 +27,7 @@ CONFIG = CONFIG_DIR / "mtd_digits.yaml"
 
 
 def _loss(impl: str = "reference", pairs=PAIRS, **mtd) -> MTDLoss:
-    cfg = LossConfig(
-        method="mtd", kd=KDConfig(alpha=ALPHA, temperature=TAU), mtd=MTDConfig(pairs=pairs, **mtd)
-    )
+    cfg = MTDConfig(alpha=ALPHA, temperature=TAU, pairs=pairs, **mtd)
     return MTDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl=impl)
 
 
@@ -216,9 +215,9 @@ def test_check_rejects_taps_that_cannot_be_matched():
 
 
 def test_constructor_rejects_bad_pairs_and_manual_weights():
-    with pytest.raises(UsageError, match="manual_weights needs 4 values"):
+    with pytest.raises(ConfigError, match="loss.mtd.manual_weights with 4 values"):
         _loss(weighting="manual", manual_weights=[1.0])
-    with pytest.raises(UsageError, match="teacher tap 'nope'"):
+    with pytest.raises(ConfigError, match="loss.mtd.pairs\\[0\\].teacher names no teacher tap 'nope'"):
         _loss(pairs=[MTDPairConfig(student="s0", teacher="nope")])
 
 
@@ -246,8 +245,9 @@ def test_mtd_loss_end_to_end_on_timm_vits():
     }
     teacher = Taps(_tiny_vit(3, 48, 3), teacher_taps).eval()
     student = Taps(_tiny_vit(2, 32, 2), student_taps)
-    cfg = LossConfig(method="mtd", mtd=MTDConfig(pairs=PAIRS, relation_heads=4))
-    loss = MTDLoss(cfg, student_taps, teacher_taps, kernels_impl="reference")
+    loss = MTDLoss(
+        MTDConfig(pairs=PAIRS, relation_heads=4), student_taps, teacher_taps, kernels_impl="reference"
+    )
     images, targets = torch.randn(B, 3, 16, 16), torch.tensor([0, 2])
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
@@ -265,18 +265,34 @@ def test_mtd_loss_end_to_end_on_timm_vits():
 
 def test_mtd_digits_config_loads_and_its_models_match():
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "mtd" and cfg.loss.mtd.weighting == "uncertainty"
+    assert cfg.loss.method == ["mtd"] and cfg.loss.sections["mtd"].weighting == "uncertainty"
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
     assert teacher.model.blocks[0].attn.num_heads != student.model.blocks[0].attn.num_heads
-    loss = MTDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
     student_logits, student_out = student(images)
     loss.check(student_out, teacher_out)
-    total, _ = loss(student_logits, teacher_logits, torch.tensor([1, 7]), student_out, teacher_out)
-    assert torch.isfinite(total)
+    labels = torch.tensor([1, 7])
+    total, parts = loss(student_logits, teacher_logits, labels, student_out, teacher_out)
+    # what the config computed before methods became composable: uncertainty weighting (w = 1 at the start)
+    # over L_0 = 0.5 tau^2 KL + 0.5 CE (tau = 4) and CAD, VR of both layer pairs on 4 relation heads
+    tau = 4.0
+    kl = F.kl_div(
+        F.log_softmax(student_logits / tau, 1), F.softmax(teacher_logits / tau, 1), reduction="batchmean"
+    )
+    supervised = 0.5 * tau**2 * kl + 0.5 * F.cross_entropy(student_logits, labels)
+    relations = [
+        term
+        for s, t in (("s0", "t1"), ("s1", "t3"))
+        for term in _explicit_terms(student_out[s], teacher_out[t], heads=4)
+    ]
+    expected = sum(task / 2 + math.log(2) for task in [supervised, *relations])
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    assert "ce" not in parts  # MTD computes the supervised term; the run adds none
+    torch.testing.assert_close(parts["mtd"], total)
 
 
 @pytest.mark.parametrize(
@@ -302,4 +318,4 @@ def test_manual_weights_per_layer_count_through_config():
     cfg = load_config(
         CONFIG, ["loss.mtd.weighting=manual", "loss.mtd.granularity=layer", "loss.mtd.manual_weights=[1, 2]"]
     )
-    assert cfg.loss.mtd.manual_weights == [1.0, 2.0]
+    assert cfg.loss.sections["mtd"].manual_weights == [1.0, 2.0]

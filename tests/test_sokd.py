@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfast.config import CONFIG_DIR, KDConfig, LossConfig, SoKDConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
-from kdfast.models import build_model
-from kdfast.sokd import (
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.kd import KDConfig
+from kdfast.methods.sokd import (
     DAFA,
     OPS,
+    SoKDConfig,
     SoKDLoss,
     blur_op,
     channel_drop_op,
@@ -27,6 +29,7 @@ from kdfast.sokd import (
     shift_op,
     straight_through_magnitude,
 )
+from kdfast.models import build_model
 from kdfast.taps import Taps
 
 B, CS, CT, CLASSES = 2, 3, 5, 4
@@ -36,12 +39,9 @@ CONFIG = CONFIG_DIR / "sokd_digits.yaml"
 
 
 def _loss(**sokd) -> SoKDLoss:
-    cfg = LossConfig(
-        method="sokd",
-        kd=KDConfig(alpha=0.5, temperature=2.0),
-        sokd=SoKDConfig(student="s", teacher="t", **sokd),
+    return SoKDLoss(
+        SoKDConfig(student="s", teacher="t", **sokd), STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference"
     )
-    return SoKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
 def _taps(seed: int = 0, batch: int = B, student_channels: int = CS, teacher_side: int = 4):
@@ -146,15 +146,26 @@ def test_mask_and_masked_loss_against_hand_computation():
     assert torch.isclose(masked_feature_loss(target, student, mask), torch.tensor((9 + 25) / (2 * 2 * 1)))
 
 
-def test_forward_parts_match_explicit_terms_and_head_shapes():
+def test_forward_parts_match_explicit_terms_and_kd_plus_sokd_is_the_old_total():
+    # [kd, sokd] with ce = 0.5 and kd.weight = 0.5 is what method sokd computed before methods became
+    # composable: 0.5 tau^2 KL + 0.5 CE + L_feat + alpha L_D + beta L_DA
     torch.manual_seed(0)
-    loss = _loss(alpha=0.7, beta=0.3)
+    cfg = LossConfig(
+        method=["kd", "sokd"],
+        ce=0.5,
+        sections={
+            "kd": KDConfig(weight=0.5, temperature=2.0),
+            "sokd": SoKDConfig(student="s", teacher="t", alpha=0.7, beta=0.3),
+        },
+    )
+    composite = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
     student_taps, teacher_taps = _taps(teacher_side=8)
-    loss.check(student_taps, teacher_taps)
-    loss.eval()  # DAFA is the identity in eval, so the target is the resized teacher feature
+    composite.check(student_taps, teacher_taps)
+    composite.eval()  # DAFA is the identity in eval, so the target is the resized teacher feature
+    loss = composite.members["sokd"]
     student_logits, teacher_logits = _logits()
     targets = torch.tensor([0, 3])
-    total, parts = loss(student_logits, teacher_logits, targets, student_taps, teacher_taps)
+    total, parts = composite(student_logits, teacher_logits, targets, student_taps, teacher_taps)
     f_s = F.conv2d(student_taps["s"], loss.adapter.weight, loss.adapter.bias)
     f_t = F.interpolate(teacher_taps["t"], size=(4, 4), mode="bilinear", align_corners=False)
     heads_s, heads_t = loss.head(f_s), loss.head(f_t)
@@ -174,12 +185,13 @@ def test_forward_parts_match_explicit_terms_and_head_shapes():
     kd = F.kl_div(
         F.log_softmax(student_logits / 2, 1), F.softmax(teacher_logits / 2, 1), reduction="batchmean"
     )
-    assert torch.isclose(parts["kd"], 0.5 * 4 * kd, atol=1e-6)
-    assert torch.isclose(parts["ce"], 0.5 * F.cross_entropy(student_logits, targets))
-    assert torch.isclose(parts["feat"], 0.5 * F.mse_loss(f_s, f_t))
-    assert torch.isclose(parts["dam"], 0.7 * l_d + 0.3 * l_da, atol=1e-6)
-    assert torch.isclose(parts["dafa"], parts["feat"])
-    assert torch.isclose(total, parts["kd"] + parts["ce"] + parts["feat"] + parts["dam"])
+    feat, dam = 0.5 * F.mse_loss(f_s, f_t), 0.7 * l_d + 0.3 * l_da
+    assert torch.isclose(parts["sokd/feat"], feat)
+    assert torch.isclose(parts["sokd/dam"], dam, atol=1e-6)
+    assert torch.isclose(parts["sokd/dafa"], parts["sokd/feat"])
+    assert torch.isclose(parts["sokd"], feat + dam, atol=1e-6)
+    old_total = 0.5 * 4 * kd + 0.5 * F.cross_entropy(student_logits, targets) + feat + dam
+    assert torch.isclose(total, old_total, atol=1e-6)
     ((student_map, teacher_map),) = loss.maps(student_taps, teacher_taps)
     assert torch.allclose(student_map, heads_s[0].sigmoid()[:, 0]) and teacher_map.shape == (B, 4, 4)
 
@@ -246,17 +258,17 @@ def test_check_rejects_taps_that_cannot_be_matched():
         loss.check(*_taps(student_channels=CS + 1))
     with pytest.raises(UsageError, match="teacher tap 't' gave nothing"):
         loss.check(_taps()[0], {})
-    with pytest.raises(UsageError, match="must be a feature tap"):
-        SoKDLoss(
-            LossConfig(method="sokd", sokd=SoKDConfig(student="x", teacher="t")), STUDENT_TAPS, TEACHER_TAPS
-        )
+    with pytest.raises(
+        ConfigError, match="loss.sokd.student names no student tap 'x': valid student taps: s"
+    ):
+        SoKDLoss(SoKDConfig(student="x", teacher="t"), STUDENT_TAPS, TEACHER_TAPS)
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("loss.sokd.student=nope", "loss.sokd.student names no student tap 'nope'"),
-        ("teacher.taps.vgg.kind=attention", "loss.sokd.teacher: tap 'vgg' must have kind 'feature'"),
+        ("teacher.taps.vgg.kind=attention", "loss.sokd.teacher: teacher tap 'vgg' must have kind 'feature'"),
         ("loss.sokd.sub_policies=0", "sub_policies"),
         ("loss.sokd.temperature=-1", "temperature"),
     ],
@@ -269,10 +281,10 @@ def test_sokd_config_validation(override, message):
 def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
     torch.manual_seed(0)
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "sokd" and cfg.loss.sokd.search_epochs == 1
+    assert cfg.loss.method == ["kd", "sokd"] and cfg.loss.sections["sokd"].search_epochs == 1
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
-    loss = SoKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images, targets = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
@@ -286,7 +298,8 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
         loss.start_epoch(epoch)
         student_logits, student_out = student(images)
         total, parts = loss(student_logits, teacher_logits, targets, student_out, teacher_out)
-        assert torch.isfinite(total) and set(parts) == {"kd", "ce", "feat", "dam", "dafa"}
+        assert torch.isfinite(total)
+        assert set(parts) == {"ce", "kd", "sokd", "sokd/feat", "sokd/dam", "sokd/dafa"}
         optimizer.zero_grad()
         total.backward()
         assert all(p.grad is None for p in teacher.parameters())

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import torchvision
 
 from export.onnx_export import INPUT_NAME, export_onnx
-from kdfast.config import CONFIG_DIR, LossConfig, TITNConfig, load_config
+from kdfast.config import CONFIG_DIR, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.titn import TITNConfig, TITNLoss
 from kdfast.models import build_model
 from kdfast.models.tnt import TNTDistilled
 from kdfast.taps import Taps
-from kdfast.titn import TITNLoss
 from kdfast.train import distill_step
 
 CLASSES = 10
@@ -36,7 +37,7 @@ def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def _loss(alpha: float = 0.5) -> TITNLoss:
-    return TITNLoss(LossConfig(method="titn", titn=TITNConfig(alpha=alpha)), {}, {})
+    return TITNLoss(TITNConfig(alpha=alpha))
 
 
 def test_forward_shapes_and_registered_sizes():
@@ -244,7 +245,7 @@ def test_eval_model_exports_to_onnx_and_matches_onnx_runtime(tmp_path):
 
 def test_bundled_config_loads_and_builds_the_student_and_the_loss():
     cfg = load_config(CONFIG_DIR / "titn_digits.yaml")
-    assert cfg.loss.method == "titn" and cfg.loss.titn.alpha == 0.5
+    assert cfg.loss.method == ["titn"] and cfg.loss.sections["titn"].alpha == 0.5
     assert (cfg.data.name, cfg.data.image_size) == ("digits", 32)
     assert cfg.data.augment.cutmix == 1.0 and cfg.data.augment.cutmix_beta == 0.5
     teacher = build_model(cfg.teacher.arch, num_classes=10)
@@ -253,9 +254,20 @@ def test_bundled_config_loads_and_builds_the_student_and_the_loss():
     trunk = teacher.features.state_dict()
     assert {k: v.shape for k, v in trunk.items()} == {k: v.shape for k, v in reference.items()}
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert cfg.student.taps == {} and cfg.teacher.taps == {} and cfg.loss.attention.pairs == []
+    assert cfg.student.taps == {} and cfg.teacher.taps == {}
     student = build_model(cfg.student.arch, num_classes=10)
     assert isinstance(student, TNTDistilled) and student.img_size == cfg.data.image_size
-    loss_fn = TITNLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
+    loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
     loss_fn.prepare_student(student)
     assert student.distilled_training
+    # what the config computed before methods became composable, and no run-level CE beside it:
+    # 0.5 CE(class head, CutMix targets) + 0.5 CE(distillation head, argmax teacher)
+    student.train()
+    torch.manual_seed(0)
+    logits, distill = student(_images(3))
+    teacher_logits = torch.randn(3, 10)
+    soft = torch.softmax(torch.randn(3, 10), 1)
+    total, parts = loss_fn((logits, distill), teacher_logits, soft, {}, {})
+    expected = 0.5 * F.cross_entropy(logits, soft) + 0.5 * F.cross_entropy(distill, teacher_logits.argmax(1))
+    torch.testing.assert_close(total, expected)
+    assert set(parts) == {"titn", "titn/cls", "titn/distill"}

@@ -23,7 +23,7 @@ TINY = [
     "teacher.taps.vgg.path=vgg.features.13",
     "teacher.taps.vit.path=vit.encoder.layers.encoder_layer_3.self_attention",
     "student.taps.mid.path=blocks.2",
-    "loss.attention.grid=4",
+    "loss.agkd.grid=4",
     "teacher.train.epochs=1",
     "student.train.epochs=1",
     "runtime.progress=false",
@@ -97,7 +97,10 @@ def test_tiny_run_writes_a_student_that_reproduces_its_accuracy(tmp_path: Path) 
     assert results["student"]["top1"] == ckpt["metrics"]["top1"]
     assert results["student"]["params"] == sum(p.numel() for p in model.parameters())
     table = (out / "results.md").read_text()
-    assert f"| distilled student (AGKD) | edge_cnn | {results['student']['params']:,} | {top1:.2f} |" in table
+    assert (
+        f"| distilled student (KD + AGKD) | edge_cnn | {results['student']['params']:,} | {top1:.2f} |"
+        in table
+    )
     assert table.splitlines()[-1] in result.stdout
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -105,7 +108,8 @@ def test_tiny_run_writes_a_student_that_reproduces_its_accuracy(tmp_path: Path) 
     assert [r["stage"] for r in val_rows] == ["teacher", "baseline", "distill"]
     assert val_rows[-1]["top1"] == pytest.approx(top1, abs=1e-6)
     distill_train = next(r for r in rows if r["stage"] == "distill" and r["split"] == "train")
-    assert set(distill_train["parts"]) == {"kd", "ce", "attention"}
+    assert set(distill_train["parts"]) == {"ce", "kd", "agkd"}
+    assert ckpt["config"]["loss"]["method"] == ["kd", "agkd"] and ckpt["config"]["loss"]["ce"] == 0.5
     teacher = torch.load(out / "teacher.pt", weights_only=True)
     assert teacher["format"] == "kdfast.teacher/1"
 
@@ -140,7 +144,7 @@ def test_schedule_after_warmup_matches_torch_schedulers(name: str) -> None:
 @pytest.mark.slow
 def test_compiled_distill_step_matches_eager() -> None:
     from kdfast.config import load_config
-    from kdfast.losses import AGKDLoss
+    from kdfast.methods.compose import CompositeLoss
     from kdfast.models import build_model
     from kdfast.taps import Taps
     from kdfast.train import distill_step
@@ -153,7 +157,7 @@ def test_compiled_distill_step_matches_eager() -> None:
     student = build_model({"source": "kdfast", "name": "edge_cnn"}, 10)
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout, BatchNorm on running statistics: both runs see the same function
-    loss_fn = AGKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     step = distill_step(Taps(student, cfg.student.taps), Taps(teacher, cfg.teacher.taps), loss_fn)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 

@@ -1,6 +1,7 @@
 """CAKD: cross-architecture knowledge distillation from a Transformer teacher into a CNN student.
 
-Numbering used in the docstrings (Liu et al. 2022, "Cross-Architecture Knowledge Distillation"):
+Numbering used in the docstrings (Liu et al. 2022, "Cross-Architecture Knowledge Distillation",
+arXiv:2207.05273):
   (1) PCA projector: Q_S, K_S, V_S = three 3x3 convs of the CNN feature, on the teacher's patch grid and
       split into the teacher's heads; in training each element is replaced by the teacher's with
       probability p (the partially-cross attention), PCAttn_S = softmax(Q'_S K'_S^T / sqrt(d))
@@ -10,7 +11,8 @@ Numbering used in the docstrings (Liu et al. 2022, "Cross-Architecture Knowledge
   (4) multi-view robust training: the student sees random transforms / masks / noise with probability
       view_prob per sample; a 3-FC discriminator tells teacher tokens from GL-projected student tokens and
       the student gets L_MVG = -log D(GL(F_S)) (the non-saturating generator loss)
-  (5) L = kd_loss (AGKD eq. 1) + pca_weight L_PCA + gl_weight L_GL + adversarial_weight L_MVG
+  (5) L = pca_weight L_PCA + gl_weight L_GL + adversarial_weight L_MVG, this module's term; the logit KD
+      and CE of the example config are the methods ``kd`` and ``loss.ce`` beside it
 The projectors and the discriminator belong to this loss module, so they are dropped at inference.
 The attention matrices of (2) are formed explicitly (B x heads x N x N): CNN students are tapped on small
 patch grids (8x8 = 64 tokens in configs/cakd_digits.yaml), where that is a few hundred kB per sample.
@@ -19,6 +21,7 @@ patch grids (8x8 = 64 tokens in configs/cakd_digits.yaml), where that is a few h
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,27 +29,27 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kdfast.config import LossConfig, TapConfig
+from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.losses import (
-    DistillationLoss,
+from kdfast.methods.base import DistillationLoss, require_tap, step_aside
+from kdfast.methods.features import (
     cls_attention_map,
-    kd_kl,
     patch_grid,
     resize_to,
     spatial_feature,
-    step_aside,
-    supervised_ce,
     tap_qkv,
     tap_tensor,
 )
+from kdfast.methods.registry import Method
+from kdfast.schema import positive, unit_interval
 from kdfast.taps import QKV
 
 GL_WINDOW = 4  # eq. 3: a 4x4 neighbourhood per teacher token, so 16 FCs
 
 
 def _patch_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(..., tokens, d) without the prefix (CLS) tokens that :func:`kdfast.losses.patch_grid` finds."""
+    """(..., tokens, d) without the prefix (CLS) tokens that :func:`~kdfast.methods.features.patch_grid`
+    finds."""
     _, prefix = patch_grid(x.shape[-2])
     return x[..., prefix:, :]
 
@@ -71,6 +74,59 @@ def pca_loss(student: QKV, teacher: QKV) -> torch.Tensor:
     return F.mse_loss(attn_s, attn_t) + F.mse_loss(
         s.v @ s.v.transpose(-1, -2) * scale, t.v @ t.v.transpose(-1, -2) * scale
     )
+
+
+@dataclass
+class CAKDConfig:
+    """``loss.cakd``: a partially-cross-attention projector (PCA) and a group-wise linear projector (GL) map
+    the student's CNN feature into the teacher's attention and token spaces; multi-view robust training
+    perturbs the student's input and adds an adversarial term against a discriminator between teacher
+    tokens and projected student tokens.
+
+    ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap
+    (Q, K, V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D). ``pca_weight``,
+    ``gl_weight`` and ``adversarial_weight`` weigh the three terms of eq. 5; ``replace_prob`` is eq. 1's p,
+    ``dropout`` the GL projector's, ``view_prob`` eq. 4's; the discriminator takes one Adam step at
+    ``discriminator_lr`` every ``discriminator_every`` student steps.
+    """
+
+    weight: float = 1.0
+    student: str = ""
+    teacher_attention: str = ""
+    teacher_tokens: str = ""
+    pca_weight: float = 1.0
+    gl_weight: float = 1.0
+    replace_prob: float = 0.5
+    dropout: float = 0.1
+    view_prob: float = 0.5
+    adversarial_weight: float = 0.1
+    discriminator_every: int = 5
+    discriminator_lr: float = 1e-4
+
+
+def validate(
+    cfg: CAKDConfig,
+    student_taps: Mapping[str, TapConfig],
+    teacher_taps: Mapping[str, TapConfig],
+    where: str = "loss.cakd",
+) -> None:
+    """A student feature tap, a teacher attention tap and a teacher feature tap; probabilities in [0, 1];
+    a positive discriminator period and learning rate."""
+    require_tap(student_taps, cfg.student, role="student", where=f"{where}.student", kind="feature")
+    require_tap(
+        teacher_taps,
+        cfg.teacher_attention,
+        role="teacher",
+        where=f"{where}.teacher_attention",
+        kind="attention",
+    )
+    require_tap(
+        teacher_taps, cfg.teacher_tokens, role="teacher", where=f"{where}.teacher_tokens", kind="feature"
+    )
+    for key in ("replace_prob", "view_prob", "dropout"):
+        unit_interval(getattr(cfg, key), f"{where}.{key}")
+    positive(cfg.discriminator_every, f"{where}.discriminator_every")
+    positive(cfg.discriminator_lr, f"{where}.discriminator_lr")
 
 
 class PCAProjector(nn.Module):
@@ -120,11 +176,10 @@ def discriminator(dim: int) -> nn.Sequential:
 
 
 class CAKDLoss(DistillationLoss):
-    """CAKD eq. 5: kd_loss (AGKD eq. 1) + pca_weight L_PCA (eq. 2) + gl_weight L_GL (eq. 3)
-    + adversarial_weight L_MVG (eq. 4); same interface as :class:`kdfast.losses.AGKDLoss`.
+    """CAKD eq. 5: pca_weight L_PCA (eq. 2) + gl_weight L_GL (eq. 3) + adversarial_weight L_MVG (eq. 4).
 
-    ``forward`` returns (loss, parts) with parts {"kd", "ce", "pca", "gl", "adv"} already weighted, so they
-    sum to the loss. The projectors' sizes come from the taps, so :meth:`check` on a real batch builds them
+    ``forward`` returns (term, parts) with parts {"pca", "gl", "adv"} already weighted, so they sum to the
+    term. The projectors' sizes come from the taps, so :meth:`check` on a real batch builds them
     and must run before the optimizer is made (``run_training`` does); it raises UsageError when the taps
     cannot be matched. :meth:`student_view` perturbs the student's input (eq. 4) and :meth:`after_step`
     trains the discriminator every ``discriminator_every``-th optimizer step of the student.
@@ -138,22 +193,16 @@ class CAKDLoss(DistillationLoss):
 
     def __init__(
         self,
-        cfg: LossConfig,
-        student_taps_cfg: Mapping[str, TapConfig],
-        teacher_taps_cfg: Mapping[str, TapConfig],
+        cfg: CAKDConfig,
+        student_taps: Mapping[str, TapConfig],
+        teacher_taps: Mapping[str, TapConfig],
+        *,
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(cfg, kernels_impl, label_smoothing)
-        self.cakd = cfg.cakd
-        wanted = (
-            ("student", self.cakd.student, student_taps_cfg, "feature"),
-            ("teacher_attention", self.cakd.teacher_attention, teacher_taps_cfg, "attention"),
-            ("teacher_tokens", self.cakd.teacher_tokens, teacher_taps_cfg, "feature"),
-        )
-        for key, name, taps_cfg, kind in wanted:
-            if name not in taps_cfg or taps_cfg[name].kind != kind:
-                raise UsageError(f"loss.cakd.{key} names tap {name!r}: it must be a {kind} tap")
+        validate(cfg, student_taps, teacher_taps)
+        super().__init__(kernels_impl, label_smoothing)
+        self.cfg = cfg
         self.pca: PCAProjector | None = None
         self.gl: GLProjector | None = None
         self.discriminator: nn.Sequential | None = None
@@ -166,7 +215,7 @@ class CAKDLoss(DistillationLoss):
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, QKV, torch.Tensor]:
         """(student feature (B, C, H, W), teacher Q/K/V and tokens with the prefix tokens dropped)."""
-        cakd = self.cakd
+        cakd = self.cfg
         feature = spatial_feature(tap_tensor(student_taps, cakd.student, "student"), cakd.student)
         attention = QKV(*(_patch_tokens(x) for x in tap_qkv(teacher_taps, cakd.teacher_attention)))
         tokens = tap_tensor(teacher_taps, cakd.teacher_tokens, "teacher")
@@ -180,10 +229,10 @@ class CAKDLoss(DistillationLoss):
     def _build(self, feature: torch.Tensor, attention: QKV, tokens: torch.Tensor) -> None:
         channels, dim = feature.shape[1], tokens.shape[2]
         self.pca = PCAProjector(channels, heads=attention.q.shape[1], head_dim=attention.q.shape[3])
-        self.gl = GLProjector(channels, dim, self.cakd.dropout)
+        self.gl = GLProjector(channels, dim, self.cfg.dropout)
         self.discriminator = discriminator(dim).requires_grad_(False)
         self.to(feature.device)
-        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cakd.discriminator_lr)
+        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.discriminator_lr)
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched (a tap of the wrong kind,
@@ -212,10 +261,10 @@ class CAKDLoss(DistillationLoss):
         """Eq. 4, multi-view: in training, each sample with probability view_prob gets one of a random shift
         (with a random horizontal flip), a random square cutout or gaussian noise; the others, and every
         sample in eval mode, are returned unchanged. The teacher keeps seeing ``images``."""
-        if not self.training or self.cakd.view_prob == 0:
+        if not self.training or self.cfg.view_prob == 0:
             return images
         batch, device = images.shape[0], images.device
-        changed = torch.rand(batch, device=device) < self.cakd.view_prob
+        changed = torch.rand(batch, device=device) < self.cfg.view_prob
         view = torch.randint(3, (batch,), device=device)
         pick = lambda k: (changed & (view == k)).view(-1, 1, 1, 1)
         return torch.where(
@@ -270,8 +319,8 @@ class CAKDLoss(DistillationLoss):
         attention = QKV(*(x.detach() for x in attention))
         side, _ = patch_grid(attention.q.shape[2])
         student = self.pca(resize_to(feature, (side, side), self.impl))
-        if self.training and self.cakd.replace_prob > 0:
-            student = partial_cross(student, attention, self.cakd.replace_prob)
+        if self.training and self.cfg.replace_prob > 0:
+            student = partial_cross(student, attention, self.cfg.replace_prob)
         token_side = patch_grid(tokens.shape[1])[0] * GL_WINDOW
         projected = self.gl(resize_to(feature, (token_side, token_side), self.impl))
         return student, attention, projected, tokens.detach()
@@ -284,12 +333,10 @@ class CAKDLoss(DistillationLoss):
         student_taps: Mapping[str, Any],
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cakd, alpha = self.cakd, self.kd.alpha
+        cakd = self.cfg
         student, attention, projected, tokens = self.projections(student_taps, teacher_taps)
         fooled = self.discriminator(projected.float())
         parts = {
-            "kd": alpha * kd_kl(student_logits, teacher_logits.detach(), self.kd.temperature),
-            "ce": (1 - alpha) * supervised_ce(student_logits, targets, self.label_smoothing),
             "pca": cakd.pca_weight * pca_loss(student, attention),
             "gl": cakd.gl_weight * F.mse_loss(projected.float(), tokens.float()),
             "adv": cakd.adversarial_weight
@@ -303,7 +350,7 @@ class CAKDLoss(DistillationLoss):
         """Eq. 4, discriminator: every ``discriminator_every``-th call, one Adam step on
         BCE(D(T), 1) + BCE(D(GL(F_S)), 0) over the tokens of the last training forward."""
         self.steps += 1
-        if self.steps % self.cakd.discriminator_every or self._stash is None:
+        if self.steps % self.cfg.discriminator_every or self._stash is None:
             return
         teacher, student = (x.float() for x in self._stash)
 
@@ -333,7 +380,7 @@ class CAKDLoss(DistillationLoss):
         """[(student, teacher)] (B, side, side) maps on the teacher's patch grid: the attention-transfer map
         of the student feature and the teacher's CLS attention (AGKD eq. 2, ViT part), or, for a teacher
         without a class token, the attention-transfer map of its patch tokens."""
-        cakd = self.cakd
+        cakd = self.cfg
         feature = spatial_feature(tap_tensor(student_taps, cakd.student, "student"), cakd.student).float()
         qkv = tap_qkv(teacher_taps, cakd.teacher_attention)
         side, prefix = patch_grid(qkv.k.shape[2])
@@ -346,3 +393,12 @@ class CAKDLoss(DistillationLoss):
             spatial_feature(tokens, cakd.teacher_tokens).float(), grid, impl=self.impl
         )
         return [(student, teacher)]
+
+
+METHOD = Method(
+    name="cakd",
+    schema=CAKDConfig,
+    validate=validate,
+    loss=CAKDLoss,
+    paper="Liu, Cao, Li, Hu, Ding & Li 2022, Cross-Architecture Knowledge Distillation (arXiv:2207.05273)",
+)

@@ -1,7 +1,8 @@
 """SoKD: a plug-in on top of feature distillation, with DAFA (differentiable feature augmentation) and DAM
 (a detection-head module finding areas of mutual interest).
 
-Numbering used in the docstrings (SoKD, "a plug-in ... DAFA + DAM"):
+Numbering used in the docstrings (Shen et al. 2024, "Student-Oriented Teacher Knowledge Refinement for
+Knowledge Distillation", arXiv:2409.18785):
   (1) base feature distillation: f_s = A(F_S), a 1x1 conv adapter to the teacher's channel count, against
       the teacher feature f_t resized to the student's grid; L_feat = 1/2 mean (target - f_s)^2
   (2) DAFA sub-policy choice: w = Gumbel-softmax(policy logits, tau) with a hard one-hot forward and
@@ -14,7 +15,8 @@ Numbering used in the docstrings (SoKD, "a plug-in ... DAFA + DAM"):
       on f_t; L_D = mse(sigmoid H_s, sigmoid H_t) + l1(size_s, size_t) + l1(offset_s, offset_t)
   (5) mask of mutual interest M: the top-k positions of sigmoid H_s * sigmoid H_t (k = a quarter of the
       grid); L_DA = sum M (target - f_s)^2 / (2 C sum M)
-  (6) L = kd_loss (AGKD eq. 1) + L_feat + alpha L_D + beta L_DA
+  (6) L = L_feat + alpha L_D + beta L_DA, this module's term; the logit KD and CE of the example config are
+      the method ``kd`` and ``loss.ce`` beside it
 The base feature loss (1) is kept as its own term "feat" beside the masked L_DA.
 """
 
@@ -22,23 +24,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.config import LossConfig, TapConfig
+from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.losses import (
-    DistillationLoss,
-    kd_kl,
-    resize_to,
-    spatial_feature,
-    step_aside,
-    supervised_ce,
-    tap_tensor,
-)
+from kdfast.methods.base import DistillationLoss, require_tap, step_aside
+from kdfast.methods.features import resize_to, spatial_feature, tap_tensor
+from kdfast.methods.registry import Method
+from kdfast.schema import positive
 
 MAGNITUDE_LEVELS = 10  # eq. 2: magnitudes live on 11 levels 0, 0.1, ..., 1 in the forward pass
 MASK_FRACTION = 0.25  # eq. 5: the mask keeps a quarter of the grid
@@ -93,6 +91,69 @@ def hard_relaxed_bernoulli(logits: torch.Tensor, temperature: float, uniform: to
     b_soft > 0.5, else 0, with the gradient of b_soft."""
     soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
     return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+
+
+def consistency_loss(augmented: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: 1/2 mean (s(f_t) - f_s)^2."""
+    return 0.5 * (augmented.float() - student.float()).square().mean()
+
+
+def dam_alignment(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Eq. 4: mse(sigmoid H_s, sigmoid H_t) + l1(size_s, size_t) + l1(offset_s, offset_t)."""
+    (hs, ss, os_), (ht, st, ot) = student, teacher
+    return F.mse_loss(torch.sigmoid(hs), torch.sigmoid(ht)) + F.l1_loss(ss, st) + F.l1_loss(os_, ot)
+
+
+def mutual_interest_mask(student_heat: torch.Tensor, teacher_heat: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: (B, H, W) 0/1 mask of the top ceil(MASK_FRACTION H W) positions of
+    sigmoid H_s * sigmoid H_t per sample, for (B, 1, H, W) heatmap logits; no gradient."""
+    score = (torch.sigmoid(student_heat) * torch.sigmoid(teacher_heat)).detach().flatten(1)
+    k = math.ceil(MASK_FRACTION * score.shape[1])
+    mask = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+    return mask.view(student_heat.shape[0], *student_heat.shape[-2:])
+
+
+def masked_feature_loss(target: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: L_DA = sum_{b,c,y,x} M_{b,y,x} (target - f_s)^2 / (2 C sum M)."""
+    squared = (target.float() - student.float()).square()
+    return (squared * mask[:, None]).sum() / (2 * student.shape[1] * mask.sum().clamp_min(1))
+
+
+@dataclass
+class SoKDConfig:
+    """``loss.sokd``: SoKD on top of feature distillation between a ``student`` and a ``teacher`` feature tap.
+
+    DAFA searches feature augmentation sub-policies applied to the teacher feature (Gumbel-softmax over
+    ``sub_policies`` sub-policies of ``ops_per_policy`` operations at ``temperature``, a relaxed Bernoulli
+    per operation, straight-through magnitudes) by the consistency loss (eq. 3) for the first
+    ``search_epochs`` epochs with Adam at ``search_lr``; DAM's shared detection head (heatmap, size and offset
+    branches) finds areas of mutual interest. Term = L_feat + alpha * L_D + beta * L_DA (eq. 6).
+    """
+
+    weight: float = 1.0
+    student: str = ""
+    teacher: str = ""
+    alpha: float = 1.0
+    beta: float = 1.0
+    search_epochs: int = 1
+    sub_policies: int = 8
+    ops_per_policy: int = 2
+    temperature: float = 0.5
+    search_lr: float = 3e-3
+
+
+def validate(
+    cfg: SoKDConfig,
+    student_taps: Mapping[str, TapConfig],
+    teacher_taps: Mapping[str, TapConfig],
+    where: str = "loss.sokd",
+) -> None:
+    """Two feature taps, a search of >= 0 epochs and positive search sizes, temperature and rate."""
+    require_tap(student_taps, cfg.student, role="student", where=f"{where}.student", kind="feature")
+    require_tap(teacher_taps, cfg.teacher, role="teacher", where=f"{where}.teacher", kind="feature")
+    positive(cfg.search_epochs, f"{where}.search_epochs", allow_zero=True)
+    for key in ("sub_policies", "ops_per_policy", "temperature", "search_lr"):
+        positive(getattr(cfg, key), f"{where}.{key}")
 
 
 class DAFA(nn.Module):
@@ -152,37 +213,10 @@ class DetectionHead(nn.Module):
         return self.heatmap(x), self.size(x), self.offset(x)
 
 
-def consistency_loss(augmented: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: 1/2 mean (s(f_t) - f_s)^2."""
-    return 0.5 * (augmented.float() - student.float()).square().mean()
-
-
-def dam_alignment(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Eq. 4: mse(sigmoid H_s, sigmoid H_t) + l1(size_s, size_t) + l1(offset_s, offset_t)."""
-    (hs, ss, os_), (ht, st, ot) = student, teacher
-    return F.mse_loss(torch.sigmoid(hs), torch.sigmoid(ht)) + F.l1_loss(ss, st) + F.l1_loss(os_, ot)
-
-
-def mutual_interest_mask(student_heat: torch.Tensor, teacher_heat: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: (B, H, W) 0/1 mask of the top ceil(MASK_FRACTION H W) positions of
-    sigmoid H_s * sigmoid H_t per sample, for (B, 1, H, W) heatmap logits; no gradient."""
-    score = (torch.sigmoid(student_heat) * torch.sigmoid(teacher_heat)).detach().flatten(1)
-    k = math.ceil(MASK_FRACTION * score.shape[1])
-    mask = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
-    return mask.view(student_heat.shape[0], *student_heat.shape[-2:])
-
-
-def masked_feature_loss(target: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: L_DA = sum_{b,c,y,x} M_{b,y,x} (target - f_s)^2 / (2 C sum M)."""
-    squared = (target.float() - student.float()).square()
-    return (squared * mask[:, None]).sum() / (2 * student.shape[1] * mask.sum().clamp_min(1))
-
-
 class SoKDLoss(DistillationLoss):
-    """SoKD eq. 6: kd_loss (AGKD eq. 1) + L_feat (eq. 1) + alpha L_D (eq. 4) + beta L_DA (eq. 5); same
-    interface as :class:`kdfast.losses.AGKDLoss`.
+    """SoKD eq. 6: L_feat (eq. 1) + alpha L_D (eq. 4) + beta L_DA (eq. 5).
 
-    ``forward`` returns (loss, parts): "kd", "ce", "feat", "dam" (alpha L_D + beta L_DA) sum to the loss;
+    ``forward`` returns (term, parts): "feat" and "dam" (alpha L_D + beta L_DA) sum to the term;
     "dafa" is the consistency loss (eq. 3) of the batch, logged, not part of the student's loss. The
     feature target is f_t during the search epochs and the sampled s(f_t) afterwards.
 
@@ -195,31 +229,27 @@ class SoKDLoss(DistillationLoss):
 
     def __init__(
         self,
-        cfg: LossConfig,
-        student_taps_cfg: Mapping[str, TapConfig],
-        teacher_taps_cfg: Mapping[str, TapConfig],
+        cfg: SoKDConfig,
+        student_taps: Mapping[str, TapConfig],
+        teacher_taps: Mapping[str, TapConfig],
+        *,
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(cfg, kernels_impl, label_smoothing)
-        self.sokd = cfg.sokd
-        for role, name, taps_cfg in (
-            ("student", self.sokd.student, student_taps_cfg),
-            ("teacher", self.sokd.teacher, teacher_taps_cfg),
-        ):
-            if name not in taps_cfg or taps_cfg[name].kind != "feature":
-                raise UsageError(f"loss.sokd.{role} names tap {name!r}: it must be a feature tap")
+        validate(cfg, student_taps, teacher_taps)
+        super().__init__(kernels_impl, label_smoothing)
+        self.cfg = cfg
         self.adapter: nn.Conv2d | None = None
         self.head: DetectionHead | None = None
         self.dafa: DAFA | None = None
         self.dafa_optimizer: torch.optim.Adam | None = None
-        self.searching = self.sokd.search_epochs > 0
+        self.searching = self.cfg.search_epochs > 0
         self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _features(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sokd = self.sokd
+        sokd = self.cfg
         student = spatial_feature(tap_tensor(student_taps, sokd.student, "student"), sokd.student)
         teacher = spatial_feature(tap_tensor(teacher_taps, sokd.teacher, "teacher"), sokd.teacher)
         return student, teacher
@@ -235,7 +265,7 @@ class SoKDLoss(DistillationLoss):
                 f"{teacher.shape[0]}; tap one forward pass each"
             )
         if self.adapter is None:
-            sokd = self.sokd
+            sokd = self.cfg
             self.adapter = nn.Conv2d(student.shape[1], teacher.shape[1], 1)
             self.head = DetectionHead(teacher.shape[1])
             self.dafa = DAFA(sokd.sub_policies, sokd.ops_per_policy, sokd.temperature).requires_grad_(False)
@@ -250,7 +280,7 @@ class SoKDLoss(DistillationLoss):
 
     def start_epoch(self, epoch: int) -> None:
         """Eq. 3: DAFA is searched in epochs 0 .. search_epochs - 1 and frozen from then on."""
-        self.searching = epoch < self.sokd.search_epochs
+        self.searching = epoch < self.cfg.search_epochs
 
     def aligned(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
@@ -271,7 +301,7 @@ class SoKDLoss(DistillationLoss):
         student_taps: Mapping[str, Any],
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sokd, alpha = self.sokd, self.kd.alpha
+        sokd = self.cfg
         f_s, f_t = self.aligned(student_taps, teacher_taps)
         augmented = self.dafa(f_t).detach()
         target = f_t if self.searching else augmented
@@ -280,8 +310,6 @@ class SoKDLoss(DistillationLoss):
         student_head, teacher_head = self.head(f_s), self.head(f_t)
         mask = mutual_interest_mask(student_head[0], teacher_head[0])
         parts = {
-            "kd": alpha * kd_kl(student_logits, teacher_logits.detach(), self.kd.temperature),
-            "ce": (1 - alpha) * supervised_ce(student_logits, targets, self.label_smoothing),
             "feat": consistency_loss(target, f_s),
             "dam": sokd.alpha * dam_alignment(student_head, teacher_head)
             + sokd.beta * masked_feature_loss(target, f_s, mask),
@@ -317,3 +345,13 @@ class SoKDLoss(DistillationLoss):
         """[(student, teacher)] (B, h, w) DAM heatmaps sigmoid(H) (eq. 4) on the student's grid."""
         f_s, f_t = self.aligned(student_taps, teacher_taps)
         return [(torch.sigmoid(self.head(f_s)[0])[:, 0], torch.sigmoid(self.head(f_t)[0])[:, 0])]
+
+
+METHOD = Method(
+    name="sokd",
+    schema=SoKDConfig,
+    validate=validate,
+    loss=SoKDLoss,
+    paper="Shen, Huang, Zhu, Fan & Zhang 2024, Student-Oriented Teacher Knowledge Refinement for Knowledge "
+    "Distillation (arXiv:2409.18785)",
+)

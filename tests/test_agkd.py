@@ -1,4 +1,5 @@
-"""AGKD losses against independent references: torch.nn.functional, pytorch_msssim, explicit attention."""
+"""AGKD's attention term against independent references (torch.nn.functional, pytorch_msssim, explicit
+attention), and the default run's whole AGKD loss through its config against AGKD eq. 1 + 4 written out."""
 
 from __future__ import annotations
 
@@ -9,16 +10,11 @@ import pytorch_msssim
 import torch
 import torch.nn.functional as F
 
-from kdfast.config import (
-    AttentionLossConfig,
-    AttentionPairConfig,
-    KDConfig,
-    LossConfig,
-    PerceptualConfig,
-    TapConfig,
-)
-from kdfast.errors import UsageError
-from kdfast.losses import AGKDLoss, cls_attention_map, kd_loss
+from kdfast.config import TapConfig, load_config
+from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.agkd import AGKDConfig, AGKDLoss, AttentionPairConfig, PerceptualConfig
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.features import cls_attention_map
 from kdfast.taps import QKV
 
 B, K = 3, 5
@@ -33,12 +29,9 @@ def _taps(seed: int = 0, tokens: int = 1 + 16):
     return student, {"vgg": torch.randn(B, 7, 8, 8, generator=g), "vit": qkv}
 
 
-def _loss(metric: str = "mse", teacher=("vgg",), combine: str = "add", **attention) -> AGKDLoss:
+def _loss(metric: str = "mse", teacher=("vgg",), combine: str = "add", **agkd) -> AGKDLoss:
     pairs = [AttentionPairConfig(student="mid", teacher=list(teacher), combine=combine)]
-    cfg = LossConfig(
-        kd=KDConfig(alpha=0.3, temperature=2.0),
-        attention=AttentionLossConfig(metric=metric, pairs=pairs, window_size=3, **attention),
-    )
+    cfg = AGKDConfig(metric=metric, pairs=pairs, window_size=3, **agkd)
     return AGKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
@@ -59,39 +52,9 @@ def _cls_map(qkv: QKV, size) -> torch.Tensor:
     return row / row.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
 
 
-def test_kd_loss_hand_computed_two_class_case():
-    # p_T = (3/4, 1/4), p_S = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2); CE(label 0) = ln 2
-    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
-    got = kd_loss(student, teacher, torch.tensor([0]), alpha=0.25, temperature=1.0)
-    expected = 0.25 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) + 0.75 * math.log(2)
-    assert got.item() == pytest.approx(expected, rel=1e-6)
-
-
-@pytest.mark.parametrize("soft", [False, True])
-def test_kd_loss_matches_functional(soft):
-    g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(6, K, generator=g), torch.randn(6, K, generator=g)
-    labels = torch.randint(0, K, (6,), generator=g)
-    targets = torch.softmax(torch.randn(6, K, generator=g), 1) if soft else labels
-    alpha, tau = 0.7, 3.0
-    kl = F.kl_div(F.log_softmax(s / tau, 1), F.softmax(t / tau, 1), reduction="batchmean")
-    expected = alpha * tau**2 * kl + (1 - alpha) * F.cross_entropy(s, targets, label_smoothing=0.1)
-    got = kd_loss(s, t, targets, alpha=alpha, temperature=tau, label_smoothing=0.1)
-    torch.testing.assert_close(got, expected)
-
-
 def test_cls_attention_map_equals_the_explicit_attention_matrix():
     qkv = _taps(tokens=1 + 25)[1]["vit"]
     torch.testing.assert_close(cls_attention_map(qkv, (8, 8), impl="reference"), _cls_map(qkv, (8, 8))[:, 0])
-
-
-def test_no_pairs_is_kd_loss_and_parts_sum_to_the_total():
-    cfg = LossConfig(kd=KDConfig(alpha=0.3, temperature=2.0))
-    s, t, y = torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2])
-    loss, parts = AGKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS)(s, t, y, {}, {})
-    torch.testing.assert_close(loss, kd_loss(s, t, y, alpha=0.3, temperature=2.0))
-    assert set(parts) == {"kd", "ce"}
-    torch.testing.assert_close(parts["kd"] + parts["ce"], loss)
 
 
 @pytest.mark.parametrize("metric", ["mse", "cosine", "ssim", "hybrid"])
@@ -110,13 +73,11 @@ def test_metrics_match_independent_references(metric):
         "ssim": one_minus_ssim,
         "hybrid": 0.2 * one_minus_ssim + 0.8 * cos,
     }[metric]
-    loss_fn = _loss(metric, weight=2.0, alpha=0.2, beta=0.8)
+    loss_fn = _loss(metric, alpha=0.2, beta=0.8)
     logits, teacher_logits, y = torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2])
-    loss, parts = loss_fn(logits, teacher_logits, y, student_taps, teacher_taps)
-    torch.testing.assert_close(parts["attention"], 2.0 * expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(
-        loss, kd_loss(logits, teacher_logits, y, alpha=0.3, temperature=2.0) + 2 * expected
-    )
+    term, parts = loss_fn(logits, teacher_logits, y, student_taps, teacher_taps)
+    torch.testing.assert_close(term, expected, atol=1e-5, rtol=1e-4)
+    assert parts == {}
 
 
 def test_combine_add_and_concat():
@@ -127,9 +88,9 @@ def test_combine_add_and_concat():
     args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
     add = _loss("mse", ("vgg", "vit"), "add", grid=6)
     concat = _loss("mse", ("vgg", "vit"), "concat", grid=6)
-    torch.testing.assert_close(add(*args)[1]["attention"], F.mse_loss(s, added))
+    torch.testing.assert_close(add(*args)[0], F.mse_loss(s, added))
     expected_concat = (F.mse_loss(s, vgg) + F.mse_loss(s, vit)) / 2
-    torch.testing.assert_close(concat(*args)[1]["attention"], expected_concat)
+    torch.testing.assert_close(concat(*args)[0], expected_concat)
     ((student_map, teacher_map),) = concat.maps(student_taps, teacher_taps)
     assert student_map.shape == teacher_map.shape == (B, 6, 6)
     torch.testing.assert_close(teacher_map, ((vgg + vit) / 2)[:, 0])
@@ -149,14 +110,14 @@ def test_perceptual_default_is_a_frozen_seeded_random_net():
     first.train()
     assert not first.perceptual.net.training
     args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]))
-    value = first(*args, student_taps, teacher_taps)[1]["attention"]
-    torch.testing.assert_close(value, second(*args, student_taps, teacher_taps)[1]["attention"])
+    value = first(*args, student_taps, teacher_taps)[0]
+    torch.testing.assert_close(value, second(*args, student_taps, teacher_taps)[0])
     assert value.item() > 0
     value.backward()
     assert student_taps["mid"].grad.abs().sum() > 0
     same = {"mid": F.interpolate(teacher_taps["vgg"], size=(4, 4))}
     same_map = {"vgg": same["mid"]}
-    assert first(*args, same, same_map)[1]["attention"].item() == pytest.approx(0.0, abs=1e-12)
+    assert first(*args, same, same_map)[0].item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_perceptual_with_a_configured_network_and_layer():
@@ -164,7 +125,7 @@ def test_perceptual_with_a_configured_network_and_layer():
     student_taps, teacher_taps = _taps()
     loss_fn = _loss("perceptual", perceptual=PerceptualConfig(arch=arch, layer="blocks.0"))
     assert loss_fn.check(student_taps, teacher_taps) is None
-    with pytest.raises(UsageError, match="perceptual.layer"):
+    with pytest.raises(ConfigError, match="loss.agkd.perceptual.layer: name the module path"):
         _loss("perceptual", perceptual=PerceptualConfig(arch=arch))
 
 
@@ -191,8 +152,14 @@ def test_bad_tap_shapes_are_usage_errors():
         )
     with pytest.raises(UsageError, match="teacher tap 'vit' gave Tensor"):
         loss_fn.check(student_taps, {**teacher_taps, "vit": teacher_taps["vgg"]})
-    with pytest.raises(UsageError, match="teacher tap 'nope'"):
+    with pytest.raises(ConfigError, match="loss.agkd.pairs\\[0\\].teacher names no teacher tap 'nope'"):
         _loss("mse", ("nope",))
+    with pytest.raises(ConfigError, match="student tap 'mid' must have kind 'feature'"):
+        AGKDLoss(
+            AGKDConfig(pairs=[AttentionPairConfig("mid", ["vgg"])]),
+            TEACHER_TAPS | {"mid": TEACHER_TAPS["vit"]},
+            TEACHER_TAPS,
+        )
 
 
 def test_compiled_loss_has_no_graph_break_and_equals_eager():
@@ -204,3 +171,35 @@ def test_compiled_loss_has_no_graph_break_and_equals_eager():
     loss, parts = compiled(*args)
     torch.testing.assert_close(loss, eager_loss)
     assert parts.keys() == eager_parts.keys()
+
+
+def test_default_config_computes_agkd_eq_1_plus_4():
+    # configs/default.yaml is AGKD with alpha 0.5, tau 4, lambda 1 and the hybrid metric on an 8 x 8 grid:
+    # 0.5 * tau^2 KL(p_T || p_S) + 0.5 CE + 1 * (0.5 (1 - SSIM) + 0.5 (1 - cos)), the value the loss had
+    # before methods became composable.
+    cfg = load_config()
+    g = torch.Generator().manual_seed(5)
+    student_taps = {"mid": torch.randn(4, 32, 8, 8, generator=g).relu()}
+    qkv = QKV(*(torch.randn(4, 4, 65, 16, generator=g) for _ in range(3)))
+    teacher_taps = {"vgg": torch.randn(4, 128, 8, 8, generator=g).relu(), "vit": qkv}
+    logits, teacher_logits = 3 * torch.randn(4, 10, generator=g), 5 * torch.randn(4, 10, generator=g)
+    labels = torch.tensor([0, 3, 9, 3])
+
+    tau = 4.0
+    kl = F.kl_div(F.log_softmax(logits / tau, 1), F.softmax(teacher_logits / tau, 1), reduction="batchmean")
+    s = _at_map(student_taps["mid"], (8, 8))
+    vgg, vit = _at_map(teacher_taps["vgg"], (8, 8)), _cls_map(qkv, (8, 8))
+    t = (vgg + vit) / (vgg + vit).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    peak = t.flatten(1).amax(1).view(-1, 1, 1, 1)
+    ssim = pytorch_msssim.ssim(s / peak, t / peak, data_range=1.0, win_size=3, size_average=False).mean()
+    cos = F.cosine_similarity(s.flatten(1), t.flatten(1)).mean()
+    attention = 0.5 * (1 - ssim) + 0.5 * (1 - cos)
+    expected = 0.5 * tau**2 * kl + 0.5 * F.cross_entropy(logits, labels) + 1.0 * attention
+
+    loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss_fn.check(student_taps, teacher_taps)
+    total, parts = loss_fn(logits, teacher_logits, labels, student_taps, teacher_taps)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts["agkd"], attention, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"ce", "kd", "agkd"}
+    torch.testing.assert_close(parts["ce"] + parts["kd"] + parts["agkd"], total)

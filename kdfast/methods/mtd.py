@@ -1,11 +1,13 @@
-"""MTD: distilling a ViT's attention distributions (CAD) and value relations (VR), layer by layer.
+"""MTD: distilling a ViT's attention distributions (CAD) and value relations (VR), layer by layer (Chen et
+al. 2022, "Multimodal Transformer Distillation for Audio-Visual Synchronization", arXiv:2210.15563).
 
 Numbering used in the docstrings:
   (1) CAD = softmax(Q K^T / sqrt(d_q)),  L_CAD = KL(CAD_s || CAD_t)
   (2) VR = softmax(V V^T / sqrt(d_v)),   L_VR = KL(VR_s || VR_t)
   (3) relation heads (MiniLMv2): heads concatenated, (B, H, N, d) -> (B, N, H * d), and re-split into R
       heads for both models, so teacher and student may have different head counts and widths
-  (4) task weighting, task 0 being the supervised loss L_0 = kd_loss (AGKD eq. 1) and tasks 1..K the
+  (4) task weighting, task 0 being the supervised loss L_0 = alpha * tau^2 KL(p_T || p_S) + (1 - alpha) CE
+      (``kdfast.methods.kd.kd_loss`` plus the CE; this method computes the supervised term) and tasks 1..K the
       distillation terms, one per (layer, relation) ("layer_kind", 25D for 12 layers) or one per layer with
       CAD and VR summed ("layer", 13D):
         uniform      L_0 + 1/K sum_k L_k
@@ -18,15 +20,20 @@ Both KL terms go through ``kernels.attention_kl``, so on the GPU no N x N matrix
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 import kernels
-from kdfast.config import LossConfig, MTDPairConfig, TapConfig
-from kdfast.errors import UsageError
-from kdfast.losses import DistillationLoss, cls_attention_map, kd_kl, patch_grid, supervised_ce
+from kdfast.config import TapConfig
+from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.base import DistillationLoss, require_tap, supervised_ce
+from kdfast.methods.features import cls_attention_map, patch_grid
+from kdfast.methods.kd import kd_loss
+from kdfast.methods.registry import Method
+from kdfast.schema import positive, unit_interval
 from kdfast.taps import QKV
 
 
@@ -43,11 +50,81 @@ def uncertainty_weighting(losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return (losses / (2 * w.square()) + torch.log1p(w.square())).sum()
 
 
-class MTDLoss(DistillationLoss):
-    """MTD: kd_loss (AGKD eq. 1) + L_CAD (eq. 1) and L_VR (eq. 2) per configured (student, teacher) attention
-    tap pair, combined by the task weighting of eq. 4; same interface as :class:`kdfast.losses.AGKDLoss`.
+@dataclass
+class MTDPairConfig:
+    """One distilled transformer layer: a student attention tap against a teacher attention tap."""
 
-    ``forward`` returns (loss, parts): "kd" and "ce" (the two summands of L_0), "cad" and "vr" (the
+    student: str = ""
+    teacher: str = ""
+
+
+@dataclass
+class MTDConfig:
+    """``loss.mtd``: per layer pair, L_CAD (eq. 1) and L_VR (eq. 2) of ``relations``; the terms and the
+    supervised loss L_0 = alpha * tau^2 KL + (1 - alpha) CE (``alpha``, ``temperature``) combined by
+    ``weighting`` (eq. 4).
+
+    ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers);
+    "layer" shares one weight per layer ("13D"). ``manual_weights`` lists one weight per distillation task
+    for ``weighting: manual``. ``relation_heads`` re-splits the concatenated heads of both models into this
+    many heads (eq. 3), so teacher and student may have different head counts; null keeps the heads as they
+    are. ``direction`` "teacher_student" computes KL(t || s) instead (MiniLM's direction).
+    """
+
+    weight: float = 1.0
+    alpha: float = 0.5
+    temperature: float = 4.0
+    pairs: list[MTDPairConfig] = field(default_factory=list)
+    relations: list[Literal["cad", "vr"]] = field(default_factory=lambda: ["cad", "vr"])
+    weighting: Literal["uniform", "manual", "learnable", "uncertainty"] = "uncertainty"
+    granularity: Literal["layer_kind", "layer"] = "layer_kind"
+    manual_weights: list[float] | None = None
+    relation_heads: int | None = None
+    direction: Literal["student_teacher", "teacher_student"] = "student_teacher"
+
+
+def task_names(cfg: MTDConfig) -> list[str]:
+    """The K distillation tasks of eq. 4: one per layer pair ("layer") or per (pair, relation)."""
+    if cfg.granularity == "layer":
+        return [f"{pair.student}_{pair.teacher}" for pair in cfg.pairs]
+    return [f"{pair.student}_{pair.teacher}_{rel}" for pair in cfg.pairs for rel in cfg.relations]
+
+
+def validate(
+    cfg: MTDConfig,
+    student_taps: Mapping[str, TapConfig],
+    teacher_taps: Mapping[str, TapConfig],
+    where: str = "loss.mtd",
+) -> None:
+    """Pairs of attention taps, at least one relation, one manual weight per task, positive heads and
+    temperature, alpha in [0, 1]."""
+    if not cfg.pairs:
+        raise ConfigError(f"method mtd needs {where}.pairs: the (student, teacher) attention taps to distill")
+    for i, pair in enumerate(cfg.pairs):
+        at = f"{where}.pairs[{i}]"
+        require_tap(student_taps, pair.student, role="student", where=f"{at}.student", kind="attention")
+        require_tap(teacher_taps, pair.teacher, role="teacher", where=f"{at}.teacher", kind="attention")
+    if not cfg.relations:
+        raise ConfigError(f"{where}.relations is empty: list 'cad', 'vr' or both")
+    if cfg.weighting == "manual":
+        count = len(task_names(cfg))
+        if cfg.manual_weights is None or len(cfg.manual_weights) != count:
+            per_pair = count // len(cfg.pairs)
+            raise ConfigError(
+                f"{where}.weighting=manual needs {where}.manual_weights with {count} values "
+                f"({len(cfg.pairs)} pairs x {per_pair} per pair), got {cfg.manual_weights}"
+            )
+    if cfg.relation_heads is not None:
+        positive(cfg.relation_heads, f"{where}.relation_heads")
+    unit_interval(cfg.alpha, f"{where}.alpha")
+    positive(cfg.temperature, f"{where}.temperature")
+
+
+class MTDLoss(DistillationLoss):
+    """MTD: the supervised loss L_0 and L_CAD (eq. 1) and L_VR (eq. 2) per configured (student, teacher)
+    attention tap pair, combined by the task weighting of eq. 4.
+
+    ``forward`` returns (term, parts): "kd" and "ce" (the two summands of L_0), "cad" and "vr" (the
     unweighted sums over layers of eq. 1 and eq. 2, those configured), "total_distill" (the loss minus the
     weighted L_0 term) and "w_<task>" (the current coefficient of each task's loss, detached). The
     weighting's learnable parameters, if any, are parameters of this module. The teacher's logits and taps
@@ -57,44 +134,26 @@ class MTDLoss(DistillationLoss):
 
     def __init__(
         self,
-        cfg: LossConfig,
-        student_taps_cfg: Mapping[str, TapConfig],
-        teacher_taps_cfg: Mapping[str, TapConfig],
+        cfg: MTDConfig,
+        student_taps: Mapping[str, TapConfig],
+        teacher_taps: Mapping[str, TapConfig],
+        *,
         kernels_impl: str = "auto",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(cfg, kernels_impl, label_smoothing)
-        self.mtd = cfg.mtd
-        if not self.mtd.pairs:
-            raise UsageError("loss.mtd.pairs is empty: name the (student, teacher) attention taps to distill")
-        for pair in self.mtd.pairs:
-            for role, taps_cfg in (("student", student_taps_cfg), ("teacher", teacher_taps_cfg)):
-                name = getattr(pair, role)
-                if name not in taps_cfg or taps_cfg[name].kind != "attention":
-                    raise UsageError(f"loss.mtd pair names {role} tap {name!r}: it must be an attention tap")
-        if self.mtd.granularity == "layer":
-            self.tasks = [f"{pair.student}_{pair.teacher}" for pair in self.mtd.pairs]
-        else:
-            self.tasks = [
-                f"{pair.student}_{pair.teacher}_{rel}"
-                for pair in self.mtd.pairs
-                for rel in self.mtd.relations
-            ]
-        count = len(self.tasks)
-        if self.mtd.weighting == "manual" and len(self.mtd.manual_weights or ()) != count:
-            raise UsageError(
-                f"loss.mtd.manual_weights needs {count} values (one per distillation task), "
-                f"got {self.mtd.manual_weights}"
-            )
-        if self.mtd.weighting == "learnable":
-            self.task_logits = nn.Parameter(torch.zeros(count + 1))
-        elif self.mtd.weighting == "uncertainty":
-            self.task_w = nn.Parameter(torch.ones(count + 1))
+        validate(cfg, student_taps, teacher_taps)
+        super().__init__(kernels_impl, label_smoothing)
+        self.cfg = cfg
+        self.tasks = task_names(cfg)
+        if cfg.weighting == "learnable":
+            self.task_logits = nn.Parameter(torch.zeros(len(self.tasks) + 1))
+        elif cfg.weighting == "uncertainty":
+            self.task_w = nn.Parameter(torch.ones(len(self.tasks) + 1))
 
     def _split(self, qkv: QKV) -> QKV:
-        if self.mtd.relation_heads is None:
+        if self.cfg.relation_heads is None:
             return qkv
-        return QKV(*(relation_heads(x, self.mtd.relation_heads) for x in qkv))
+        return QKV(*(relation_heads(x, self.cfg.relation_heads) for x in qkv))
 
     def relations(self, pair: MTDPairConfig, student: QKV, teacher: QKV) -> dict[str, torch.Tensor]:
         """The configured terms of one layer pair: {"cad": L_CAD (eq. 1), "vr": L_VR (eq. 2)}, each the
@@ -103,8 +162,8 @@ class MTDLoss(DistillationLoss):
         t = self._split(QKV(*(x.detach() for x in teacher)))
         operands = {"cad": (s.q, s.k, t.q, t.k), "vr": (s.v, s.v, t.v, t.v)}
         return {
-            rel: kernels.attention_kl(*operands[rel], direction=self.mtd.direction, impl=self.impl)
-            for rel in self.mtd.relations
+            rel: kernels.attention_kl(*operands[rel], direction=self.cfg.direction, impl=self.impl)
+            for rel in self.cfg.relations
         }
 
     def combine(self, supervised: torch.Tensor, distill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +171,13 @@ class MTDLoss(DistillationLoss):
         ``coefficients`` (K+1,) is what multiplies each task loss (for logging)."""
         losses = torch.cat([supervised.reshape(1), distill])
         count = distill.numel()
-        weighting = self.mtd.weighting
+        weighting = self.cfg.weighting
         if weighting == "uncertainty":
             return uncertainty_weighting(losses, self.task_w), 1 / (2 * self.task_w.square())
         if weighting == "learnable":
             coefficients = torch.softmax(self.task_logits, dim=0)
         elif weighting == "manual":
-            coefficients = losses.new_tensor([1.0, *self.mtd.manual_weights])
+            coefficients = losses.new_tensor([1.0, *self.cfg.manual_weights])
         else:
             coefficients = torch.cat([losses.new_ones(1), losses.new_full((count,), 1 / count)])
         return (coefficients * losses).sum(), coefficients
@@ -131,25 +190,25 @@ class MTDLoss(DistillationLoss):
         student_taps: Mapping[str, Any],
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        alpha = self.kd.alpha
+        alpha = self.cfg.alpha
         parts = {
-            "kd": alpha * kd_kl(student_logits, teacher_logits.detach(), self.kd.temperature),
+            "kd": alpha * kd_loss(student_logits, teacher_logits.detach(), temperature=self.cfg.temperature),
             "ce": (1 - alpha) * supervised_ce(student_logits, targets, self.label_smoothing),
         }
         layers = [
             self.relations(pair, student_taps[pair.student], teacher_taps[pair.teacher])
-            for pair in self.mtd.pairs
+            for pair in self.cfg.pairs
         ]
-        if self.mtd.granularity == "layer":
+        if self.cfg.granularity == "layer":
             distill = torch.stack([torch.stack(list(terms.values())).sum() for terms in layers])
         else:
             distill = torch.stack([term for terms in layers for term in terms.values()])
         supervised = parts["kd"] + parts["ce"]
         total, coefficients = self.combine(supervised, distill)
-        for rel in self.mtd.relations:
+        for rel in self.cfg.relations:
             parts[rel] = torch.stack([terms[rel] for terms in layers]).sum()
         weighted_supervised = coefficients[0] * supervised
-        if self.mtd.weighting == "uncertainty":
+        if self.cfg.weighting == "uncertainty":
             weighted_supervised = weighted_supervised + torch.log1p(self.task_w[0].square())
         parts["total_distill"] = total - weighted_supervised
         coefficients = coefficients.detach()
@@ -162,7 +221,7 @@ class MTDLoss(DistillationLoss):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(student, teacher)] CLS-attention maps (B, h, w) of the last distilled pair (AGKD eq. 2, ViT
         part), both on the teacher's patch grid."""
-        pair = self.mtd.pairs[-1]
+        pair = self.cfg.pairs[-1]
         teacher = teacher_taps[pair.teacher]
         side, _ = patch_grid(teacher.k.shape[2])
         grid = (side, side)
@@ -172,8 +231,8 @@ class MTDLoss(DistillationLoss):
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched: a tap that gave no Q, K, V,
         different batch sizes or token counts N, or heads that cannot be paired (eq. 3)."""
-        heads = self.mtd.relation_heads
-        for pair in self.mtd.pairs:
+        heads = self.cfg.relation_heads
+        for pair in self.cfg.pairs:
             named = {"student": (pair.student, student_taps), "teacher": (pair.teacher, teacher_taps)}
             for role, (name, taps) in named.items():
                 if not isinstance(taps.get(name), QKV):
@@ -198,3 +257,14 @@ class MTDLoss(DistillationLoss):
                         f"{where}: loss.mtd.relation_heads={heads} does not divide the {role}'s "
                         f"concatenated head width {width}; pick a common divisor of both widths"
                     )
+
+
+METHOD = Method(
+    name="mtd",
+    schema=MTDConfig,
+    validate=validate,
+    loss=MTDLoss,
+    paper="Chen, Wu, Wang, Lee & Jang 2022, Multimodal Transformer Distillation for Audio-Visual "
+    "Synchronization (arXiv:2210.15563)",
+    supervised=True,
+)
