@@ -24,6 +24,7 @@ from kdfast.schema import build, closest, convert, positive
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
 
 
 @dataclass
@@ -130,7 +131,7 @@ class LossConfig:
     given with their defaults; a section of a method that is not used is an error.
     """
 
-    method: list[str] = field(default_factory=lambda: ["kd"])
+    method: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     ce: float | None = None
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -194,7 +195,7 @@ def read_loss(raw: Any) -> LossConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config key 'loss' must be a mapping, got {raw!r}")
-    names = raw.get("method", ["kd"])
+    names = raw.get("method", list(DEFAULT_METHODS))
     names = [names] if isinstance(names, str) else convert(names, list[str], "loss.method")
     ce = convert(raw.get("ce"), float | None, "loss.ce")
     registered = methods()

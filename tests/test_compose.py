@@ -230,3 +230,15 @@ def test_weights_multiply_whole_terms_and_zero_switches_a_term_off():
     torch.testing.assert_close(total(2.0, 3.0), 2 * kd_only + 3 * agkd_only)
     assert kd_only > 0 and agkd_only > 0 and math.isfinite(total(0.0, 0.0).item())
     assert dataclasses.fields(KDConfig)[0].name == "weight"
+
+
+def test_compiled_composite_has_no_graph_break_and_equals_eager():
+    pair = [AttentionPairConfig("s", ["t", "ta"])]
+    sections = {"kd": KDConfig(weight=0.5, standardize=True), "agkd": AGKDConfig(pairs=pair)}
+    cfg = LossConfig(method=["kd", "agkd"], ce=0.5, sections=sections)
+    composite = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    args = (*_logits(), *_taps())
+    eager_total, eager_parts = composite(*args)
+    total, parts = torch.compile(composite, fullgraph=True, backend="eager")(*args)
+    torch.testing.assert_close(total, eager_total)
+    assert parts.keys() == eager_parts.keys() == {"ce", "kd", "agkd"}
