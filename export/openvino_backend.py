@@ -72,8 +72,8 @@ def convert(
     staging.mkdir(exist_ok=True)
     try:
         ov.save_model(ov_model, str(staging / xml.name), compress_to_fp16=False)
-        # The .bin first: the .xml names its weights file by stem, so a reader never sees a new .xml
-        # pointing at an old .bin.
+        # The .bin first, the .xml (which finds its weights by stem) last: a new .xml is never seen before
+        # its .bin is complete.
         for suffix in (".bin", ".xml"):
             staged = staging / xml.with_suffix(suffix).name
             atomic_write(xml.with_suffix(suffix), staged.read_bytes())
