@@ -213,7 +213,9 @@ if triton is not None:
     def _blur(v, gh, gwt, PREC: tl.constexpr):
         return tl.dot(tl.dot(gh, v, input_precision=PREC), gwt, input_precision=PREC)
 
-    @triton.jit
+    # C is not specialized: C == 1 would only save one integer division per program, and one compiled
+    # kernel then serves both single-map and multi-channel batches of a plane size.
+    @triton.jit(do_not_specialize=["C"])
     def _ssim_fwd_kernel(
         x_ptr,
         y_ptr,
