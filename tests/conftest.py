@@ -1,4 +1,4 @@
-"""Test-wide set-up: Triton kernels run through the CPU interpreter where there is no GPU."""
+"""Test-wide set-up: Triton kernels run on the GPU where there is one, else through the CPU interpreter."""
 
 import os
 import subprocess
@@ -10,6 +10,9 @@ if not torch.cuda.is_available():
     # Must be set before any kernels module defines its @triton.jit functions.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Where the kernel tests run the Triton code: the GPU when there is one, else the CPU through the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 torch.manual_seed(0)
 
 
@@ -19,3 +22,15 @@ def run_without_interpreter(script: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-c", script]
     return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, with the reason, where there is no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
