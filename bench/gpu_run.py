@@ -41,12 +41,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from render_results import render, summary_table  # noqa: E402
 
+from kdfast.atomic import atomic_write  # noqa: E402
+
 BUDGET_S = 470  # the whole run on a GPU: under 8 minutes with the rendering
 DRY_BUDGET_S = 600
 # Seconds each step may take at most on a GPU (a dry run multiplies by DRY_FACTOR); a step also never gets
 # more than what is left of the budget.
-TIMEOUTS = {"gpu tests": 120, "kernel benchmarks": 120, "train step eager": 45, "train step compiled": 120}
-EXPORT_TIMEOUT = 60
+TIMEOUTS = {
+    "gpu tests": 150,
+    "kernel benchmarks": 110,
+    "train step eager": 45,
+    "train step compiled": 110,
+    "export": 55,
+}
 DRY_FACTOR = 2
 DRY_SKIP = "not run in a dry run"
 TEST_SHARDS = {"ssim": "ssim", "attention_kl": "attention_kl", "rest": "not ssim and not attention_kl"}
@@ -75,13 +82,13 @@ class Run:
             self.env.update(KDFAST_BENCH_DRY="1", TRITON_INTERPRET="1")
         self.env["KDFAST_BENCH_HEADLINE"] = "1"
 
-    def timeout(self, name: str, default: int) -> float:
-        limit = TIMEOUTS.get(name, default) * (DRY_FACTOR if self.dry_run else 1)
+    def timeout(self, name: str) -> float:
+        limit = TIMEOUTS[name] * (DRY_FACTOR if self.dry_run else 1)
         return max(0.0, min(limit, self.deadline - time.monotonic()))
 
     def start(self, command: list[str], log: Path, env: dict | None = None, echo: bool = True):
         """A process in its own session (a timeout ends all of it), its output into ``log`` and echoed."""
-        handle = open(log, "w")  # noqa: SIM115 - closed by finish()
+        handle = open(log, "w")  # closed by finish()
         proc = subprocess.Popen(
             command,
             cwd=ROOT,
@@ -120,7 +127,7 @@ class Run:
         """Run ``commands`` side by side ((argv, log name, extra env) each) as one step under one timeout."""
         step = Step(name)
         self.steps.append(step)
-        limit = self.timeout(name, EXPORT_TIMEOUT)
+        limit = self.timeout(name)
         print(f"\n=== {name} (at most {limit:.0f} s) ===", flush=True)
         if limit <= 0:
             step.status = "skipped: the time budget is spent"
@@ -167,12 +174,12 @@ def step_table(steps: list[Step]) -> list[str]:
     return lines
 
 
-def environment(run: Run) -> Step:
+def environment(run: Run, name: str) -> Step:
     """GPU, driver, library versions and date into env.json (no subprocess but nvidia-smi)."""
     import torch
     import triton
 
-    step = Step("environment")
+    step = Step(name)
     run.steps.append(step)
     start = time.monotonic()
     env = {
@@ -198,7 +205,7 @@ def environment(run: Run) -> Step:
             env["driver"] = f"unknown ({type(exc).__name__})"
     else:
         env["gpu"] = "none (CPU dry run)" if run.dry_run else "none"
-    (run.out / "env.json").write_text(json.dumps(env, indent=1))
+    atomic_write(run.out / "env.json", json.dumps(env, indent=1))
     print(json.dumps(env, indent=1), flush=True)
     step.status, step.seconds, step.logs = "passed", time.monotonic() - start, ["env.json"]
     step.detail = f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
@@ -223,7 +230,7 @@ def gpu_test_files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in tests if "mark.gpu" in p.read_text())
 
 
-def gpu_tests(run: Run) -> Step:
+def gpu_tests(run: Run, name: str) -> Step:
     commands = []
     files = gpu_test_files()
     for shard, expression in TEST_SHARDS.items():
@@ -244,7 +251,7 @@ def gpu_tests(run: Run) -> Step:
         argv += ["--continue-on-collection-errors", f"--junitxml={xml}"]
         commands.append((argv, f"pytest_gpu_{shard}.log", None))
     # pytest exits 5 when a shard selects no test at all (skipped tests count as selected).
-    step = run.run_step("gpu tests", commands, ok=(0, 5))
+    step = run.run_step(name, commands, ok=(0, 5))
     step.detail = junit_counts([run.out / f"pytest_gpu_{s}.xml" for s in TEST_SHARDS])
     return step
 
@@ -291,7 +298,7 @@ def write_student(path: Path) -> bool:
     return has_data
 
 
-def export(run: Run) -> Step:
+def export(run: Run, name: str) -> Step:
     """``python -m export.trt`` with its existing CLI; a dry run keeps to ONNX Runtime fp32 and the TensorRT
     seam (AOTInductor, INT8 calibration and the compiled baseline take minutes on a CPU)."""
     folder = run.out / "export"
@@ -306,7 +313,7 @@ def export(run: Run) -> Step:
         argv += ["--backends", "ort", "aoti", "trt", "--verify-samples", "64", "--iters", "20"]
     if not has_data:
         argv.append("--random-inputs")
-    step = run.run_step("export", [(argv, "export.log", None)], ok=(0, 3))
+    step = run.run_step(name, [(argv, "export.log", None)], ok=(0, 3))
     report = folder / "report.json"
     if report.exists():
         step.detail = str(json.loads(report.read_text()).get("status", "report written"))[:200]
@@ -321,16 +328,14 @@ KERNEL_BENCHMARKS = [
 TRAIN = ["bench/test_train_step.py"]
 
 
-def train_compiled(run: Run) -> Step:
+def train_compiled(run: Run, name: str) -> Step:
     """Compiled step, teacher forward and CE step (Inductor); a dry run records it as skipped: compiling the
     paper pair on a CPU takes far longer than the dry run's budget."""
     if run.dry_run:
-        step = Step("train step compiled", status=DRY_SKIP, detail="Inductor on CPU takes minutes")
+        step = Step(name, status=DRY_SKIP, detail="Inductor on CPU takes minutes")
         run.steps.append(step)
         return step
-    return benchmarks(
-        run, "train step compiled", TRAIN, "train.jsonl", "train_compiled.log", "paper_pair and compiled"
-    )
+    return benchmarks(run, name, TRAIN, "train.jsonl", "train_compiled.log", "paper_pair and compiled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,19 +348,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out.resolve(), args.dry_run)
-    environment(run)
-    run.render()
-    for do in (
-        gpu_tests,
-        lambda r: benchmarks(r, "kernel benchmarks", KERNEL_BENCHMARKS, "kernels.jsonl", "kernels.log"),
-        lambda r: benchmarks(
-            r, "train step eager", TRAIN, "train.jsonl", "train_eager.log", "paper_pair and eager"
+    steps = [
+        ("environment", environment),
+        ("gpu tests", gpu_tests),
+        (
+            "kernel benchmarks",
+            lambda r, n: benchmarks(r, n, KERNEL_BENCHMARKS, "kernels.jsonl", "kernels.log"),
         ),
-        train_compiled,
-        export,
-    ):
-        do(run)
-        items = run.render()
+        (
+            "train step eager",
+            lambda r, n: benchmarks(r, n, TRAIN, "train.jsonl", "train_eager.log", "paper_pair and eager"),
+        ),
+        ("train step compiled", train_compiled),
+        ("export", export),
+    ]
+    items = []
+    for name, do in steps:
+        # A step, or the rendering, that the driver itself fails on is recorded; the next step still runs.
+        try:
+            do(run, name)
+        except Exception as exc:
+            if not run.steps or run.steps[-1].name != name:
+                run.steps.append(Step(name))
+            run.steps[-1].status = f"driver error: {type(exc).__name__}: {exc}"[:300]
+        try:
+            items = run.render()
+        except Exception as exc:
+            print(f"error: rendering the results failed ({type(exc).__name__}: {exc})", flush=True)
     print("\n=== summary ===")
     print("\n".join(step_table(run.steps)))
     print()

@@ -80,10 +80,24 @@ def read_benchmarks(path: Path) -> tuple[dict, list[dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return {}, [json.loads(line) for line in text.splitlines() if line.strip()]
+        return {}, _json_lines(text.splitlines())
     if not isinstance(data, dict) or "benchmarks" not in data:
         raise ValueError("no 'benchmarks' list")
     return data, data["benchmarks"]
+
+
+def _json_lines(lines: list[str]) -> list[dict]:
+    """One record per line; a last line cut short after complete ones (a step killed at its timeout while
+    writing) is left out."""
+    records = []
+    lines = [line for line in lines if line.strip()]
+    for k, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1 or not records:
+                raise
+    return records
 
 
 def load_rows(benchmarks: list[dict]) -> list[Row]:

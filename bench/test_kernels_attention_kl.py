@@ -12,7 +12,7 @@ from conftest import BENCH_DEVICE, COMPILE_BACKEND, requires_bench_device
 from kernels.attention_kl import attention_kl, attention_kl_reference
 
 SHAPES = shapes.pick(shapes.ATTENTION_KL, shapes.ATTENTION_KL_HEADLINE, shapes.ATTENTION_KL_DRY)
-IMPLS = ("triton", "reference", "compiled_reference")
+IMPLS = ("triton", "reference") + (("compiled_reference",) if shapes.COMPILED_BASELINE_EVERYWHERE else ())
 
 
 def _loss_fn(impl: str):

@@ -18,7 +18,7 @@ from kernels import attention_map, attention_map_reference
 
 SHAPES = shapes.pick(shapes.ATTENTION_MAP, shapes.ATTENTION_MAP_HEADLINE, shapes.ATTENTION_MAP_DRY)
 SIZE = shapes.ATTENTION_MAP_SIZE
-IMPLS = ("triton", "reference", "compiled_reference")
+IMPLS = ("triton", "reference") + (("compiled_reference",) if shapes.COMPILED_BASELINE_EVERYWHERE else ())
 
 
 def _op(impl: str):

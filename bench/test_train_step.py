@@ -25,7 +25,8 @@ from kdfast.models import build_model
 from kdfast.taps import Taps
 from kdfast.train import ce_step, distill_step, make_optimizer
 
-PIECES = ("teacher_forward", "ce_step", "distill_step")
+# The full step first: under bench/gpu.sh's time budget its compiled figure matters most.
+PIECES = ("distill_step", "teacher_forward", "ce_step")
 IMPLS = ("eager", "compiled")
 
 

@@ -207,9 +207,8 @@ def test_attention_kl_grad_modes(seed, direction, grad):
     _check_kl(seed, torch.bfloat16, (2, 3, 67, 64, 64), direction, grad)
 
 
-@pytest.mark.parametrize("n", [1, 301])
-def test_attention_kl_head_dims_differ(seed, n):
-    _check_kl(seed, torch.bfloat16, (2, 2, n, 24, 40))
+def test_attention_kl_head_dims_differ(seed):
+    _check_kl(seed, torch.bfloat16, (2, 2, 301, 24, 40))
 
 
 def test_attention_kl_mean_value_relation(seed):

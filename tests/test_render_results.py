@@ -117,3 +117,13 @@ def test_render_rejects_a_file_that_is_not_benchmark_json(tmp_path):
     done = _render(tmp_path, src)
     assert done.returncode == 2 and "not readable benchmark JSON" in done.stderr
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_render_keeps_the_cases_before_a_line_cut_short(tmp_path):
+    # A benchmark step killed at its timeout may leave half a line after the cases that finished.
+    src = tmp_path / "kernels.jsonl"
+    whole = json.dumps(_bench("attention_kl fwd B64 H12 N197 D64", "triton", "B64 N197", 0.002))
+    src.write_text(whole + "\n" + whole[: len(whole) // 2])
+    done = _render(tmp_path, src)
+    assert done.returncode == 0, done.stderr
+    assert "| B64 N197 | triton | 2.000 |" in (tmp_path / "RESULTS.md").read_text()
