@@ -1,5 +1,6 @@
-"""``bash bench/gpu.sh --dry-run``: the GPU command's driver, run on CPU at tiny shapes, so it cannot rot unseen
-between the rare runs on a GPU. Every step must run and leave its result where the renderer finds it."""
+"""``bash bench/gpu.sh --dry-run``: the GPU command's driver, run on CPU at tiny shapes, so it cannot rot
+unseen between the rare runs on a GPU. Every step must run and leave its result where the renderer finds
+it."""
 
 from __future__ import annotations
 
