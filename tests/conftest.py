@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,12 +17,12 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.manual_seed(0)
 
 
-def run_without_interpreter(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh Python with ``TRITON_INTERPRET`` unset, so Triton compiles for real: the
-    sm_90 compile checks need the compiler, which rejects code the interpreter accepts (and needs no GPU)."""
+def run_without_interpreter(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process with ``TRITON_INTERPRET`` unset, so Triton compiles for real: the
+    compile checks need the compiler, which rejects code the interpreter accepts (and needs no GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-c", script]
-    return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    command = [sys.executable, *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, check=False)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -6,13 +6,11 @@ compile error, a shared-memory overflow and a spill in kernels written to have t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_without_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "bench" / "compile_targets.py"
@@ -29,14 +27,6 @@ PUBLIC_KERNELS = {
     "_resize_forward_kernel",
     "_resize_backward_kernel",
 }
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """A fresh Python with TRITON_INTERPRET unset: the harness needs Triton's real compiler (no GPU)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
-    )
 
 
 BAD_KERNELS = '''
@@ -140,7 +130,7 @@ def self_test(tmp_path_factory) -> dict:
     (folder / "self_test.py").write_text(
         f"import sys\nsys.path[:0] = [{str(ROOT / 'bench')!r}, {str(ROOT)!r}]\n" + SELF_TEST
     )
-    done = _run(["self_test.py"], folder)
+    done = run_without_interpreter(["self_test.py"], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -188,7 +178,7 @@ def test_harness_reports_compile_errors_shared_memory_and_spills(self_test):
 @pytest.mark.slow
 def test_every_launch_compiles_for_sm80_and_sm90_and_the_report_is_current(tmp_path):
     report, results = tmp_path / "RESOURCES.md", tmp_path / "resources.json"
-    done = _run([str(HARNESS), "--out", str(report), "--json", str(results)], ROOT)
+    done = run_without_interpreter([str(HARNESS), "--out", str(report), "--json", str(results)], ROOT)
     data = json.loads(results.read_text())
     assert done.returncode == 0 and not data["problems"], "\n".join(data["problems"]) or done.stderr[-3000:]
     rows = data["results"]
