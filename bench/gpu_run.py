@@ -45,14 +45,15 @@ from kdfast.atomic import atomic_write  # noqa: E402
 
 BUDGET_S = 470  # the whole run on a GPU: under 8 minutes with the rendering
 DRY_BUDGET_S = 600
-# Seconds each step may take at most on a GPU (a dry run multiplies by DRY_FACTOR); a step also never gets
-# more than what is left of the budget.
+# Seconds each step may take at most on a GPU (a dry run multiplies by DRY_FACTOR). They add up to more than
+# the budget on purpose: a step never gets more than what is left of it, so time an early step does not use
+# goes to the later ones (AOTInductor's compile in the export is the most variable).
 TIMEOUTS = {
     "gpu tests": 150,
     "kernel benchmarks": 110,
     "train step eager": 45,
     "train step compiled": 110,
-    "export": 55,
+    "export": 75,
 }
 DRY_FACTOR = 2
 DRY_SKIP = "not run in a dry run"
