@@ -38,19 +38,27 @@ class ArchSpec:
 
 @dataclass
 class OptimizerConfig:
+    """``momentum`` and ``nesterov`` apply to SGD, ``betas`` to Adam / AdamW."""
+
     name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    """The lr after ``warmup_epochs`` of linear warmup: ``cosine`` decay to ``min_lr``; ``step``, times
+    ``gamma`` every ``step_size`` epochs; ``multistep``, times ``gamma`` at each epoch in ``milestones``
+    (the CIFAR distillation recipe: 150, 180, 210 of 240); ``constant``."""
+
+    name: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     step_size: int = 30
+    milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
 
 
@@ -329,6 +337,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{role}.weights: file not found: {model.weights}")
         positive(model.train.epochs, f"{role}.train.epochs", allow_zero=True)
         positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
+        _check_recipe(model.train, f"{role}.train")
         for name, tap in model.taps.items():
             if not tap.path:
                 raise ConfigError(
@@ -336,6 +345,23 @@ def validate(cfg: Config) -> None:
                 )
     for name in cfg.loss.method:
         method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
+
+
+def _check_recipe(stage: StageConfig, where: str) -> None:
+    """A multistep schedule needs increasing milestones; Nesterov momentum needs SGD with momentum."""
+    schedule, optimizer = stage.schedule, stage.optimizer
+    if schedule.name == "multistep":
+        milestones = schedule.milestones
+        if not milestones or milestones != sorted(set(milestones)) or milestones[0] < 1:
+            raise ConfigError(
+                f"config key '{where}.schedule.milestones' must list increasing epochs >= 1 for the "
+                f"multistep schedule (e.g. [150, 180, 210]), got {milestones}"
+            )
+    if optimizer.nesterov and (optimizer.name != "sgd" or optimizer.momentum <= 0):
+        raise ConfigError(
+            f"config key '{where}.optimizer.nesterov' needs name: sgd and momentum > 0, got "
+            f"{optimizer.name} with momentum {optimizer.momentum}"
+        )
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

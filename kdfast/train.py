@@ -11,6 +11,7 @@ student (the weighted terms of the configured methods plus the supervised CE: th
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import functools
 import json
@@ -246,7 +247,8 @@ def lr_factor(
     schedule: ScheduleConfig, epochs: int, steps_per_epoch: int, base_lr: float
 ) -> Callable[[int], float]:
     """Per-step multiplier of the base lr: linear warmup over ``warmup_epochs``, then cosine decay to
-    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, or constant."""
+    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, decay by ``gamma``
+    at each of the ``milestones`` epochs (as ``MultiStepLR`` stepped once per epoch), or constant."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
     floor = schedule.min_lr / base_lr
@@ -259,6 +261,8 @@ def lr_factor(
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if schedule.name == "step":
             return schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+        if schedule.name == "multistep":
+            return schedule.gamma ** bisect.bisect_right(schedule.milestones, step // steps_per_epoch)
         return 1.0
 
     return factor
@@ -272,7 +276,12 @@ def make_optimizer(
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
         return torch.optim.SGD(
-            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **fast
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+            **fast,
         )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, **fast)
