@@ -1,15 +1,18 @@
 """A run is a config file: the run schema, the YAML loader, ``--set`` overrides and validation.
 
 The dataclasses below are the run schema (data, models, taps, stages, runtime, and which methods make the
-loss); ``configs/default.yaml`` is the embedded default. Each method's own section ``loss.<name>`` is typed
-and validated by that method's schema and validator, found through :mod:`kdfast.methods.registry`. Every
-value is checked before any work starts: an unknown key names the closest valid ones, a wrong type names
-the expected one, a missing file names the path. Each failure is one :class:`ConfigError` line (exit 2).
+loss); ``configs/default.yaml`` is the embedded default. A file may name a ``base`` file whose values it
+overrides (:func:`read_config_file`), so a benchmark's (pair, method) config is a few lines over its pair.
+Each method's own section ``loss.<name>`` is typed and validated by that method's schema and validator, found
+through :mod:`kdfast.methods.registry`. Every value is checked before any work starts: an unknown key names
+the closest valid ones, a wrong type names the expected one, a missing file names the path. Each failure is
+one :class:`ConfigError` line (exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from kdfast.schema import build, closest, convert, positive
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
+BASE_KEY = "base"  # a config file's parent file, whose values it overrides
 
 
 @dataclass
@@ -199,6 +203,11 @@ class LossConfig:
 def read_loss(raw: Any) -> LossConfig:
     """The ``loss`` mapping typed through the method registry: ``method`` (a name or a list), ``ce`` and
     one section per used method, each built by that method's schema."""
+    return LossConfig(*_typed_loss(raw))
+
+
+def _typed_loss(raw: Any) -> tuple[list[str], float | None, dict[str, Any]]:
+    """``loss.method``, ``loss.ce`` and the sections, each typed, before the checks across them."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -215,7 +224,7 @@ def read_loss(raw: Any) -> LossConfig:
             near = closest(str(key), [*registered, "method", "ce"])
             raise ConfigError(f"unknown config key 'loss.{key}': {near}")
         sections[key] = build(registered[key].schema, value, f"loss.{key}")
-    return LossConfig(method=names, ce=ce, sections=sections)
+    return names, ce, sections
 
 
 @dataclass
@@ -285,10 +294,55 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key; any other value (list, scalar, null) replaces."""
+    merged = dict(base)
+    for key, value in child.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings else value
+    return merged
+
+
+def _check_base(raw: dict[str, Any], path: Path) -> None:
+    """Keys and types of a base file on its own (the checks across keys run on the merged config), so an
+    error in a base names that file."""
+    try:
+        build(Config, {key: value for key, value in raw.items() if key != "loss"})
+        _typed_loss(raw.get("loss"))
+    except ConfigError as exc:
+        raise ConfigError(f"in base config {path}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of the config file ``path`` over its bases. A file may name one ``base: FILE`` (a
+    path relative to the file's own folder) whose values it overrides, mapping by mapping; the base may have
+    a base in turn. A missing base, a cycle, bad YAML or a bad key in a base is a ConfigError naming the
+    file."""
+    return _read_over_bases(path, children=())
+
+
+def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if children:
+        _check_base(raw, path)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: 'base' must name one config file, got {base!r}")
+    base_path = Path(os.path.normpath(path.parent / base))
+    chain = (*children, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"config file {path}: base {base} leads back to a file that names it as base")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base file not found: {base_path}")
+    return _merge(_read_over_bases(base_path, chain), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML run config (the embedded default when ``path`` is None), apply ``--set`` overrides,
-    and validate every key, type and file it names."""
-    raw = _read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
+    """Read a YAML run config (the embedded default when ``path`` is None) over its bases, apply ``--set``
+    overrides, and validate every key, type and file it names."""
+    raw = read_config_file(Path(path) if path is not None else DEFAULT_CONFIG)
     for assignment in overrides:
         _set_override(raw, assignment)
     cfg = config_from_dict(raw)
