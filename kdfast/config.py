@@ -242,7 +242,10 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
+    """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused)."""
+
     seed: int = 0
+    seeds: list[int] | None = None
     out: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -360,6 +363,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks across keys and on the file system; the schema already checked keys and types."""
+    if cfg.seeds is not None and (
+        not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0
+    ):
+        raise ConfigError(
+            f"config key 'seeds' must list distinct seeds >= 0 (e.g. [0, 1, 2]), got {cfg.seeds}"
+        )
     data = cfg.data
     if data.name != "digits":
         if data.root is None:
