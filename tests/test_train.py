@@ -99,10 +99,7 @@ def test_tiny_run_writes_a_student_that_reproduces_its_accuracy(tmp_path: Path) 
     assert student["top1"] == ckpt["metrics"]["top1"]
     assert student["params"] == sum(p.numel() for p in model.parameters())
     table = (out / "results.md").read_text()
-    assert (
-        f"| distilled student (KD + AGKD) | edge_cnn | {student['params']:,} | {top1:.2f} |"
-        in table
-    )
+    assert f"| distilled student (KD + AGKD) | edge_cnn | {student['params']:,} | {top1:.2f} |" in table
     assert table.splitlines()[-1] in result.stdout
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
