@@ -94,6 +94,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     val_fraction: float = 0.2
+    split_seed: int | None = None  # draws the split and the max_*_samples subsets (null: the run's seed)
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     mean: list[float] | None = None

@@ -776,7 +776,9 @@ def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
 def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
     """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, resumed
     where it stopped), then the mean and standard deviation over seeds in ``out/results.json`` and
-    ``out/results.md``. The seed also draws the validation split where the data set has none."""
+    ``out/results.md``. The data split stays the one of ``cfg.seed`` (``data.split_seed``), so the seeds
+    change the initialization, the data order and the augmentation, and a fixed teacher never saw a seed's
+    validation images."""
     out = Path(cfg.out)
     is_main = int(os.environ.get("RANK", "0")) == 0  # as torchrun numbers the processes
     if is_main:
@@ -786,7 +788,9 @@ def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
     runs = {}
     for seed in cfg.seeds:
         folder = out / f"seed{seed}"
-        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder))
+        split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+        data = dataclasses.replace(cfg.data, split_seed=split_seed)
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
         runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file())
     results = seeds_results(runs)
     if is_main:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from matplotlib.image import imread
 
@@ -82,6 +83,8 @@ def _distill_epochs(run: Path) -> list[dict]:
 
 
 def test_each_seed_records_its_last_and_best_epoch(runs: dict) -> None:
+    records = [torch.load(runs["kd"] / f"seed{s}" / "student.pt", weights_only=True)["data"] for s in (0, 1)]
+    assert records[0] == records[1] and records[0]["seed"] == 0  # one validation split: the config's seed's
     for seed in (0, 1):
         folder = runs["kd"] / f"seed{seed}"
         student = _json(folder / "results.json")["models"]["student"]
