@@ -785,11 +785,11 @@ def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             dump_config(cfg, out / "config.yaml")
+    split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    data = dataclasses.replace(cfg.data, split_seed=split_seed)
     runs = {}
     for seed in cfg.seeds:
         folder = out / f"seed{seed}"
-        split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
-        data = dataclasses.replace(cfg.data, split_seed=split_seed)
         one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
         runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file())
     results = seeds_results(runs)

@@ -99,7 +99,8 @@ def _overrides(path: Path, data: dict[str, Path], weights_dir: Path) -> list[str
     if (raw.get("teacher") or {}).get("weights") is None:
         return [*overrides, "teacher.train.epochs=0"]
     arch = load_config(path, ["teacher.weights=null", "data.name=digits"]).teacher.arch
-    teacher = build_model(arch, num_classes={"cifar10": 10, "cifar100": 100, "imagefolder": len(WNIDS)}[name])
+    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": len(WNIDS)}[name]
+    teacher = build_model(arch, num_classes=classes)
     file = weights_dir / f"{path.stem}_teacher.pth"
     torch.save(teacher.state_dict(), file)
     return [*overrides, f"teacher.weights={file}"]
