@@ -104,6 +104,19 @@ def test_both_directions_and_gradients():
     )
 
 
+def test_bf16_autocast_does_not_round_the_scores():
+    # at tau = 0.07 a bf16 score would move exp(x / tau) by percents; the loss computes in float32
+    anchors, positives, negatives = (
+        x.float() for x in (_unit(4, 8, seed=1), _unit(4, 8, seed=2), _unit(32, 8))
+    )
+    exact = contrastive_nce(anchors, positives, negatives, temperature=0.07, normalizer=1.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = contrastive_nce(anchors, positives, negatives, temperature=0.07, normalizer=1.3)
+        z = nce_normalizer(anchors, positives, negatives, temperature=0.07)
+    torch.testing.assert_close(under_autocast, exact)
+    torch.testing.assert_close(z, nce_normalizer(anchors, positives, negatives, temperature=0.07))
+
+
 def test_queue_wraps_around_like_a_fifo():
     size, width = 5, 3
     queue = torch.zeros(size, width)

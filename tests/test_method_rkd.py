@@ -109,6 +109,16 @@ def test_relations_ignore_scale_rotation_and_translation():
     assert rkd_loss(teacher, teacher, distance_weight=25.0, angle_weight=50.0).item() == pytest.approx(0.0)
 
 
+def test_bf16_autocast_does_not_round_the_relations():
+    student, teacher = _embeddings(seed=5)
+    student, teacher = student.float(), teacher.float()
+    exact = rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact)
+
+
 def test_edge_cases_batch_of_one_and_repeated_embeddings():
     one = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
     value = rkd_loss(one, torch.randn(1, 3, dtype=torch.float64), distance_weight=25.0, angle_weight=50.0)

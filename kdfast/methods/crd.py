@@ -52,13 +52,20 @@ from kdfast.schema import positive
 QUEUE_SEED = 0  # the initial queues: random unit vectors, the same on every rank and in every run
 
 
+def full_precision(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor promoted to float32 at least."""
+    return tuple(x.to(torch.promote_types(x.dtype, torch.float32)) for x in tensors)
+
+
 def nce_normalizer(
     anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, *, temperature: float
 ) -> torch.Tensor:
     """Eq. 4's Z^: the mean of exp(x / tau) over the scores x of (B, d) anchors with their (B, d) positives
-    and with the (K, d) negatives, B (K + 1) scores, as a 0-d tensor."""
-    scores = torch.cat([(anchors * positives).sum(1, keepdim=True), anchors @ negatives.T], dim=1)
-    return torch.exp(scores / temperature).mean()
+    and with the (K, d) negatives, B (K + 1) scores, as a 0-d tensor (float32 at least, autocast off)."""
+    anchors, positives, negatives = full_precision(anchors, positives, negatives)
+    with torch.autocast(anchors.device.type, enabled=False):
+        scores = torch.cat([(anchors * positives).sum(1, keepdim=True), anchors @ negatives.T], dim=1)
+        return torch.exp(scores / temperature).mean()
 
 
 def contrastive_nce(
@@ -71,13 +78,16 @@ def contrastive_nce(
 ) -> torch.Tensor:
     """Eq. 3 with eq. 4's critic for unit (B, d) anchors, their (B, d) positives and (K, d) negatives shared
     by the batch: mean over anchors of softplus(c - x_pos / tau) + sum_k softplus(x_k / tau - c),
-    c = log(K Z^). Gradients reach whichever input requires them."""
-    c = torch.log(
-        torch.as_tensor(normalizer, dtype=anchors.dtype, device=anchors.device) * negatives.shape[0]
-    )
-    positive_scores = (anchors * positives).sum(1) / temperature
-    negative_scores = anchors @ negatives.T / temperature
-    return (F.softplus(c - positive_scores) + F.softplus(negative_scores - c).sum(1)).mean()
+    c = log(K Z^); float32 at least, autocast off (the scores are divided by tau = 0.07, and exp of a bf16
+    score would be off by several percent). Gradients reach whichever input requires them."""
+    anchors, positives, negatives = full_precision(anchors, positives, negatives)
+    with torch.autocast(anchors.device.type, enabled=False):
+        c = torch.log(
+            torch.as_tensor(normalizer, dtype=anchors.dtype, device=anchors.device) * negatives.shape[0]
+        )
+        positive_scores = (anchors * positives).sum(1) / temperature
+        negative_scores = anchors @ negatives.T / temperature
+        return (F.softplus(c - positive_scores) + F.softplus(negative_scores - c).sum(1)).mean()
 
 
 def crd_loss(
@@ -189,15 +199,16 @@ class CRDLoss(DistillationLoss):
                 f"loss.crd: the student tap gives {student.shape[0]} samples and the teacher tap "
                 f"{teacher.shape[0]}; tap one forward pass of each model"
             )
-        return tuple(x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student, teacher))
+        return full_precision(student, teacher)
 
     def heads(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 1: (g^S(s), g^T(t)), unit rows (B, feat_dim)."""
+        """Eq. 1: (g^S(s), g^T(t)), unit rows (B, feat_dim), in float32 (autocast off)."""
         if self.embed_student is None:
             raise UsageError("CRDLoss: call check() on a real batch first; it sizes the embedding heads")
-        return F.normalize(self.embed_student(student), dim=1), F.normalize(
-            self.embed_teacher(teacher), dim=1
-        )
+        with torch.autocast(student.device.type, enabled=False):
+            s = F.normalize(self.embed_student(student), dim=1)
+            t = F.normalize(self.embed_teacher(teacher), dim=1)
+        return s, t
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched (not embeddings of one batch, or

@@ -42,19 +42,21 @@ SQUARED_EPS = 1e-24  # floor of a squared distance under the square root (only r
 
 def pairwise_relations(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(psi_D (B, B), psi_A (B, B, B)) of eq. 1 and 3 for (B, ...) embeddings flattened per sample, in float32
-    at least; psi_A[j, i, k] is the cosine of the angle at point j. A zero difference has distance 0 and unit
-    vector 0, with zero gradient."""
+    at least, autocast off (a bf16 matmul would round the cosines to bf16's 8-bit mantissa); psi_A[j, i, k] is
+    the cosine of the angle at point j. A zero difference has distance 0 and unit vector 0, with zero
+    gradient."""
     e = embeddings.flatten(1)
     e = e.to(torch.promote_types(e.dtype, torch.float32))
-    diff = e[None, :, :] - e[:, None, :]  # diff[j, i] = e_i - e_j
-    squared = diff.square().sum(dim=2, keepdim=True)
-    apart = squared > 0
-    norm = squared.clamp_min(SQUARED_EPS).sqrt()
-    distance = torch.where(apart, norm, 0.0)[..., 0]
-    pairs = max(e.shape[0] * (e.shape[0] - 1), 1)
-    mean = (distance.sum() / pairs).clamp_min(SQUARED_EPS**0.5)
-    unit = torch.where(apart, diff / norm, 0.0)
-    return distance / mean, unit @ unit.transpose(1, 2)
+    with torch.autocast(e.device.type, enabled=False):
+        diff = e[None, :, :] - e[:, None, :]  # diff[j, i] = e_i - e_j
+        squared = diff.square().sum(dim=2, keepdim=True)
+        apart = squared > 0
+        norm = squared.clamp_min(SQUARED_EPS).sqrt()
+        distance = torch.where(apart, norm, 0.0)[..., 0]
+        pairs = max(e.shape[0] * (e.shape[0] - 1), 1)
+        mean = (distance.sum() / pairs).clamp_min(SQUARED_EPS**0.5)
+        unit = torch.where(apart, diff / norm, 0.0)
+        return distance / mean, unit @ unit.transpose(1, 2)
 
 
 def rkd_parts(
