@@ -1,7 +1,7 @@
 """RKD (Park et al. 2019) against a hand-worked triangle, the authors' / mdistiller's formulation written out
 in float64 (expanded pairwise distances, the mean over positive distances, F.normalize angles), finite
-differences; a batch of one, repeated embeddings; the loss module on real taps, the config and an end-to-end
-run."""
+differences; a batch of one, a student that embeds two samples alike; the loss module on real taps, the
+config and an end-to-end run."""
 
 from __future__ import annotations
 
@@ -119,17 +119,21 @@ def test_bf16_autocast_does_not_round_the_relations():
     torch.testing.assert_close(under_autocast, exact)
 
 
-def test_edge_cases_batch_of_one_and_repeated_embeddings():
+def test_edge_cases_batch_of_one_and_a_collapsed_student():
     one = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
     value = rkd_loss(one, torch.randn(1, 3, dtype=torch.float64), distance_weight=25.0, angle_weight=50.0)
     assert value.item() == 0.0  # no pair, no triplet
     value.backward()
     assert torch.count_nonzero(one.grad) == 0
-    # a batch with a repeated image: the reference normalizes a zero difference by eps (gradients of 1e12);
-    # here the repeated pair has distance 0 and unit vector 0, with a finite gradient
-    student, teacher = _embeddings(batch=4, seed=3)
-    student = torch.cat([student, student[:1]]).requires_grad_(True)
-    teacher = torch.cat([teacher, teacher[:1]])
+    # two samples the student embeds identically and the teacher does not (a collapsed student): the reference
+    # normalizes their zero difference by eps = 1e-12 and its gradient is scaled by 1e12; here the pair has
+    # distance 0 and unit vector 0 with zero gradient, and the loss value is the same
+    student, teacher = _embeddings(batch=5, seed=3)
+    student = torch.cat([student[:4], student[:1]])
+    reference = student.clone().requires_grad_(True)
+    _reference_rkd(reference, teacher, 25.0, 50.0).backward()
+    assert reference.grad.abs().max() > 1e9
+    student.requires_grad_(True)
     value = rkd_loss(student, teacher, distance_weight=25.0, angle_weight=50.0)
     torch.testing.assert_close(
         value, _reference_rkd(student.detach(), teacher, 25.0, 50.0), rtol=1e-5, atol=1e-6
