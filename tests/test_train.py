@@ -30,14 +30,30 @@ TINY = [
     "runtime.tensorboard=false",
 ]
 
+# A smaller budget for a ``configs/*_digits.yaml`` run at its own image size and taps: 64 training images, the
+# teacher left untrained (a pipeline check), one student epoch, no baseline.
+TINY_CONFIG = [
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.max_train_samples=64",
+    "data.max_val_samples=48",
+    "teacher.train.epochs=0",
+    "student.train.epochs=1",
+    "baseline=false",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
+]
+
 
 def set_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-def train(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+def train(out: Path, overrides: list[str], config: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m kdfast.train`` of ``config`` (the embedded default when None) into ``out``."""
+    chosen = ["--config", str(config)] if config is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "kdfast.train", "--out", str(out), *set_args(overrides)],
+        [sys.executable, "-m", "kdfast.train", *chosen, "--out", str(out), *set_args(overrides)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -204,3 +220,10 @@ def test_nan_loss_exits_1_and_keeps_the_last_good_state(tmp_path: Path) -> None:
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (out / "student.pt").exists()
+
+
+def distill_epoch_row(out: Path) -> dict:
+    """The last training row of the distillation stage at epoch scope in ``out/metrics.jsonl``."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if (r["stage"], r["split"], r["scope"]) == ("distill", "train", "epoch")]
+    return epochs[-1]

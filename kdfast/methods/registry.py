@@ -3,9 +3,9 @@ the distillation method ``<name>``; the config loader types and checks ``loss.<n
 validator, and the training loop builds its loss module.
 
 Modules are found with ``pkgutil.iter_modules`` on first use, so no list of methods is kept anywhere; the
-helper modules of the package (``base``, ``features``, ``compose``, this one) declare no ``METHOD``. This
-module imports only the standard library and :mod:`kdfast.schema`, so :mod:`kdfast.config` can read it
-while the method modules import :mod:`kdfast.config`.
+helper modules of the package (``base``, ``features``, ``logits``, ``compose``, this one) declare no
+``METHOD``. This module imports only the standard library and :mod:`kdfast.schema`, so :mod:`kdfast.config`
+can read it while the method modules import :mod:`kdfast.config`.
 """
 
 from __future__ import annotations
