@@ -492,3 +492,40 @@ def test_cakd_end_to_end_timm_vit_teacher_edge_cnn_student():
     ((student_map, teacher_map),) = loss.maps(student_out, teacher_out)
     assert student_map.shape == teacher_map.shape == (B, 4, 4)
     torch.testing.assert_close(teacher_map.flatten(1).norm(dim=1), torch.ones(B))
+
+
+PAPER_CONFIGS = {
+    "cakd_vitb16_resnet50_cifar100.yaml": ("resnet50", 200, [100, 150], 64),
+    "cakd_vitb16_effb0_imagenet.yaml": ("efficientnet_b0", 120, [30, 60, 90], 256),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_hold_the_papers_setting_and_need_local_weights(name, tmp_path):
+    student, epochs, milestones, batch = PAPER_CONFIGS[name]
+    with pytest.raises(ConfigError, match="teacher.weights: file not found"):
+        load_config(CONFIG_DIR / name, [f"data.root={tmp_path}"])
+    weights = tmp_path / "vit_b_16.pth"
+    weights.touch()
+    cfg = load_config(CONFIG_DIR / name, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
+    assert cfg.teacher.arch.name == "vit_b_16" and cfg.student.arch.name == student
+    train = cfg.student.train
+    assert (train.epochs, train.schedule.name, train.schedule.milestones, train.schedule.gamma) == (
+        epochs,
+        "multistep",
+        milestones,
+        0.1,
+    )
+    assert (train.optimizer.name, train.optimizer.lr, train.optimizer.momentum) == ("sgd", 0.1, 0.9)
+    assert (
+        train.optimizer.weight_decay == 1e-4 and cfg.data.batch_size == batch and cfg.data.image_size == 224
+    )
+    # eq. 10 beside the CE, nothing kdfast adds: no logit KD, eq. 9's minimax term, Algorithm 1's period
+    cakd = cfg.loss.sections["cakd"]
+    assert cfg.loss.method == ["cakd"] and cfg.loss.ce_weight() == 1.0
+    assert (cakd.adversarial, cakd.discriminator_every, cakd.replace_prob, cakd.view_prob) == (
+        "minimax",
+        5,
+        0.5,
+        0.5,
+    )

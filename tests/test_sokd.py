@@ -401,3 +401,16 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
         loss.after_step()
     maps = loss.maps(student_out, teacher_out)
     assert maps[0][0].shape == maps[0][1].shape == (2, 8, 8)
+
+
+def test_benchmark_config_is_the_papers_plug_in_setting_with_its_stand_in_base(tmp_path):
+    path = CONFIG_DIR / "benchmarks" / "cifar100" / "sokd" / "resnet32x4_resnet8x4.yaml"
+    weights = tmp_path / "resnet32x4.pth"
+    weights.touch()
+    cfg = load_config(path, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
+    sokd = cfg.loss.sections["sokd"]
+    assert cfg.loss.method == ["sokd"] and cfg.loss.ce_weight() == 1.0
+    assert (cfg.teacher.arch.name, cfg.student.arch.name) == ("resnet32x4", "resnet8x4")
+    assert cfg.teacher.taps["hint"].path == cfg.student.taps["hint"].path == "layer2"
+    assert search_length(sokd.search_epochs, cfg.student.train.epochs) == 20  # the paper's 20 of 240
+    assert sokd.feature_weight == 200.0  # FitNet's hint (100 x MSE) until a base method is registered
