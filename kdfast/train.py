@@ -459,7 +459,7 @@ def train_stage(
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
         extra.train()
-        extra.start_epoch(epoch)
+        extra.start_epoch(epoch, stage_cfg.epochs)
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)

@@ -97,5 +97,6 @@ class DistillationLoss(nn.Module):
     def after_step(self) -> None:
         """Called after each optimizer step of the student (CAKD trains its discriminator here)."""
 
-    def start_epoch(self, epoch: int) -> None:
-        """Called at the start of each training epoch, counted from 0 (SoKD ends its search phase here)."""
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called at the start of each training epoch, counted from 0, of a stage of ``epochs`` epochs (SoKD
+        ends its search phase here)."""

@@ -101,6 +101,6 @@ class CompositeLoss(DistillationLoss):
         for member in self.members.values():
             member.after_step()
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int) -> None:
         for member in self.members.values():
-            member.start_epoch(epoch)
+            member.start_epoch(epoch, epochs)

@@ -164,8 +164,8 @@ class DKDLoss(DistillationLoss):
         self.cfg = cfg
         self.register_buffer("warmup", torch.tensor(warmup_factor(0, cfg.warmup)), persistent=False)
 
-    def start_epoch(self, epoch: int) -> None:
-        """Eq. 5: the warm-up factor of this epoch."""
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Eq. 5: the warm-up factor of this epoch (the stage's epoch count is not needed)."""
         self.warmup.fill_(warmup_factor(epoch, self.cfg.warmup))
 
     def forward(
