@@ -1,15 +1,18 @@
 """A run is a config file: the run schema, the YAML loader, ``--set`` overrides and validation.
 
 The dataclasses below are the run schema (data, models, taps, stages, runtime, and which methods make the
-loss); ``configs/default.yaml`` is the embedded default. Each method's own section ``loss.<name>`` is typed
-and validated by that method's schema and validator, found through :mod:`kdfast.methods.registry`. Every
-value is checked before any work starts: an unknown key names the closest valid ones, a wrong type names
-the expected one, a missing file names the path. Each failure is one :class:`ConfigError` line (exit 2).
+loss); ``configs/default.yaml`` is the embedded default. A file may name a ``base`` file whose values it
+overrides (:func:`read_config_file`), so a benchmark's (pair, method) config is a few lines over its pair.
+Each method's own section ``loss.<name>`` is typed and validated by that method's schema and validator, found
+through :mod:`kdfast.methods.registry`. Every value is checked before any work starts: an unknown key names
+the closest valid ones, a wrong type names the expected one, a missing file names the path. Each failure is
+one :class:`ConfigError` line (exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from kdfast.schema import build, closest, convert, positive
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
+BASE_KEY = "base"  # a config file's parent file, whose values it overrides
 
 
 @dataclass
@@ -38,19 +42,27 @@ class ArchSpec:
 
 @dataclass
 class OptimizerConfig:
+    """``momentum`` and ``nesterov`` apply to SGD, ``betas`` to Adam / AdamW."""
+
     name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    """The lr after ``warmup_epochs`` of linear warmup: ``cosine`` decay to ``min_lr``; ``step``, times
+    ``gamma`` every ``step_size`` epochs; ``multistep``, times ``gamma`` at each epoch in ``milestones``
+    (the CIFAR distillation recipe: 150, 180, 210 of 240); ``constant``."""
+
+    name: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     step_size: int = 30
+    milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
 
 
@@ -82,6 +94,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     val_fraction: float = 0.2
+    split_seed: int | None = None  # draws the split and the max_*_samples subsets (null: the run's seed)
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     mean: list[float] | None = None
@@ -191,6 +204,11 @@ class LossConfig:
 def read_loss(raw: Any) -> LossConfig:
     """The ``loss`` mapping typed through the method registry: ``method`` (a name or a list), ``ce`` and
     one section per used method, each built by that method's schema."""
+    return LossConfig(*_typed_loss(raw))
+
+
+def _typed_loss(raw: Any) -> tuple[list[str], float | None, dict[str, Any]]:
+    """``loss.method``, ``loss.ce`` and the sections, each typed, before the checks across them."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -207,7 +225,7 @@ def read_loss(raw: Any) -> LossConfig:
             near = closest(str(key), [*registered, "method", "ce"])
             raise ConfigError(f"unknown config key 'loss.{key}': {near}")
         sections[key] = build(registered[key].schema, value, f"loss.{key}")
-    return LossConfig(method=names, ce=ce, sections=sections)
+    return names, ce, sections
 
 
 @dataclass
@@ -225,7 +243,10 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
+    """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused)."""
+
     seed: int = 0
+    seeds: list[int] | None = None
     out: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -277,10 +298,55 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key; any other value (list, scalar, null) replaces."""
+    merged = dict(base)
+    for key, value in child.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings else value
+    return merged
+
+
+def _check_base(raw: dict[str, Any], path: Path) -> None:
+    """Keys and types of a base file on its own (the checks across keys run on the merged config), so an
+    error in a base names that file."""
+    try:
+        build(Config, {key: value for key, value in raw.items() if key != "loss"})
+        _typed_loss(raw.get("loss"))
+    except ConfigError as exc:
+        raise ConfigError(f"in base config {path}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of the config file ``path`` over its bases. A file may name one ``base: FILE`` (a
+    path relative to the file's own folder) whose values it overrides, mapping by mapping; the base may have
+    a base in turn. A missing base, a cycle, bad YAML or a bad key in a base is a ConfigError naming the
+    file."""
+    return _read_over_bases(path, children=())
+
+
+def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if children:
+        _check_base(raw, path)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: 'base' must name one config file, got {base!r}")
+    base_path = Path(os.path.normpath(path.parent / base))
+    chain = (*children, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"config file {path}: base {base} leads back to a file that names it as base")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base file not found: {base_path}")
+    return _merge(_read_over_bases(base_path, chain), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML run config (the embedded default when ``path`` is None), apply ``--set`` overrides,
-    and validate every key, type and file it names."""
-    raw = _read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
+    """Read a YAML run config (the embedded default when ``path`` is None) over its bases, apply ``--set``
+    overrides, and validate every key, type and file it names."""
+    raw = read_config_file(Path(path) if path is not None else DEFAULT_CONFIG)
     for assignment in overrides:
         _set_override(raw, assignment)
     cfg = config_from_dict(raw)
@@ -298,6 +364,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks across keys and on the file system; the schema already checked keys and types."""
+    if cfg.seeds is not None and (
+        not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0
+    ):
+        raise ConfigError(
+            f"config key 'seeds' must list distinct seeds >= 0 (e.g. [0, 1, 2]), got {cfg.seeds}"
+        )
     data = cfg.data
     if data.name != "digits":
         if data.root is None:
@@ -329,6 +401,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{role}.weights: file not found: {model.weights}")
         positive(model.train.epochs, f"{role}.train.epochs", allow_zero=True)
         positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
+        _check_recipe(model.train, f"{role}.train")
         for name, tap in model.taps.items():
             if not tap.path:
                 raise ConfigError(
@@ -336,6 +409,23 @@ def validate(cfg: Config) -> None:
                 )
     for name in cfg.loss.method:
         method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
+
+
+def _check_recipe(stage: StageConfig, where: str) -> None:
+    """A multistep schedule needs increasing milestones; Nesterov momentum needs SGD with momentum."""
+    schedule, optimizer = stage.schedule, stage.optimizer
+    if schedule.name == "multistep":
+        milestones = schedule.milestones
+        if not milestones or milestones != sorted(set(milestones)) or milestones[0] < 1:
+            raise ConfigError(
+                f"config key '{where}.schedule.milestones' must list increasing epochs >= 1 for the "
+                f"multistep schedule (e.g. [150, 180, 210]), got {milestones}"
+            )
+    if optimizer.nesterov and (optimizer.name != "sgd" or optimizer.momentum <= 0):
+        raise ConfigError(
+            f"config key '{where}.optimizer.nesterov' needs name: sgd and momentum > 0, got "
+            f"{optimizer.name} with momentum {optimizer.momentum}"
+        )
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -304,7 +304,9 @@ def build_transform(
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
-    """The training and validation data sets of a run, and the DataInfo (with the record) describing them."""
+    """The training and validation data sets of a run, and the DataInfo (with the record) describing them.
+    The split and the ``max_*_samples`` subsets are drawn with ``cfg.split_seed``, else the run's ``seed``."""
+    seed = cfg.split_seed if cfg.split_seed is not None else seed
     train, val, classes, val_source = _load(cfg.name, cfg.root, cfg.val_fraction, seed)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)

@@ -11,10 +11,13 @@ student (the weighted terms of the configured methods plus the supervised CE: th
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -42,6 +45,7 @@ from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
 from kdfast.plots import plot_attention_grid, plot_training_curves
+from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
 
 STAGES = ("teacher", "baseline", "distill")
@@ -83,7 +87,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: the config's 'out')")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (reads DIR/config.yaml)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the training step")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="repeat the whole run once per seed in OUT/seed<S>/ and report mean +- std (e.g. 0,1,2)",
+    )
     return parser.parse_args(argv)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
@@ -91,6 +110,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     if args.compile is not None:
         overrides.append(f"runtime.compile={ {'auto': 'auto', 'on': 'true', 'off': 'false'}[args.compile] }")
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
     if args.resume is not None:
         if args.config is not None or args.out is not None:
             raise UsageError(
@@ -246,7 +267,8 @@ def lr_factor(
     schedule: ScheduleConfig, epochs: int, steps_per_epoch: int, base_lr: float
 ) -> Callable[[int], float]:
     """Per-step multiplier of the base lr: linear warmup over ``warmup_epochs``, then cosine decay to
-    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, or constant."""
+    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, decay by ``gamma``
+    at each of the ``milestones`` epochs (as ``MultiStepLR`` stepped once per epoch), or constant."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
     floor = schedule.min_lr / base_lr
@@ -259,6 +281,8 @@ def lr_factor(
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if schedule.name == "step":
             return schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+        if schedule.name == "multistep":
+            return schedule.gamma ** bisect.bisect_right(schedule.milestones, step // steps_per_epoch)
         return 1.0
 
     return factor
@@ -272,7 +296,12 @@ def make_optimizer(
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
         return torch.optim.SGD(
-            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **fast
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+            **fast,
         )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, **fast)
@@ -492,7 +521,7 @@ def train_stage(
         speed = seen * rt.dist.world_size / (time.perf_counter() - started)
         batches = steps_per_epoch * rt.dist.world_size
         means = {k: float(all_reduce_sum(v.reshape(1).double(), rt.dist)) / batches for k, v in sums.items()}
-        metrics = validate_model(model, run)
+        validation = validate_model(model, run)
         lr = scheduler.get_last_lr()[0]
         train_loss = means.pop("loss")
         log.write(
@@ -512,12 +541,19 @@ def train_stage(
             step=step,
             split="val",
             scope="epoch",
-            loss=metrics["loss"],
+            loss=validation["loss"],
             lr=lr,
-            top1=metrics["top1"],
-            top5=metrics["top5"],
+            top1=validation["top1"],
+            top5=validation["top5"],
         )
-        metrics = {**metrics, "train_loss": train_loss, "epochs": epoch + 1}
+        metrics = stage_metrics(
+            metrics,
+            validation,
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            images_per_s=speed,
+            seconds=time.perf_counter() - started,
+        )
         rngs = _gather_rng(rt.dist)
         if rt.dist.is_main:
             state = {
@@ -615,21 +651,6 @@ def run_stage(
     return metrics
 
 
-def results_table(results: dict[str, dict], methods: list[str]) -> str:
-    """The Markdown table of results.md and the final printout."""
-    names = {
-        "teacher": "teacher",
-        "baseline": "baseline student (CE only)",
-        "student": f"distilled student ({' + '.join(m.upper() for m in methods)})",
-    }
-    lines = ["| model | arch | params | top-1 (%) | top-5 (%) |", "| --- | --- | ---: | ---: | ---: |"]
-    for key, row in results.items():
-        lines.append(
-            f"| {names[key]} | {row['arch']} | {row['params']:,} | {row['top1']:.2f} | {row['top5']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module, run: Run) -> None:
 
     images, labels = next(iter(DataLoader(run.val_ds, batch_size=8, shuffle=False)))
@@ -651,8 +672,8 @@ def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Modul
         )
 
 
-def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
-    """The three stages (teacher, baseline, distill) and the outputs; returns the results table rows."""
+def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
+    """The three stages (teacher, baseline, distill) and the outputs; returns the run's ``results.json``."""
 
     rt = resolve_runtime(cfg)
     out = Path(cfg.out)
@@ -741,15 +762,39 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
         **metrics,
     }
 
+    results = run_results(results, data=cfg.data.name, methods=cfg.loss.method)
     if rt.dist.is_main:
         student.eval()
-        atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-        table = results_table(results, cfg.loss.method)
-        atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}\n")
+        table = write_results(out, results)
         plot_training_curves(out / "metrics.jsonl", out / "curves.png")
         _attention_picture(student_taps, teacher_taps, loss_fn, run)
         print(table)
     log.close()
+    return results
+
+
+def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
+    """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, resumed
+    where it stopped), then the mean and standard deviation over seeds in ``out/results.json`` and
+    ``out/results.md``. The data split stays the one of ``cfg.seed`` (``data.split_seed``), so the seeds
+    change the initialization, the data order and the augmentation, and a fixed teacher never saw a seed's
+    validation images."""
+    out = Path(cfg.out)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # as torchrun numbers the processes
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            dump_config(cfg, out / "config.yaml")
+    split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    data = dataclasses.replace(cfg.data, split_seed=split_seed)
+    runs = {}
+    for seed in cfg.seeds:
+        folder = out / f"seed{seed}"
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
+        runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file())
+    results = seeds_results(runs)
+    if is_main:
+        print(write_results(out, results))
     return results
 
 
@@ -758,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         cfg = load_run_config(args)
-        run_training(cfg, resume=args.resume is not None)
+        (run_seeds if cfg.seeds else run_training)(cfg, resume=args.resume is not None)
     except UsageError as exc:
         print(f"kdfast.train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -93,20 +93,24 @@ def test_tiny_run_writes_a_student_that_reproduces_its_accuracy(tmp_path: Path) 
     assert ckpt["metrics"]["loss"] == pytest.approx(loss, rel=1e-5)
 
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["teacher", "baseline", "student"]
-    assert results["student"]["top1"] == ckpt["metrics"]["top1"]
-    assert results["student"]["params"] == sum(p.numel() for p in model.parameters())
+    assert results["top1_shown"] == "last" and results["method"] == ["kd", "agkd"]
+    assert list(results["models"]) == ["teacher", "baseline", "student"]
+    student = results["models"]["student"]
+    assert student["top1"] == ckpt["metrics"]["top1"]
+    assert student["params"] == sum(p.numel() for p in model.parameters())
     table = (out / "results.md").read_text()
-    assert (
-        f"| distilled student (KD + AGKD) | edge_cnn | {results['student']['params']:,} | {top1:.2f} |"
-        in table
-    )
+    assert f"| distilled student (KD + AGKD) | edge_cnn | {student['params']:,} | {top1:.2f} |" in table
     assert table.splitlines()[-1] in result.stdout
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if r["split"] == "val"]
     assert [r["stage"] for r in val_rows] == ["teacher", "baseline", "distill"]
     assert val_rows[-1]["top1"] == pytest.approx(top1, abs=1e-6)
+    # one epoch: the best epoch is the last; the throughput is that epoch's logged one
+    assert (student["best_top1"], student["best_epoch"]) == (student["top1"], 1)
+    distill_epoch = next(r for r in rows if r["stage"] == "distill" and r["scope"] == "epoch")
+    assert student["images_per_s"] == pytest.approx(distill_epoch["images_per_s"])
+    assert student["wall_s"] > 0
     distill_train = next(r for r in rows if r["stage"] == "distill" and r["split"] == "train")
     assert set(distill_train["parts"]) == {"ce", "kd", "agkd"}
     assert ckpt["config"]["loss"]["method"] == ["kd", "agkd"] and ckpt["config"]["loss"]["ce"] == 0.5
