@@ -288,10 +288,23 @@ def lr_factor(
     return factor
 
 
+def param_groups(model: nn.Module, extra: DistillationLoss) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter of ``model`` and of the loss module
+    ``extra``, those that ``extra.no_weight_decay()`` names (MTD's task weights) in a second group with weight
+    decay 0 (present only when it has any)."""
+    exempt = extra.no_weight_decay()
+    named = [(name, p) for name, p in extra.named_parameters() if p.requires_grad]
+    decayed = [p for p in model.parameters() if p.requires_grad]
+    decayed += [p for name, p in named if name not in exempt]
+    free = [p for name, p in named if name in exempt]
+    return [{"params": decayed}, *([{"params": free, "weight_decay": 0.0}] if free else [])]
+
+
 def make_optimizer(
-    params: list[nn.Parameter], stage: StageConfig, device: torch.device
+    params: list[nn.Parameter] | list[dict[str, Any]], stage: StageConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD, fused kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
+    """Adam / AdamW / SGD over ``params`` (parameters, or groups as :func:`param_groups` gives them), fused
+    kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
     opt = stage.optimizer
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
@@ -423,7 +436,7 @@ def train_stage(
     state_path = run.out / f"state_{stage}.pt"
     loss_params = [p for p in extra.parameters() if p.requires_grad] if rt.dist.enabled else []
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, stage_cfg, rt.device)
+    optimizer = make_optimizer(param_groups(model, extra), stage_cfg, rt.device)
     generator = torch.Generator()
     loader = _train_loader(run, generator)
     steps_per_epoch = len(loader)
