@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kdfast.atomic import atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
-from kdfast.data import CutMix, build_datasets
+from kdfast.data import batch_mix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
@@ -239,7 +239,7 @@ class Run:
 
 
 def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix-soft targets."""
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
@@ -390,11 +390,11 @@ def _val_loader(run: Run) -> DataLoader:
     )
 
 
-def _batches(loader: DataLoader, run: Run, cutmix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
     for images, labels in loader:
         targets: Tensor = labels
-        if cutmix is not None:
-            images, targets = cutmix(images, labels)
+        if mix is not None:
+            images, targets = mix(images, labels)
         images = images.to(run.rt.device, non_blocking=True)
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -465,9 +465,7 @@ def train_stage(
         random.seed(cfg.seed + rt.dist.rank)
     log.keep_only(lambda row: row["stage"] != stage or row["epoch"] <= epoch0)
     run_step = torch.compile(step_fn) if rt.compile else step_fn
-    cutmix = None
-    if cfg.data.augment.cutmix > 0:
-        cutmix = CutMix(run.num_classes, cfg.data.augment.cutmix, cfg.data.augment.cutmix_beta)
+    mix = batch_mix(cfg.data.augment, run.num_classes)
     clip = cfg.runtime.grad_clip
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
@@ -485,7 +483,7 @@ def train_stage(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, targets in _batches(loader, run, cutmix):
+        for images, targets in _batches(loader, run, mix):
             with rt.autocast():
                 loss, parts = run_step(images, targets)
             value = loss.item()
