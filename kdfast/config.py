@@ -206,6 +206,13 @@ class LossConfig:
                 f"config key 'loss.method' combines {' and '.join(owners)}, which each compute the "
                 "supervised term: keep one of them"
             )
+        pair = [name for name, entry in used.items() if entry.logits == "pair"]
+        one = [name for name, entry in used.items() if entry.logits == "one"]
+        if pair and one:
+            raise ConfigError(
+                f"config key 'loss.method' combines {pair[0]}, whose student returns (class, distillation) "
+                f"logits, with {one[0]}, which reads one logit tensor: drop {one[0]}"
+            )
         if owners and self.ce is not None:
             raise ConfigError(
                 f"config key 'loss.ce' is set, but {owners[0]} computes the supervised term itself: "

@@ -331,4 +331,5 @@ METHOD = Method(
     loss=AGKDLoss,
     paper="AGKD, hybrid loss: attention-guided KD from a VGG19 + ViT-B/16 hybrid teacher into "
     "EfficientNet-B0 (DESIGN.md; the repository does not record its bibliographic reference)",
+    logits="none",
 )
