@@ -385,3 +385,25 @@ def test_manual_weights_per_layer_count_through_config():
         CONFIG, ["loss.mtd.weighting=manual", "loss.mtd.granularity=layer", "loss.mtd.manual_weights=[1, 2]"]
     )
     assert cfg.loss.sections["mtd"].manual_weights == [1.0, 2.0]
+
+
+def test_deit_paper_config_distills_every_block_as_25_tasks_on_the_teachers_own_heads(tmp_path):
+    weights = tmp_path / "deit_b.pth"
+    weights.write_bytes(b"stand-in: load_config only checks that the file exists")
+    cfg = load_config(
+        CONFIG_DIR / "mtd_deit_b_to_deit_s_imagenet.yaml",
+        [f"data.root={tmp_path}", f"teacher.weights={weights}"],
+    )
+    section = cfg.loss.sections["mtd"]
+    assert cfg.loss.method == ["mtd"] and section.weighting == "uncertainty"
+    assert [(p.student, p.teacher) for p in section.pairs] == [(f"s{i}", f"t{i}") for i in range(12)]
+    loss = MTDLoss(section, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    assert len(loss.tasks) + 1 == 25 and loss.task_w.shape == (25,)  # the paper's "25D"
+    # DeiT-B's Q (12 heads x 64) re-split into 12 relation heads is DeiT-B's own heads; DeiT-S's 6 x 64
+    # becomes 12 slices of 32
+    q_teacher, q_student = torch.randn(2, 12, 197, 64), torch.randn(2, 6, 197, 64)
+    assert torch.equal(relation_heads(q_teacher, section.relation_heads), q_teacher)
+    assert relation_heads(q_student, section.relation_heads).shape == (2, 12, 197, 32)
+    assert (
+        cfg.data.augment.rand_augment is not None and cfg.data.augment.cutmix + cfg.data.augment.mixup == 1.0
+    )
