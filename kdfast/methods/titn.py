@@ -99,7 +99,7 @@ class TITNLoss(DistillationLoss):
         if not callable(getattr(model, "set_distilled_training", None)):
             raise UsageError(
                 f"method titn needs a student with a distillation token, and {type(model).__name__} has "
-                "none: use student.arch {source: kdfast, name: tnt_distilled_digits} (or tnt_distilled_s)"
+                "none: use student.arch {source: kdfast, name: tnt_distilled_digits} (or tnt_distilled_ti)"
             )
         model.set_distilled_training(True)
 
