@@ -77,12 +77,37 @@ class StageConfig:
 
 
 @dataclass
+class RandAugmentConfig:
+    """RandAugment (Cubuk et al. 2020): ``num_ops`` operations per image, each at ``magnitude`` (0..30, of
+    torchvision's 31 bins)."""
+
+    num_ops: int = 2
+    magnitude: int = 9
+
+
+@dataclass
 class AugmentConfig:
+    """Training-set augmentation (:func:`kdfast.data.build_transform`, :class:`kdfast.data.BatchMix`).
+
+    Per image: ``random_resized_crop`` or the eval geometry, a random crop of the image padded by
+    ``crop_padding``, ``hflip``, then at most one torchvision policy on the 8-bit image: ``auto_augment``
+    (AutoAugment's learned policy for cifar10 | imagenet | svhn), ``rand_augment`` (RandAugment) or
+    ``trivial_augment`` (TrivialAugmentWide). Per batch, with soft targets: CutMix with probability ``cutmix``
+    (lam ~ Beta(cutmix_beta, cutmix_beta)), else Mixup with probability ``mixup`` (lam ~ Beta(mixup_alpha,
+    mixup_alpha)), cutmix + mixup <= 1; timm's ``prob`` p with ``switch_prob`` s is cutmix = p s, mixup =
+    p (1 - s).
+    """
+
     crop_padding: int = 0
     random_resized_crop: bool = False
     hflip: bool = False
+    auto_augment: Literal["cifar10", "imagenet", "svhn"] | None = None
+    rand_augment: RandAugmentConfig | None = None
+    trivial_augment: bool = False
     cutmix: float = 0.0
     cutmix_beta: float = 1.0
+    mixup: float = 0.0
+    mixup_alpha: float = 1.0
 
 
 @dataclass
@@ -180,6 +205,13 @@ class LossConfig:
             raise ConfigError(
                 f"config key 'loss.method' combines {' and '.join(owners)}, which each compute the "
                 "supervised term: keep one of them"
+            )
+        pair = [name for name, entry in used.items() if entry.logits == "pair"]
+        one = [name for name, entry in used.items() if entry.logits == "one"]
+        if pair and one:
+            raise ConfigError(
+                f"config key 'loss.method' combines {pair[0]}, whose student returns (class, distillation) "
+                f"logits, with {one[0]}, which reads one logit tensor: drop {one[0]}"
             )
         if owners and self.ce is not None:
             raise ConfigError(
@@ -381,8 +413,7 @@ def validate(cfg: Config) -> None:
     for key in ("max_train_samples", "max_val_samples"):
         if getattr(data, key) is not None:
             positive(getattr(data, key), f"data.{key}")
-    positive(data.augment.crop_padding, "data.augment.crop_padding", allow_zero=True)
-    positive(data.augment.cutmix_beta, "data.augment.cutmix_beta")
+    _check_augment(data.augment)
     if not 0.0 < data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be between 0 and 1, got {data.val_fraction}")
     for key in ("mean", "std"):
@@ -391,10 +422,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'data.{key}' must list 3 values (one per RGB channel), got {value}"
             )
-    if not 0.0 <= data.augment.cutmix <= 1.0:
-        raise ConfigError(
-            f"config key 'data.augment.cutmix' is a probability in [0, 1], got {data.augment.cutmix}"
-        )
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(cfg, role)
         if model.weights is not None and not Path(model.weights).is_file():
@@ -409,6 +436,45 @@ def validate(cfg: Config) -> None:
                 )
     for name in cfg.loss.method:
         method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
+
+
+def _check_augment(augment: AugmentConfig) -> None:
+    """Crop padding >= 0, at most one policy, RandAugment's ops and magnitude in range, the batch mixes'
+    probabilities summing to at most 1 and their Beta parameters > 0."""
+    where = "data.augment"
+    positive(augment.crop_padding, f"{where}.crop_padding", allow_zero=True)
+    policies = [
+        key
+        for key, on in (
+            ("auto_augment", augment.auto_augment is not None),
+            ("rand_augment", augment.rand_augment is not None),
+            ("trivial_augment", augment.trivial_augment),
+        )
+        if on
+    ]
+    if len(policies) > 1:
+        raise ConfigError(
+            f"config keys '{where}.{policies[0]}' and '{policies[1]}' both set a policy: keep one"
+        )
+    rand = augment.rand_augment
+    if rand is not None:
+        positive(rand.num_ops, f"{where}.rand_augment.num_ops")
+        if not 0 <= rand.magnitude <= 30:
+            raise ConfigError(
+                f"config key '{where}.rand_augment.magnitude' must be in 0..30, got {rand.magnitude}"
+            )
+    for key in ("cutmix", "mixup"):
+        if not 0.0 <= getattr(augment, key) <= 1.0:
+            raise ConfigError(
+                f"config key '{where}.{key}' is a probability in [0, 1], got {getattr(augment, key)}"
+            )
+    if augment.cutmix + augment.mixup > 1.0:
+        raise ConfigError(
+            f"config keys '{where}.cutmix' + '{where}.mixup' are the chances of either mix per batch and sum "
+            f"to {augment.cutmix + augment.mixup}: lower them to a sum <= 1"
+        )
+    positive(augment.cutmix_beta, f"{where}.cutmix_beta")
+    positive(augment.mixup_alpha, f"{where}.mixup_alpha")
 
 
 def _check_recipe(stage: StageConfig, where: str) -> None:

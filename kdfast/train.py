@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kdfast.atomic import atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
-from kdfast.data import CutMix, build_datasets
+from kdfast.data import batch_mix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
@@ -239,7 +239,7 @@ class Run:
 
 
 def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix-soft targets."""
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
@@ -288,10 +288,23 @@ def lr_factor(
     return factor
 
 
+def param_groups(model: nn.Module, extra: DistillationLoss) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter of ``model`` and of the loss module
+    ``extra``, those that ``extra.no_weight_decay()`` names (MTD's task weights) in a second group with weight
+    decay 0 (present only when it has any)."""
+    exempt = extra.no_weight_decay()
+    named = [(name, p) for name, p in extra.named_parameters() if p.requires_grad]
+    decayed = [p for p in model.parameters() if p.requires_grad]
+    decayed += [p for name, p in named if name not in exempt]
+    free = [p for name, p in named if name in exempt]
+    return [{"params": decayed}, *([{"params": free, "weight_decay": 0.0}] if free else [])]
+
+
 def make_optimizer(
-    params: list[nn.Parameter], stage: StageConfig, device: torch.device
+    params: list[nn.Parameter] | list[dict[str, Any]], stage: StageConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD, fused kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
+    """Adam / AdamW / SGD over ``params`` (parameters, or groups as :func:`param_groups` gives them), fused
+    kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
     opt = stage.optimizer
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
@@ -377,11 +390,11 @@ def _val_loader(run: Run) -> DataLoader:
     )
 
 
-def _batches(loader: DataLoader, run: Run, cutmix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
     for images, labels in loader:
         targets: Tensor = labels
-        if cutmix is not None:
-            images, targets = cutmix(images, labels)
+        if mix is not None:
+            images, targets = mix(images, labels)
         images = images.to(run.rt.device, non_blocking=True)
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -423,7 +436,7 @@ def train_stage(
     state_path = run.out / f"state_{stage}.pt"
     loss_params = [p for p in extra.parameters() if p.requires_grad] if rt.dist.enabled else []
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, stage_cfg, rt.device)
+    optimizer = make_optimizer(param_groups(model, extra), stage_cfg, rt.device)
     generator = torch.Generator()
     loader = _train_loader(run, generator)
     steps_per_epoch = len(loader)
@@ -452,9 +465,7 @@ def train_stage(
         random.seed(cfg.seed + rt.dist.rank)
     log.keep_only(lambda row: row["stage"] != stage or row["epoch"] <= epoch0)
     run_step = torch.compile(step_fn) if rt.compile else step_fn
-    cutmix = None
-    if cfg.data.augment.cutmix > 0:
-        cutmix = CutMix(run.num_classes, cfg.data.augment.cutmix, cfg.data.augment.cutmix_beta)
+    mix = batch_mix(cfg.data.augment, run.num_classes)
     clip = cfg.runtime.grad_clip
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
@@ -472,7 +483,7 @@ def train_stage(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, targets in _batches(loader, run, cutmix):
+        for images, targets in _batches(loader, run, mix):
             with rt.autocast():
                 loss, parts = run_step(images, targets)
             value = loss.item()

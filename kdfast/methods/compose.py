@@ -104,3 +104,11 @@ class CompositeLoss(DistillationLoss):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         for member in self.members.values():
             member.start_epoch(epoch, epochs)
+
+    def no_weight_decay(self) -> set[str]:
+        """Every member's exempt parameters, named as in this module's ``named_parameters()``."""
+        return {
+            f"members.{name}.{key}"
+            for name, member in self.members.items()
+            for key in member.no_weight_decay()
+        }
