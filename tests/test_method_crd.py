@@ -223,7 +223,7 @@ def test_composed_with_dkd_every_hook_reaches_its_member():
     composite = CompositeLoss(cfg, TAPS, TAPS)
     student_taps, teacher_taps = _taps(batch=3)
     composite.check(student_taps, teacher_taps)
-    composite.start_epoch(1)
+    composite.start_epoch(1, 240)
     g = torch.Generator().manual_seed(3)
     logits, teacher_logits = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     targets = torch.tensor([0, 4, 2])
