@@ -1,10 +1,12 @@
 """What every distillation method shares: the :class:`DistillationLoss` interface the training loop drives,
-the supervised cross-entropy, the one-step trainer of side networks (:func:`step_aside`) and the tap check
-of the validators (:func:`require_tap`)."""
+the supervised cross-entropy, the linear warm-up of a method's term (:func:`warmup_factor`), the one-step
+trainer of side networks (:func:`step_aside`), and the (student tap, teacher tap) pairs of the feature methods
+with the tap checks of the validators (:class:`FeaturePair`, :func:`require_tap`, :func:`require_pairs`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +28,13 @@ def supervised_ce(
     """CE(y, p_S) for integer labels (B,) or soft target probabilities (B, K) (CutMix), batch mean."""
     targets = targets.float() if targets.is_floating_point() else targets
     return F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def warmup_factor(epoch: int, warmup: int) -> float:
+    """The linear warm-up of a distillation term in mdistiller's trainer (DKD, ReviewKD): the term is
+    multiplied by min(e / warmup, 1) in the e-th training epoch counted from 1, so by min((epoch + 1) /
+    warmup, 1) for the kdfast ``epoch`` counted from 0; 1 without warm-up (``warmup`` 0)."""
+    return 1.0 if warmup == 0 else min((epoch + 1) / warmup, 1.0)
 
 
 def step_aside(
@@ -56,6 +65,30 @@ def require_tap(
         raise ConfigError(f"{where} names no {role} tap {name!r}: {closest(name, taps, what=f'{role} taps')}")
     if kind is not None and taps[name].kind != kind:
         raise ConfigError(f"{where}: {role} tap {name!r} must have kind {kind!r}")
+
+
+@dataclass
+class FeaturePair:
+    """One (student feature tap, teacher feature tap) pair of a feature method (FitNet, AT, ReviewKD)."""
+
+    student: str = ""
+    teacher: str = ""
+
+
+def require_pairs(
+    pairs: Sequence[FeaturePair],
+    student_taps: Mapping[str, TapConfig],
+    teacher_taps: Mapping[str, TapConfig],
+    where: str,
+) -> None:
+    """ConfigError unless ``pairs`` (the config key ``where``) is not empty and each pair names a student and
+    a teacher tap of kind feature."""
+    if not pairs:
+        raise ConfigError(f"{where} is empty: name at least one {{student: TAP, teacher: TAP}} pair")
+    for i, pair in enumerate(pairs):
+        at = f"{where}[{i}]"
+        require_tap(student_taps, pair.student, role="student", where=f"{at}.student", kind="feature")
+        require_tap(teacher_taps, pair.teacher, role="teacher", where=f"{at}.teacher", kind="feature")
 
 
 class DistillationLoss(nn.Module):

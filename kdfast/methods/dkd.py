@@ -11,7 +11,7 @@ p = softmax(z / tau) over the K classes):
   (4) DKD = alpha TCKD + beta NCKD, each KL times tau^2 as in KD, batch mean
   (5) the warm-up of the reference implementation (mdistiller ``DKD.py``): the whole DKD term is multiplied by
       min(e / warmup, 1) in the e-th training epoch, counted from 1 (20 epochs of 240 in the paper's CIFAR-100
-      runs)
+      runs; :func:`kdfast.methods.base.warmup_factor`)
 The reference implementation computes (3)'s masks as products of probabilities, takes ``torch.log`` of the
 summed b^S, and gets p^ by adding -1000 to the target logit before a softmax over all K classes. Here b is
 formed in log space (log p_t = log_softmax(z / tau)_t, log p_\\t = logsumexp_{k != t}(z_k / tau) -
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import NO_TAPS, DistillationLoss
+from kdfast.methods.base import NO_TAPS, DistillationLoss, warmup_factor
 from kdfast.methods.logits import loss_logits, single_head
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -106,12 +106,6 @@ def dkd_loss(
         student_logits, teacher_logits, targets, temperature=temperature, standardize=standardize
     )
     return alpha * tckd + beta * nckd
-
-
-def warmup_factor(epoch: int, warmup: int) -> float:
-    """Eq. 5 for the kdfast epoch ``epoch`` (counted from 0): min((epoch + 1) / warmup, 1); 1 without
-    warm-up (``warmup`` 0)."""
-    return 1.0 if warmup == 0 else min((epoch + 1) / warmup, 1.0)
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Reading taps as the methods need them: a feature tap as a (B, C, H, W) map or as one embedding per sample,
-an attention tap as Q, K, V, ViT token grids, bilinear resizing and the CLS attention map, each raising one
-UsageError line on a tap that does not fit."""
+an attention tap as Q, K, V, ViT token grids, bilinear resizing, the CLS attention map and the (student,
+teacher) map pairs of the feature methods, each raising one UsageError line on a tap that does not fit."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,3 +88,30 @@ def cls_attention_map(qkv: QKV, size: tuple[int, int], *, impl: str = "auto") ->
     patches = row[:, :, 0, prefix:].mean(1).reshape(-1, 1, side, side)
     maps = kernels.resize(patches, size, impl=impl)[:, 0]
     return F.normalize(maps.flatten(1), dim=1, eps=1e-12).view_as(maps)
+
+
+def as_map(taps: Mapping[str, Any], name: str, role: str) -> torch.Tensor:
+    """The ``role`` model's feature tap ``name`` as a (B, C, H, W) map: CNN maps as they are, ViT tokens on
+    their patch grid (:func:`spatial_feature`), a (B, D) embedding as a 1 x 1 map."""
+    value = tap_tensor(taps, name, role)
+    return value[:, :, None, None] if value.dim() == 2 else spatial_feature(value, name)
+
+
+def pair_maps(
+    pairs: Sequence[Any], student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any], method: str
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per (student, teacher) tap pair of a feature method (``pair.student``, ``pair.teacher``): its name
+    "<student>-<teacher>", the student's map and the teacher's map detached (:func:`as_map`); a UsageError
+    naming ``method`` when the two batch sizes differ."""
+    maps = []
+    for pair in pairs:
+        name = f"{pair.student}-{pair.teacher}"
+        student = as_map(student_taps, pair.student, "student")
+        teacher = as_map(teacher_taps, pair.teacher, "teacher").detach()
+        if student.shape[0] != teacher.shape[0]:
+            raise UsageError(
+                f"loss.{method} pair {name}: batch sizes {student.shape[0]} and {teacher.shape[0]} differ; "
+                "tap one forward pass each"
+            )
+        maps.append((name, student, teacher))
+    return maps
