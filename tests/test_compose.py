@@ -81,7 +81,7 @@ def test_every_method_file_is_registered_under_its_name(monkeypatch):
     files = {path.stem for path in package.glob("*.py")} - helpers
     registered = methods()
     papers = {"agkd", "cakd", "mtd", "sokd", "titn"}
-    baselines = {"kd", "dkd", "dist", "rkd", "crd", "fitnet", "at", "reviewkd"}
+    baselines = {"kd", "dkd", "dist", "rkd", "crd", "fitnet", "at", "reviewkd", "ofa"}
     assert set(registered) == files == papers | baselines
     for name, entry in registered.items():
         assert issubclass(entry.loss, DistillationLoss) and entry.paper, name
