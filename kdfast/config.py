@@ -307,9 +307,11 @@ def _set_override(raw: dict[str, Any], assignment: str) -> None:
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
-            child = node[part] = {}
+            child = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' holds a value, not a mapping")
+        # a copy: a YAML alias (``train: *recipe``) makes two keys hold one mapping; change only this one
+        node[part] = child = dict(child)
         node = child
     node[parts[-1]] = value
 

@@ -54,6 +54,19 @@ def test_set_overrides_are_typed_by_yaml():
     assert cfg.loss.sections["agkd"].metric == "ssim"
 
 
+def test_set_changes_one_key_of_a_mapping_that_a_yaml_alias_shares(tmp_path):
+    # zoo_digits.yaml's ``train: &recipe`` / ``train: *recipe``: one mapping under two keys once loaded
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "teacher:\n  train: &recipe\n    epochs: 8\n"
+        "student:\n  arch: {source: kdfast, name: edge_cnn}\n  train: *recipe\n"
+    )
+    cfg = load_config(path, ["teacher.train.epochs=0", "student.train.epochs=1"])
+    assert (cfg.teacher.train.epochs, cfg.student.train.epochs) == (0, 1)
+    cfg = load_config(CONFIG_DIR / "zoo_digits.yaml", ["teacher.train.epochs=0"])
+    assert (cfg.teacher.train.epochs, cfg.student.train.epochs) == (0, 8)
+
+
 def test_unknown_key_names_the_closest():
     with pytest.raises(ConfigError, match="unknown config key 'data.batch_sise': did you mean 'batch_size'"):
         load_config(None, ["data.batch_sise=3"])
