@@ -173,7 +173,7 @@ def test_at_digits_config_trains_and_its_student_exports(tmp_path):
     assert ckpt["config"]["loss"]["method"] == ["at"]
     parts = distill_epoch_row(out)["parts"]
     assert set(parts) == {"ce", "at", "at/s1-t1", "at/s2-t2", "at/s3-t3"}
-    assert parts["at"] == pytest.approx(1000.0 * sum(parts[f"at/s{i}-t{i}"] for i in (1, 2, 3)), rel=1e-5)
+    assert parts["at"] == pytest.approx(250.0 * sum(parts[f"at/s{i}-t{i}"] for i in (1, 2, 3)), rel=1e-5)
     export_student(out)
 
 
