@@ -12,6 +12,7 @@ import os
 import pickle
 import platform
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,28 +159,43 @@ def _validate(ckpt: Any, path: Path, expect: str | None) -> dict:
     return ckpt
 
 
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, every failure one CheckpointError line naming the file:
+    missing, empty, truncated, not a ``torch.save`` file, or a pickle that would load code (refused, never
+    run). ``what`` names the file's role in the message ("checkpoint", "state file", "weights file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is not a readable torch checkpoint: it is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable checkpoint"
+        # torch words the refusal differently across versions; the offending global follows "GLOBAL".
+        refused = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(
+                f"{what} {path} was refused: it would load {refused.group(1)}, which a plain kdfast "
+                "file never contains (weights_only=True); it was not loaded"
+            ) from None
+        if "central directory" in str(e):
+            raise CheckpointError(
+                f"{what} {path} is not a readable torch checkpoint: it is truncated (a copy or a write did "
+                "not finish)"
+            ) from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch checkpoint (not a file written by torch.save)"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect: str | None = STUDENT_FORMAT) -> dict:
     """Read and validate a checkpoint with ``torch.load(weights_only=True)``; never executes pickled code.
 
     ``expect`` is the required ``format`` (None accepts any kdfast format).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable checkpoint"
-        if not isinstance(e, pickle.UnpicklingError):
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None
-        # torch words the refusal differently across versions; the offending global follows "GLOBAL".
-        refused = re.search(r"GLOBAL (\S+)", str(e))
-        if refused:
-            raise CheckpointError(
-                f"{path} was refused: it would load {refused.group(1)}, which a plain kdfast "
-                "checkpoint never contains (weights_only=True)"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (not a torch.save file)") from None
-    return _validate(ckpt, path, expect)
+    return _validate(read_torch_file(path), Path(path), expect)
 
 
 def _first_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:

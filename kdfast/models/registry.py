@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from kdfast.checkpoint import read_torch_file
 from kdfast.config import ArchSpec
 from kdfast.errors import CheckpointError, ConfigError, UsageError
 
@@ -73,10 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file it cannot unpickle safely
-        raise CheckpointError(f"{path} is not a loadable weights file ({exc.__class__.__name__})") from None
+    obj = read_torch_file(path, "weights file")
     if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("kdfast."):
         obj = obj.get("state_dict")
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
