@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Create .venv and install kdfast with its test tools. torch/torchvision are pinned to the pair that
 # imports together (and that this machine's pip takes from local disk); everything else comes from PyPI.
+# Each step announces itself in one line; pip's own progress follows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+step() { printf '\n[setup %s] %s\n' "$1" "$2"; }
+step 1/4 "creating .venv with $(python3 --version)"
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+step 2/4 "upgrading pip"
+.venv/bin/python -m pip install --upgrade pip
+step 3/4 "installing torch 2.14.1 and torchvision 0.29.1 (about 1 GB: a minute or more)"
+.venv/bin/python -m pip install "torch==2.14.1" "torchvision==0.29.1"
+step 4/4 "installing kdfast (editable) with timm, ONNX, ONNX Runtime, Triton and the test tools"
+.venv/bin/python -m pip install -e ".[dev]"
+printf '\n[setup] done: .venv/bin/python -m kdfast.train distills the embedded default\n'
