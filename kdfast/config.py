@@ -281,7 +281,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {path} is not valid YAML{at}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"config file {path} is empty: give a YAML run config (e.g. configs/default.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return raw

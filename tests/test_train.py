@@ -192,10 +192,12 @@ def test_nan_loss_exits_1_and_keeps_the_last_good_state(tmp_path: Path) -> None:
         ],
     )
     assert result.returncode == 1, result.stderr
-    message = result.stderr.strip().splitlines()[-1]
-    assert "at stage distill epoch 2" in message
-    assert "last good checkpoint" in message and "state_distill.pt" in message
-    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "at stage distill epoch 2" in lines[0]
+    assert "last good state" in lines[0] and "state_distill.pt" in lines[0]
+    assert "lower student.train.optimizer.lr" in lines[0] and "set runtime.grad_clip" in lines[0]
+    assert f"--resume {out}" in lines[0]
     state = torch.load(out / "state_distill.pt", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

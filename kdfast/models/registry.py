@@ -74,7 +74,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    obj = read_torch_file(path, "weights file")
+    try:
+        obj = read_torch_file(path, "weights file")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: give a state dict or kdfast checkpoint saved by torch.save") from None
     if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("kdfast."):
         obj = obj.get("state_dict")
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

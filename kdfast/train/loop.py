@@ -38,7 +38,7 @@ from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, s
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, config_text, load_config
 from kdfast.data import CutMix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from kdfast.errors import TrainingDiverged, TrainingInterrupted, UsageError
+from kdfast.errors import CheckpointError, TrainingDiverged, TrainingInterrupted, UsageError
 from kdfast.evaluate import evaluate
 from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
@@ -80,6 +80,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
         return cfg
     cfg = load_config(args.config, overrides)
     if args.out is not None:
+        if not args.out.strip():
+            raise UsageError("--out is empty: name the output folder (e.g. --out runs/my-run)")
         cfg.out = args.out
     return cfg
 
@@ -747,25 +749,41 @@ def _probe(
     )
 
 
-def _check_resume(run: Run, teacher: nn.Module, student: nn.Module, loss_fn: CompositeLoss) -> None:
-    """Every file ``--resume`` reads back: the metrics, each finished stage's checkpoint and each state file,
-    checked to be kdfast's and to fit this run's models and loss."""
-    preflight.read_metrics(run.out / "metrics.jsonl")
-    models = {"teacher": (teacher, None), "baseline": (student, None), "distill": (student, loss_fn)}
-    for stage in run.stages:
-        model, extra = models[stage]
-        checkpoint = run.out / STAGE_FILES[stage]
-        if checkpoint.exists():
-            ckpt = load_checkpoint(
-                checkpoint, expect=TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT
-            )
-            preflight.check_fits(checkpoint, ckpt["state_dict"], model, f"{stage} model")
-        state_path = run.out / f"state_{stage}.pt"
-        if state_path.exists():
-            state = preflight.read_state(state_path)
-            preflight.check_fits(state_path, state["model"], model, f"{stage} model")
-            if extra is not None:
-                preflight.check_fits(state_path, state["extra"], extra, "loss module")
+def _stages(cfg: Config) -> list[str]:
+    """The stages this run trains, in order: the teacher unless its weights are given, the baseline if set."""
+    trained = (cfg.teacher.weights is None, cfg.baseline, True)
+    return [stage for stage, on in zip(STAGES, trained, strict=True) if on]
+
+
+def _resume_files(cfg: Config, out: Path) -> dict[str, tuple[Path, dict, str]]:
+    """Every file ``--resume`` reads back, read and checked to be kdfast's before anything else is built: the
+    metrics, each finished stage's checkpoint and each state file. Returns, per stage, the file whose weights
+    the stage will load, its state dict key ("state_dict" or "model") and the loaded dict."""
+    preflight.read_metrics(out / "metrics.jsonl")
+    files = {}
+    for stage in _stages(cfg):
+        checkpoint, state_path = out / STAGE_FILES[stage], out / f"state_{stage}.pt"
+        try:
+            if state_path.exists():
+                files[stage] = (state_path, preflight.read_state(state_path), "model")
+            if checkpoint.exists():
+                expect = TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT
+                files[stage] = (checkpoint, load_checkpoint(checkpoint, expect=expect), "state_dict")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}: move it away to redo the {stage} stage from its start") from None
+    return files
+
+
+def _check_resume_fits(
+    files: dict[str, tuple[Path, dict, str]], teacher: nn.Module, student: nn.Module, loss_fn: CompositeLoss
+) -> None:
+    """The weights ``--resume`` will load fit this run's models and loss (a config changed by ``--set`` may
+    have changed them)."""
+    models = {"teacher": teacher, "baseline": student, "distill": student}
+    for stage, (path, saved, key) in files.items():
+        preflight.check_fits(path, saved[key], models[stage], f"{stage} model")
+        if stage == "distill" and key == "model":
+            preflight.check_fits(path, saved["extra"], loss_fn, "loss module")
 
 
 def _claim(run: Run, overwrite: bool, writer: type | None) -> None:
@@ -810,20 +828,23 @@ def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str
     written before every check passed."""
     started = time.perf_counter()
     rt = resolve_runtime(cfg)
+    # config.yaml records the thread count chosen for "auto": float sums, and so the results, depend on it,
+    # and --resume continues with the same count
+    cfg.runtime.threads = rt.threads
     rundir.check_writable(Path(cfg.out), "--resume" if resume else "--out")
     writer = tensorboard_writer(cfg.runtime.tensorboard)
+    resumed = _resume_files(cfg, Path(cfg.out)) if resume else {}
     train_ds, val_ds, info = build_datasets(cfg.data, cfg.seed)
     preflight.check_data(
         train_ds, val_ds, info.classes, cfg.data.batch_size, rt.dist.world_size, cfg.data.name
     )
     run = Run(cfg, Path(cfg.out), rt, train_ds, val_ds, info, resume)
-    trained = (cfg.teacher.weights is None, cfg.baseline, True)
-    run.stages = [stage for stage, on in zip(STAGES, trained, strict=True) if on]
+    run.stages = _stages(cfg)
 
     teacher = _build(cfg.teacher, run, weights=cfg.teacher.weights)
     student = _build(cfg.student, run)
-    teacher_taps = Taps(teacher, cfg.teacher.taps)
-    student_taps = Taps(student, cfg.student.taps)
+    teacher_taps = Taps(teacher, cfg.teacher.taps, "teacher.taps")
+    student_taps = Taps(student, cfg.student.taps, "student.taps")
     loss_fn = CompositeLoss(
         cfg.loss,
         cfg.student.taps,
@@ -833,8 +854,8 @@ def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str
     )
     loss_fn = loss_fn.to(rt.device)
     _probe(run, teacher, student, teacher_taps, student_taps, loss_fn)
-    if resume:
-        _check_resume(run, teacher, student, loss_fn)
+    _check_resume_fits(resumed, teacher, student, loss_fn)
+    del resumed
     say(
         run,
         f"checked the config, the data ({len(train_ds)} training / {len(val_ds)} validation images, "

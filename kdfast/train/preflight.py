@@ -141,12 +141,12 @@ def _hint(exc: BaseException) -> str:
     return "check the models, their taps and the loss settings against each other"
 
 
-def probe_step(
-    stage: str, step: Step, modules: Sequence[nn.Module], images: Tensor, targets: Tensor, autocast: Any
-) -> None:
-    """One training step of ``stage`` on a real batch, forward and backward, then undone (:func:`undone`).
-    The modules are in training mode as in the loop. A failure, or a loss that is already NaN or infinite, is
-    one UsageError line naming the stage."""
+def _step_failure(
+    step: Step, modules: Sequence[nn.Module], images: Tensor, targets: Tensor, autocast: Any
+) -> str | None:
+    """Run one training step (forward and backward, modules in training mode) and undo it; what went wrong,
+    in words, or None. A UsageError keeps its own words; anything else a model or a loss raises is named
+    with its type and first line."""
     with undone(modules):
         for module in modules:
             module.train()
@@ -154,18 +154,28 @@ def probe_step(
             with autocast():
                 loss, _ = step(images, targets)
             loss.backward()
-        except UsageError:
-            raise
+        except UsageError as exc:
+            return str(exc)
         except Exception as exc:  # noqa: BLE001 - whatever a model or a loss raises, said in one line
-            raise UsageError(
-                f"the {stage} stage fails on a probe batch of {images.shape[0]} training images "
-                f"({_first_line(exc)}): {_hint(exc)}"
-            ) from None
+            return f"{_first_line(exc)}: {_hint(exc)}"
         if not torch.isfinite(loss.detach()).all():
-            raise UsageError(
-                f"the {stage} loss is {loss.item()} on a probe batch before any training: check data.mean "
-                "and data.std (a std of 0 divides by zero) and the loss settings"
+            return (
+                f"the loss is {loss.item()} before any training: check data.mean and data.std (a std of 0 "
+                "divides by zero) and the loss settings"
             )
+    return None
+
+
+def probe_step(
+    stage: str, step: Step, modules: Sequence[nn.Module], images: Tensor, targets: Tensor, autocast: Any
+) -> None:
+    """One training step of ``stage`` on a real batch, forward and backward, then undone (:func:`undone`).
+    A failure, or a loss that is already NaN or infinite, is one UsageError line naming the stage."""
+    failure = _step_failure(step, modules, images, targets, autocast)
+    if failure is not None:
+        raise UsageError(
+            f"the {stage} stage fails on a probe batch of {images.shape[0]} training images: {failure}"
+        )
 
 
 def probe_distillation(
@@ -179,19 +189,13 @@ def probe_distillation(
     """:func:`probe_step` of the distillation stage, ``make_step(loss)`` building its step around a loss
     module. When the whole loss fails, each method of ``loss.method`` is tried alone so that the line can name
     the one that cannot run on these models."""
-    try:
-        probe_step("distillation", make_step(loss_fn), modules, images, targets, autocast)
-    except UsageError as whole:
-        for name, member in getattr(loss_fn, "members", {}).items():
-            try:
-                probe_step("distillation", make_step(member), modules, images, targets, autocast)
-            except UsageError as alone:
-                detail = str(alone).split("(", 1)[-1].rsplit(")", 1)[0]
-                raise UsageError(
-                    f"loss.method {name!r} cannot run on this student and teacher ({detail}): change "
-                    f"loss.{name} or the models, or drop {name!r} from loss.method"
-                ) from None
-        raise whole from None
+    if _step_failure(make_step(loss_fn), modules, images, targets, autocast) is None:
+        return
+    for name, member in getattr(loss_fn, "members", {}).items():
+        failure = _step_failure(make_step(member), modules, images, targets, autocast)
+        if failure is not None:
+            raise UsageError(f"loss.method {name!r} cannot run on this student and teacher: {failure}")
+    probe_step("distillation", make_step(loss_fn), modules, images, targets, autocast)
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -200,14 +204,10 @@ def read_state(path: Path) -> dict[str, Any]:
     state = read_torch_file(path, "state file")
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
-        raise CheckpointError(
-            f"state file {path} is not a kdfast resume state (no {missing[0]!r} entry): move it away to "
-            "restart its stage from the beginning"
-        )
+        raise CheckpointError(f"state file {path} is not a kdfast resume state (no {missing[0]!r} entry)")
     if f"state_{state['stage']}.pt" != path.name or not isinstance(state["epoch"], int) or state["epoch"] < 1:
         raise CheckpointError(
-            f"state file {path} records stage {state['stage']!r} epoch {state['epoch']!r}: it does not "
-            "belong here; move it away to restart its stage from the beginning"
+            f"state file {path} records stage {state['stage']!r} epoch {state['epoch']!r}, not its own"
         )
     return state
 

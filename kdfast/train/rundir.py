@@ -71,7 +71,17 @@ def plan(requested: Path, overwrite: bool) -> Path:
 def claim(planned: Path, requested: Path, overwrite: bool) -> Path:
     """Create the folder :func:`plan` chose and return it. With ``overwrite``, the earlier run's files in it
     are removed first. A numbered folder is created exclusively: one that appeared in the meantime (another
-    run started at the same moment) is passed over for the next number."""
+    run started at the same moment) is passed over for the next number. A folder that cannot be created is
+    one UsageError line."""
+    try:
+        return _create(planned, requested, overwrite)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the output folder {planned}: {exc.strerror or exc}: choose another --out"
+        ) from None
+
+
+def _create(planned: Path, requested: Path, overwrite: bool) -> Path:
     if overwrite or planned == requested:
         planned.mkdir(parents=True, exist_ok=True)
         for path in run_files(planned) if overwrite else []:
