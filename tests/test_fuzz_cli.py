@@ -418,3 +418,20 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
 
 def test_the_table_covers_forty_cases() -> None:
     assert len(TRAIN_CASES) + len(EXPORT_CASES) >= 40
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_keeps_the_first_run_and_writes_a_numbered_folder(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "default"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+
+    assert train_main([*set_args(TINY), "--out", str(run)]) == 0
+
+    out = capsys.readouterr().out
+    assert f"{run} holds an earlier run, kept as it is; this run writes to {run}-2" in out
+    assert snapshot(run) == before
+    assert (tmp_path / "default-2" / "student.pt").is_file()
+    assert f"out: {run}-2" in (tmp_path / "default-2" / "config.yaml").read_text()

@@ -110,7 +110,7 @@ def undone(modules: Sequence[nn.Module]) -> Iterator[None]:
     each state dict (parameters and buffers), every gradient, every module's train / eval mode, and the
     torch (CPU and CUDA), Python and NumPy generators."""
     states = [{k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()} for m in modules]
-    grads = [{p: p.grad for p in m.parameters()} for m in modules]
+    grads = [{p: None if p.grad is None else p.grad.clone() for p in m.parameters()} for m in modules]
     modes = [{sub: sub.training for sub in m.modules()} for m in modules]
     rng = _rng_states()
     try:

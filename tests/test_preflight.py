@@ -1,0 +1,202 @@
+"""kdfast.train.preflight and kdfast.train.rundir: the checks before a run writes, the probe that leaves no
+trace, and where a new run goes when the output folder already holds one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import VisionTransformer
+
+from kdfast.errors import CheckpointError, UsageError
+from kdfast.train import preflight, rundir
+from kdfast.train.loop import _changed_keys
+
+
+def _net() -> nn.Module:
+    """Conv, BatchNorm and dropout: a training step changes parameters, running statistics and draws."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 4),
+    )
+    net[5].bias.data.uniform_(-0.5, 0.5)
+    return net
+
+
+def _state(net: nn.Module) -> dict:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_undone_restores_weights_buffers_grads_modes_and_every_generator() -> None:
+    net = _net()
+    net.eval()
+    net[0].weight.grad = torch.full_like(net[0].weight, 0.25)
+    before, grad = _state(net), net[0].weight.grad.clone()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+
+    with preflight.undone([net]):
+        net.train()
+        loss = F.cross_entropy(net(torch.randn(5, 3, 6, 6)), torch.tensor([0, 1, 2, 3, 0]))
+        loss.backward()
+        optimizer.step()
+        random.random(), np.random.rand()
+        assert not torch.equal(net[1].running_mean, before["1.running_mean"])  # the step did change things
+
+    after = _state(net)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(net[0].weight.grad, grad) and net[5].weight.grad is None
+    assert not any(m.training for m in net.modules())
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert np.array_equal(np.random.get_state()[1], rng[2])
+
+
+def test_a_probe_step_leaves_the_next_training_step_bit_identical() -> None:
+    images, labels = torch.randn(6, 3, 6, 6), torch.tensor([0, 1, 2, 3, 0, 1])
+
+    def train_once(probe_first: bool) -> dict:
+        net = _net()
+        torch.manual_seed(11)
+        step = lambda x, y: (F.cross_entropy(net(x), y), {})  # noqa: E731
+        if probe_first:
+            preflight.probe_step("teacher", step, [net], images, labels, contextlib.nullcontext)
+        net.train()
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+        for _ in range(2):
+            loss = step(images, labels)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return _state(net)
+
+    plain, probed = train_once(False), train_once(True)
+    assert all(torch.equal(plain[k], probed[k]) for k in plain)
+
+
+def test_probe_failures_are_one_line_naming_the_stage_and_a_nan_loss() -> None:
+    net = _net()
+    images, labels = torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 2, 3])  # 5x5 does not fit Linear(8 * 36)
+    step = lambda x, y: (F.cross_entropy(net(x), y), {})  # noqa: E731
+    with pytest.raises(
+        UsageError, match=r"^the baseline stage fails on a probe batch of 4 training images: RuntimeError"
+    ):
+        preflight.probe_step("baseline", step, [net], images, labels, contextlib.nullcontext)
+    nan_step = lambda x, y: (net(x).sum() * float("nan"), {})  # noqa: E731
+    with pytest.raises(UsageError, match="loss is nan before any training: check data.mean and data.std"):
+        preflight.probe_step(
+            "teacher", nan_step, [net], torch.randn(4, 3, 6, 6), labels, contextlib.nullcontext
+        )
+
+
+def test_input_size_of_fixed_size_vits_is_checked_against_data_image_size() -> None:
+    tv = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    flexible = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, dynamic_img_size=True
+    )
+    assert preflight.built_input_size(tv) == (32, 32, "image_size")
+    assert preflight.built_input_size(vit) == (32, 32, "img_size")
+    assert preflight.built_input_size(flexible) is None and preflight.built_input_size(_net()) is None
+    preflight.check_input_size(vit, 32, "student", "vit_tiny")
+    with pytest.raises(
+        UsageError,
+        match=r"data.image_size=48 does not fit the student \(vit_tiny\), built for 32x32.*"
+        r"student.arch.kwargs.img_size=48",
+    ):
+        preflight.check_input_size(vit, 48, "student", "vit_tiny")
+    with pytest.raises(AssertionError):  # what the check spares the user: timm's own assertion mid-run
+        vit(torch.randn(1, 3, 48, 48))
+
+
+def test_data_needs_two_classes_two_training_images_and_a_validation_image() -> None:
+    ten = [str(i) for i in range(10)]
+    preflight.check_data(range(2), range(1), ten, 64, 1, "digits")
+    with pytest.raises(UsageError, match="1 class"):
+        preflight.check_data(range(50), range(5), ["cat"], 64, 1, "imagefolder")
+    with pytest.raises(UsageError, match="holds 1 image"):
+        preflight.check_data(range(1), range(5), ten, 64, 1, "digits")
+    with pytest.raises(UsageError, match="validation split is empty"):
+        preflight.check_data(range(50), range(0), ten, 64, 1, "digits")
+    with pytest.raises(UsageError, match="do not fill one batch on each of 2 processes"):
+        preflight.check_data(range(100), range(5), ten, 64, 2, "digits")
+
+
+def test_metrics_drop_a_torn_last_line_and_refuse_a_damaged_middle(tmp_path) -> None:
+    rows = [{"stage": "teacher", "epoch": e, "split": "val"} for e in (1, 2)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "tea')
+    assert preflight.read_metrics(path) == rows
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"stage": "tea' + "\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(UsageError, match="line 2 is not a kdfast metrics row"):
+        preflight.read_metrics(path)
+
+
+def test_state_files_must_be_kdfast_resume_states_of_their_own_stage(tmp_path) -> None:
+    state = {key: 0 for key in preflight.STATE_KEYS} | {"stage": "baseline", "epoch": 2}
+    torch.save(state, tmp_path / "state_baseline.pt")
+    assert preflight.read_state(tmp_path / "state_baseline.pt")["epoch"] == 2
+    torch.save(state, tmp_path / "state_distill.pt")
+    with pytest.raises(CheckpointError, match="records stage 'baseline' epoch 2, not its own"):
+        preflight.read_state(tmp_path / "state_distill.pt")
+    torch.save({"model": {}}, tmp_path / "state_teacher.pt")
+    with pytest.raises(CheckpointError, match="not a kdfast resume state"):
+        preflight.read_state(tmp_path / "state_teacher.pt")
+    net = _net()
+    with pytest.raises(CheckpointError, match="has another shape at '0.weight'"):
+        preflight.check_fits(
+            tmp_path / "x.pt", {**net.state_dict(), "0.weight": torch.zeros(1)}, net, "model"
+        )
+
+
+def test_a_new_run_takes_the_first_free_numbered_folder_and_overwrite_removes_only_run_files(
+    tmp_path,
+) -> None:
+    runs = tmp_path / "runs"
+    fresh = runs / "default"
+    assert rundir.plan(fresh, overwrite=False) == fresh  # nothing there yet
+    fresh.mkdir(parents=True)
+    (fresh / "notes.txt").write_text("mine")
+    assert rundir.plan(fresh, overwrite=False) == fresh  # a folder without a run's files is free
+    (fresh / "state_teacher.pt").write_bytes(b"x")  # a run killed in its first stage is a run
+    assert rundir.plan(fresh, overwrite=False) == runs / "default-2"
+    (runs / "default-2").mkdir()
+    (runs / "default-3").write_text("a file")
+    assert rundir.plan(fresh, overwrite=False) == runs / "default-4"
+    # another run took default-4 between the plan and the claim: the next number
+    planned = rundir.plan(fresh, overwrite=False)
+    (runs / "default-4").mkdir()
+    assert rundir.claim(planned, fresh, overwrite=False) == runs / "default-5"
+    assert sorted(p.name for p in fresh.iterdir()) == ["notes.txt", "state_teacher.pt"]
+
+    (fresh / "tensorboard").mkdir()
+    assert rundir.claim(rundir.plan(fresh, overwrite=True), fresh, overwrite=True) == fresh
+    assert sorted(p.name for p in fresh.iterdir()) == ["notes.txt"]
+
+
+def test_output_folders_that_cannot_be_written(tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        rundir.check_writable(tmp_path / "file", "--out")
+    with pytest.raises(UsageError, match="file is a file, not a folder"):
+        rundir.check_writable(tmp_path / "file" / "run", "--out")
+    rundir.check_writable(tmp_path / "new" / "run", "--out")
+    assert not (tmp_path / "new").exists()
+
+
+def test_changed_keys_name_what_a_resumed_run_records() -> None:
+    old = {"data": {"batch_size": 64, "mean": None}, "runtime": {"threads": "auto"}}
+    new = {"data": {"batch_size": 32, "mean": None}, "runtime": {"threads": 1, "progress": False}}
+    assert _changed_keys(old, new) == ["data.batch_size=32", "runtime.threads=1", "runtime.progress=False"]
+    assert _changed_keys(new, new) == []
