@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-import kernels
 from kdfast.atomic import atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, config_text, load_config
@@ -44,11 +43,10 @@ from kdfast.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
 from kdfast.evaluate import evaluate
 from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
-from kdfast.methods.features import cls_attention_map, spatial_feature, tap_qkv, tap_tensor
 from kdfast.models import build_model
-from kdfast.plots import background_cells, background_share, plot_attention_grid, plot_training_curves
+from kdfast.plots import plot_training_curves
 from kdfast.taps import Taps
-from kdfast.train import preflight, rundir
+from kdfast.train import pictures, preflight, rundir
 
 STAGES = ("teacher", "baseline", "distill")
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
@@ -682,86 +680,6 @@ def results_table(results: dict[str, dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _tap_map(name: str, kind: str, taps: dict, size: tuple[int, int], impl: str) -> tuple[str, Tensor]:
-    """A teacher tap's own map on the ``size`` grid: an attention tap's CLS attention (AGKD eq. 2, ViT part),
-    a feature tap's energy mean_c |F_c|^2 (eq. 2, VGG part)."""
-    if kind == "attention":
-        return f"teacher {name}\n(CLS attention)", cls_attention_map(tap_qkv(taps, name), size, impl=impl)
-    feature = spatial_feature(tap_tensor(taps, name, "teacher"), name).float()
-    return f"teacher {name}\n(feature energy)", kernels.attention_map(feature, size, impl=impl)
-
-
-def _attention_rows(
-    student: Taps, teacher: Taps, loss_fn: DistillationLoss, images: Tensor, run: Run
-) -> list[tuple[str, Tensor]]:
-    """(name, (B, h, w) maps) for the picture: each teacher tap on its own (:func:`_tap_map`), the teacher
-    map the student is trained toward when it combines several, and the distilled student's map, from the
-    first pair of ``loss_fn.maps``; none when the methods draw no maps."""
-    with torch.no_grad():
-        _, teacher_taps = teacher(images)
-        _, student_taps = student(images)
-        pairs = loss_fn.maps(student_taps, teacher_taps)
-        if not pairs:
-            return []
-        student_maps, teacher_maps = pairs[0]
-        size = tuple(teacher_maps.shape[-2:])
-        rows = []
-        for name, spec in run.cfg.teacher.taps.items():
-            try:  # a tap without such a map (an attention tap without a class token) has no row
-                rows.append(_tap_map(name, spec.kind, teacher_taps, size, run.cfg.runtime.kernels))
-            except UsageError:
-                continue
-        if not any(torch.allclose(maps, teacher_maps) for _, maps in rows):
-            rows.append(("teacher, combined\n(the target)", teacher_maps))
-        rows.append(("distilled student", student_maps))
-    return [(name, maps.float().cpu()) for name, maps in rows]
-
-
-def _attention_picture(student: Taps, teacher: Taps, loss_fn: DistillationLoss, run: Run) -> dict[str, float]:
-    """attention.png: the maps of :func:`_attention_rows` on the first 8 validation images, and the share of
-    each map's mass on background cells (no object there) over the first 64, in the figure and returned for
-    results.md: a ViT whose CLS attention sinks into background tokens (Darcet et al. 2024, "Vision
-    Transformers Need Registers") shows there, against the background's share of the cells."""
-    images, labels = next(iter(DataLoader(run.val_ds, batch_size=64, shuffle=False)))
-    rows = _attention_rows(student, teacher, loss_fn, images.to(run.rt.device), run)
-    if not rows:
-        return {}
-    mean, std = torch.tensor(run.info.mean).view(1, 3, 1, 1), torch.tensor(run.info.std).view(1, 3, 1, 1)
-    background = background_cells((images * std + mean).clamp(0, 1), tuple(rows[0][1].shape[-2:]))
-    shares = {name.split("\n")[0]: background_share(maps, background) for name, maps in rows}
-    cells = float(background.float().mean())
-    plot_attention_grid(
-        images[:8],
-        run.info.mean,
-        run.info.std,
-        [
-            (f"{name}\n{share:.0%} on background", maps[:8])
-            for (name, maps), share in zip(rows, shares.values(), strict=True)
-        ],
-        run.out / "attention.png",
-        labels=[run.info.classes[i] for i in labels[:8].tolist()],
-        title=f"attention as a multiple of a uniform map; share of each map's mass on background cells over "
-        f"{len(images)} validation images, where {cells:.0%} of the cells are background",
-    )
-    return {"background_cells": cells, **shares}
-
-
-def _background_table(shares: dict[str, float], images: int) -> str:
-    """The results.md section of :func:`_attention_picture`'s shares."""
-    lines = [
-        "## Attention on background",
-        "",
-        f"Share of each attention map's mass on background cells (no object), first {images} validation "
-        f"images; {shares['background_cells']:.0%} of the cells are background, so a uniform map puts that "
-        "much there.",
-        "",
-        "| map | mass on background |",
-        "| --- | ---: |",
-    ]
-    lines += [f"| {name} | {share:.1%} |" for name, share in shares.items() if name != "background_cells"]
-    return "\n".join(lines)
-
-
 def _cutmix(run: Run) -> CutMix | None:
     augment = run.cfg.data.augment
     return CutMix(run.num_classes, augment.cutmix, augment.cutmix_beta) if augment.cutmix > 0 else None
@@ -936,28 +854,39 @@ def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str
         f"{time.perf_counter() - started:.1f} s; {rt.threads} CPU thread(s)",
     )
     _claim(run, overwrite, writer)
-    out, log = run.out, run.log
     try:
         results = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
+        run.position = "writing the results (every stage had finished)"
+        if rt.dist.is_main:
+            _write_outputs(results, run, student_taps, teacher_taps, loss_fn)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"interrupted at {run.position}; every finished epoch is kept: continue with "
-            f"python -m kdfast.train --resume {out}"
+            f"python -m kdfast.train --resume {run.out}"
         ) from None
     finally:
-        log.close()
-
-    if rt.dist.is_main:
-        student.eval()
-        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
-        shares = _attention_picture(student_taps, teacher_taps, loss_fn, run)
-        table = results_table(results, cfg.loss.method)
-        extra = f"\n\n{_background_table(shares, min(64, len(val_ds)))}" if shares else ""
-        atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-        atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}{extra}\n")
-        print(table)
-        say(run, f"outputs in {out}")
+        run.log.close()
     return results
+
+
+def _write_outputs(
+    results: dict[str, dict], run: Run, student: Taps, teacher: Taps, loss_fn: CompositeLoss
+) -> None:
+    """results.json, results.md (with the attention-on-background table), curves.png, attention.png; the
+    results table on stdout."""
+    out, cfg = run.out, run.cfg
+    student.eval()
+    plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+    images, labels = next(iter(DataLoader(run.val_ds, batch_size=pictures.SHARE_IMAGES, shuffle=False)))
+    shares = pictures.attention_picture(
+        student, teacher, loss_fn, images.to(run.rt.device), labels, run.info, cfg, out / "attention.png"
+    )
+    table = results_table(results, cfg.loss.method)
+    extra = f"\n\n{pictures.background_table(shares, len(images))}" if shares else ""
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}{extra}\n")
+    print(table)
+    say(run, f"outputs in {out}")
 
 
 def _train_stages(
