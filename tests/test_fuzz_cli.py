@@ -250,6 +250,11 @@ TRAIN_CASES: dict[str, Case] = {
         lambda tmp, run: [*set_args(TINY), "--out", str(run / "results.md" / "x")], ("results.md", "a file")
     ),
     "out-empty": Case(lambda tmp, run: [*set_args(TINY), "--out", ""], ("--out", "empty")),
+    # /proc takes no new folders, for root too (root passes every permission check, so the run gets as far
+    # as creating the folder)
+    "out-unwritable": Case(
+        lambda tmp, run: [*set_args(TINY), "--out", "/proc/kdfast-fuzz"], ("/proc", "another")
+    ),
     # the command line
     "unknown-flag": Case(lambda tmp, run: ["--epochs", "3", "--out", str(run)], ("--epochs",)),
     "compile-choice": Case(lambda tmp, run: ["--compile", "maybe", "--out", str(run)], ("--compile",)),
