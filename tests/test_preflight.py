@@ -200,3 +200,15 @@ def test_changed_keys_name_what_a_resumed_run_records() -> None:
     new = {"data": {"batch_size": 32, "mean": None}, "runtime": {"threads": 1, "progress": False}}
     assert _changed_keys(old, new) == ["data.batch_size=32", "runtime.threads=1", "runtime.progress=False"]
     assert _changed_keys(new, new) == []
+
+
+@pytest.mark.parametrize(
+    ("load", "world", "threads"), [(0.2, 1, 2), (0.9, 1, 2), (1.4, 1, 1), (8.0, 1, 1), (0.0, 2, 1)]
+)
+def test_auto_threads_use_the_idle_cores(monkeypatch, load, world, threads) -> None:
+    from kdfast.train import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(loop, "TORCH_THREADS", 2)
+    assert loop.auto_threads(world) == threads

@@ -49,6 +49,7 @@ from kdfast.taps import Taps
 from kdfast.train import pictures, preflight, rundir
 
 STAGES = ("teacher", "baseline", "distill")
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (one per physical core), before any run sets it
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
 Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 ROW_FIELDS = (
@@ -112,7 +113,7 @@ def auto_threads(world_size: int) -> int:
     one (README, "Threads"); on an idle machine every core is used."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = math.floor(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(torch.get_num_threads(), (cores - busy) // world_size))
+    return max(1, min(TORCH_THREADS, (cores - busy) // world_size))
 
 
 def resolve_runtime(cfg: Config) -> Runtime:
