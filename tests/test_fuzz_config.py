@@ -19,8 +19,10 @@ from typing import Any, Literal, Union
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the dev extra installs hypothesis (pip install -e '.[dev]')")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from kdfast.config import CONFIG_DIR, DEFAULT_CONFIG, Config, config_from_dict, validate
 from kdfast.errors import ConfigError
