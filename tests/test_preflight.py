@@ -4,6 +4,7 @@ trace, and where a new run goes when the output folder already holds one."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 
@@ -12,11 +13,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torchvision.models import VisionTransformer
 
+from kdfast.config import CONFIG_DIR
 from kdfast.errors import CheckpointError, UsageError
-from kdfast.train import preflight, rundir
+from kdfast.train import main, preflight, rundir
 from kdfast.train.loop import _changed_keys
 
 
@@ -212,3 +215,66 @@ def test_auto_threads_use_the_idle_cores(monkeypatch, load, world, threads) -> N
     monkeypatch.setattr(loop.os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(loop, "TORCH_THREADS", 2)
     assert loop.auto_threads(world) == threads
+
+
+class _WithSideOptimizer(nn.Module):
+    """A loss module like CAKD's: a side network whose optimizer state lives in the module's extra state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Linear(3, 2)
+        self.optimizer = torch.optim.Adam(self.side.parameters(), lr=0.1)
+        self.steps = 0
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "optimizer": self.optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def test_undone_restores_extra_state_such_as_a_side_optimizer() -> None:
+    module = _WithSideOptimizer()
+    module.side(torch.randn(4, 3)).sum().backward()
+    module.optimizer.step()
+    module.side.zero_grad(set_to_none=True)
+    before = copy.deepcopy(module.state_dict())
+    with preflight.undone([module]):
+        module.side(torch.randn(4, 3)).sum().backward()
+        module.optimizer.step()
+        module.steps += 1
+    after = module.state_dict()
+    assert module.steps == 0
+    saved, now = (
+        before["_extra_state"]["optimizer"]["state"][0],
+        after["_extra_state"]["optimizer"]["state"][0],
+    )
+    assert all(torch.equal(saved[k], now[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(before["side.weight"], after["side.weight"])
+
+
+DIGITS_CONFIGS = [
+    path.name
+    for path in sorted(CONFIG_DIR.glob("*.yaml"))
+    if (yaml.safe_load(path.read_text()).get("data") or {}).get("name") == "digits"
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", DIGITS_CONFIGS)
+def test_every_digits_config_passes_the_checks_and_runs(config: str, tmp_path, monkeypatch) -> None:
+    """The probe must not refuse a working run: every example config on digits, through every check and
+    every stage (no training epochs, so each stage only validates and saves)."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this test process's threads alone
+    overrides = [
+        "teacher.train.epochs=0",
+        "student.train.epochs=0",
+        "data.max_train_samples=32",
+        "data.max_val_samples=16",
+        "runtime.progress=false",
+        "runtime.tensorboard=false",
+    ]
+    argv = ["--config", str(CONFIG_DIR / config), "--out", str(tmp_path / "run")]
+    assert main([*argv, *(a for o in overrides for a in ("--set", o))]) == 0
+    assert (tmp_path / "run" / "student.pt").is_file()

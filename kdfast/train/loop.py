@@ -47,11 +47,11 @@ from kdfast.models import build_model
 from kdfast.plots import plot_training_curves
 from kdfast.taps import Taps
 from kdfast.train import pictures, preflight, rundir
+from kdfast.train.preflight import Step
 
 STAGES = ("teacher", "baseline", "distill")
 TORCH_THREADS = torch.get_num_threads()  # torch's own default (one per physical core), before any run sets it
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
-Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 ROW_FIELDS = (
     "stage",
     "epoch",
@@ -782,7 +782,7 @@ def _claim(run: Run, overwrite: bool, writer: type | None) -> None:
     fresh numbered one beside an earlier run), ``config.yaml`` (on ``--resume``, rewritten only when ``--set``
     changed it) and the metrics log."""
     requested, rt = run.out, run.rt
-    out = requested
+    out, replaced = requested, bool(rundir.run_files(requested)) and overwrite
     if not run.resume and rt.dist.is_main:
         out = rundir.claim(rundir.plan(requested, overwrite), requested, overwrite)
     if rt.dist.enabled:
@@ -792,7 +792,7 @@ def _claim(run: Run, overwrite: bool, writer: type | None) -> None:
     run.out, run.cfg.out = out, str(out)
     if run.resume:
         say(run, f"resuming the run in {out}")
-    elif overwrite and out == requested:
+    elif replaced:
         say(run, f"writing to {out} (--overwrite: the earlier run there was removed)")
     elif out != requested:
         say(

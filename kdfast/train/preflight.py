@@ -11,6 +11,7 @@ would have without them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,10 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision.models.vision_transformer import VisionTransformer
 
-from kdfast.checkpoint import CheckpointError, read_torch_file
-from kdfast.errors import UsageError
+from kdfast.checkpoint import read_torch_file
+from kdfast.errors import CheckpointError, UsageError
 
-Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]  # a batch -> (loss, parts to log)
 STATE_KEYS = (
     "stage",
     "epoch",
@@ -107,20 +108,23 @@ def _set_rng_states(states: tuple[Any, ...]) -> None:
 @contextlib.contextmanager
 def undone(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Run the body, then put ``modules`` and the random generators back exactly as they were: every entry of
-    each state dict (parameters and buffers), every gradient, every module's train / eval mode, and the
-    torch (CPU and CUDA), Python and NumPy generators."""
-    states = [{k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()} for m in modules]
+    each state dict (parameters, buffers and extra state such as a side network's optimizer), every gradient,
+    every module's train / eval mode, and the torch (CPU and CUDA), Python and NumPy generators."""
+    states = [
+        {
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in m.state_dict().items()
+        }
+        for m in modules
+    ]
     grads = [{p: None if p.grad is None else p.grad.clone() for p in m.parameters()} for m in modules]
     modes = [{sub: sub.training for sub in m.modules()} for m in modules]
     rng = _rng_states()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, state in zip(modules, states, strict=True):
-                for key, value in module.state_dict(keep_vars=True).items():
-                    if key in state:
-                        value.copy_(state[key])
+        for module, state in zip(modules, states, strict=True):
+            module.load_state_dict(state)  # in place: the parameters stay the same objects
         for saved in grads:
             for param, grad in saved.items():
                 param.grad = grad
