@@ -178,7 +178,6 @@ TRAIN_CASES: dict[str, Case] = {
     "mean-one-value": Case(new_run("data.mean=[0.5]"), ("data.mean", "3 values")),
     "label_smoothing-one": Case(new_run("student.train.label_smoothing=1"), ("label_smoothing", "[0, 1)")),
     "momentum-above-one": Case(new_run("student.train.optimizer.momentum=1.5"), ("momentum", "[0, 1)")),
-    "warmup-outlasts-run": Case(new_run("student.train.schedule.warmup_epochs=5"), ("warmup_epochs", "<= 1")),
     "min_lr-above-lr": Case(new_run("student.train.schedule.min_lr=1"), ("schedule.min_lr", "<=")),
     "step_size-zero": Case(new_run("student.train.schedule.step_size=0"), ("schedule.step_size", "> 0")),
     "grad_clip-zero": Case(new_run("runtime.grad_clip=0"), ("runtime.grad_clip", "> 0")),
@@ -215,7 +214,7 @@ TRAIN_CASES: dict[str, Case] = {
             *config_file("kd_titn.yaml", KD_TITN)(tmp, run),
             *set_args(["data.batch_size=8", "data.max_train_samples=16", "data.max_val_samples=8"]),
         ],
-        ("loss.method 'kd'", "drop kd from loss.method"),
+        ("'loss.method' combines titn", "drop kd"),
     ),
     # files the command reads: --config, weights files
     "config-missing": Case(

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -17,10 +18,14 @@ import yaml
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from kdfast.config import CONFIG_DIR
+from kdfast.config import CONFIG_DIR, read_config_file
 from kdfast.errors import CheckpointError, UsageError
 from kdfast.train import main, preflight, rundir
 from kdfast.train.loop import _changed_keys
+
+
+def yaml_file(path) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 def _net() -> nn.Module:
@@ -257,24 +262,68 @@ def test_undone_restores_extra_state_such_as_a_side_optimizer() -> None:
 DIGITS_CONFIGS = [
     path.name
     for path in sorted(CONFIG_DIR.glob("*.yaml"))
-    if (yaml.safe_load(path.read_text()).get("data") or {}).get("name") == "digits"
+    if (read_config_file(path).get("data") or {}).get("name") == "digits"
+]
+# no training epochs, so each stage only validates and saves; a teacher read from another run's file is
+# trained (for 0 epochs) instead
+ZERO_EPOCHS = [
+    "teacher.weights=null",
+    "teacher.train.epochs=0",
+    "student.train.epochs=0",
+    "data.max_train_samples=32",
+    "data.max_val_samples=16",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", DIGITS_CONFIGS)
 def test_every_digits_config_passes_the_checks_and_runs(config: str, tmp_path, monkeypatch) -> None:
-    """The probe must not refuse a working run: every example config on digits, through every check and
-    every stage (no training epochs, so each stage only validates and saves)."""
+    """The probe must not refuse a working run: every example config on digits (every method, CRD's queue
+    included), through every check and every stage."""
+    covered = {"default.yaml", "crd_digits.yaml", "sokd_digits.yaml", "zoo_digits_kd.yaml"}
+    assert covered <= set(DIGITS_CONFIGS)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this test process's threads alone
-    overrides = [
-        "teacher.train.epochs=0",
-        "student.train.epochs=0",
-        "data.max_train_samples=32",
-        "data.max_val_samples=16",
-        "runtime.progress=false",
-        "runtime.tensorboard=false",
-    ]
     argv = ["--config", str(CONFIG_DIR / config), "--out", str(tmp_path / "run")]
-    assert main([*argv, *(a for o in overrides for a in ("--set", o))]) == 0
+    assert main([*argv, *(a for o in ZERO_EPOCHS for a in ("--set", o))]) == 0
     assert (tmp_path / "run" / "student.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_over_seeds_takes_its_folder_as_a_run_does(tmp_path, monkeypatch, capsys) -> None:
+    """``--seeds`` into a folder that holds a run: a fresh numbered folder with the seed folders inside, the
+    earlier run untouched; ``--resume`` of it starts the seed that had not started and keeps the finished
+    one; ``--overwrite`` replaces the seed folders too."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    sets = [a for o in ZERO_EPOCHS for a in ("--set", o)]
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = {"config.yaml": b"out: run\n", "metrics.jsonl": b'{"stage": "teacher"}\n'}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+
+    assert main(["--out", str(out), "--seeds", "0,1", *sets]) == 0
+    second = tmp_path / "run-2"
+    assert (
+        f"{out} holds an earlier run, kept as it is; this run writes to {second}" in capsys.readouterr().out
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    names = ["config.yaml", "results.json", "results.md", "seed0", "seed1"]
+    assert sorted(p.name for p in second.iterdir()) == names
+    assert json.loads((second / "results.json").read_text())["runs"] == ["seed0", "seed1"]
+    top = yaml_file(second / "config.yaml")
+    seed1 = yaml_file(second / "seed1" / "config.yaml")
+    assert (top["out"], top["seeds"]) == (str(second), [0, 1])
+    assert (seed1["out"], seed1["seed"], seed1["seeds"]) == (str(second / "seed1"), 1, None)
+
+    shutil.rmtree(second / "seed1")
+    (second / "results.json").unlink()
+    finished = (second / "seed0" / "student.pt").stat().st_mtime_ns
+    assert main(["--resume", str(second)]) == 0
+    assert (second / "seed0" / "student.pt").stat().st_mtime_ns == finished
+    assert (second / "seed1" / "student.pt").is_file() and (second / "results.json").is_file()
+
+    assert main(["--out", str(second), "--overwrite", "--seeds", "5", *sets]) == 0
+    assert sorted(p.name for p in second.iterdir()) == ["config.yaml", "results.json", "results.md", "seed5"]
+    assert not (tmp_path / "run-3").exists()

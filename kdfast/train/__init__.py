@@ -40,8 +40,10 @@ A bad input ends the command with one line that names it, exit code 2.
 
 A new run never replaces an earlier one: when the output folder already holds a run, this run writes
 to the first free numbered folder beside it (runs/default-2, runs/default-3, ...) and says so;
---overwrite replaces the earlier run instead. A run saves its state after every epoch; after Ctrl-C or
-a kill, --resume DIR continues from the last finished epoch and ends where an uninterrupted run ends."""
+--overwrite replaces the earlier run instead. With --seeds, the whole run repeats once per seed in
+DIR/seed<S>/ and DIR/results.md holds the mean and std over the seeds; DIR follows the same rules. A run
+saves its state after every epoch; after Ctrl-C or a kill, --resume DIR continues from the last finished
+epoch and ends where an uninterrupted run ends."""
 
 EPILOG = """\
 exit codes:
@@ -53,6 +55,7 @@ exit codes:
 examples:
   python -m kdfast.train
   python -m kdfast.train --config configs/mtd_digits.yaml --set student.train.epochs=5
+  python -m kdfast.train --config configs/kd_digits.yaml --seeds 0,1,2
   python -m kdfast.train --resume runs/default"""
 
 
@@ -99,12 +102,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", choices=("auto", "on", "off"), help="torch.compile the training step (runtime.compile)"
     )
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="repeat the whole run once per seed in DIR/seed<S>/ and report mean +- std (e.g. 0,1,2)",
+    )
     args = parser.parse_args(argv)
     if args.resume is not None and (args.config is not None or args.out is not None or args.overwrite):
         raise UsageError(
             "--resume DIR takes its config and output folder from DIR: drop --config / --out / --overwrite"
         )
     return args
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

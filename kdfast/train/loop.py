@@ -13,7 +13,9 @@ folder (:mod:`kdfast.train.rundir`) is created or touched.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from kdfast.atomic import atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, config_text, load_config
-from kdfast.data import CutMix, build_datasets
+from kdfast.data import batch_mix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import CheckpointError, TrainingDiverged, TrainingInterrupted, UsageError
 from kdfast.evaluate import evaluate
@@ -45,6 +47,7 @@ from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
 from kdfast.plots import plot_training_curves
+from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
 from kdfast.train import pictures, preflight, rundir
 from kdfast.train.preflight import Step
@@ -72,6 +75,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     if args.compile is not None:
         overrides.append(f"runtime.compile={ {'auto': 'auto', 'on': 'true', 'off': 'false'}[args.compile] }")
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
     if args.resume is not None:
         folder = Path(args.resume)
         if not (folder / "config.yaml").is_file():
@@ -216,6 +221,7 @@ class Run:
     stages: list[str] = field(default_factory=list)  # the stages this run trains, in order
     log: MetricsLog | None = None  # created once the checks passed and the output folder is claimed
     position: str = "before the first training step"  # where Ctrl-C found the run
+    resume_dir: Path | None = None  # what --resume takes to continue: the output folder, or its seeds folder
 
     @property
     def num_classes(self) -> int:
@@ -223,7 +229,7 @@ class Run:
 
 
 def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix-soft targets."""
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
@@ -251,7 +257,8 @@ def lr_factor(
     schedule: ScheduleConfig, epochs: int, steps_per_epoch: int, base_lr: float
 ) -> Callable[[int], float]:
     """Per-step multiplier of the base lr: linear warmup over ``warmup_epochs``, then cosine decay to
-    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, or constant."""
+    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, decay by ``gamma``
+    at each of the ``milestones`` epochs (as ``MultiStepLR`` stepped once per epoch), or constant."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
     floor = schedule.min_lr / base_lr
@@ -264,20 +271,40 @@ def lr_factor(
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if schedule.name == "step":
             return schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+        if schedule.name == "multistep":
+            return schedule.gamma ** bisect.bisect_right(schedule.milestones, step // steps_per_epoch)
         return 1.0
 
     return factor
 
 
+def param_groups(model: nn.Module, extra: DistillationLoss) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter of ``model`` and of the loss module
+    ``extra``, those that ``extra.no_weight_decay()`` names (MTD's task weights) in a second group with weight
+    decay 0 (present only when it has any)."""
+    exempt = extra.no_weight_decay()
+    named = [(name, p) for name, p in extra.named_parameters() if p.requires_grad]
+    decayed = [p for p in model.parameters() if p.requires_grad]
+    decayed += [p for name, p in named if name not in exempt]
+    free = [p for name, p in named if name in exempt]
+    return [{"params": decayed}, *([{"params": free, "weight_decay": 0.0}] if free else [])]
+
+
 def make_optimizer(
-    params: list[nn.Parameter], stage: StageConfig, device: torch.device
+    params: list[nn.Parameter] | list[dict[str, Any]], stage: StageConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD, fused kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
+    """Adam / AdamW / SGD over ``params`` (parameters, or groups as :func:`param_groups` gives them), fused
+    kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
     opt = stage.optimizer
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
         return torch.optim.SGD(
-            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **fast
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+            **fast,
         )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, **fast)
@@ -353,11 +380,11 @@ def _val_loader(run: Run) -> DataLoader:
     )
 
 
-def _batches(loader: DataLoader, run: Run, cutmix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
     for images, labels in loader:
         targets: Tensor = labels
-        if cutmix is not None:
-            images, targets = cutmix(images, labels)
+        if mix is not None:
+            images, targets = mix(images, labels)
         images = images.to(run.rt.device, non_blocking=True)
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -399,7 +426,7 @@ def train_stage(
     state_path = run.out / f"state_{stage}.pt"
     loss_params = [p for p in extra.parameters() if p.requires_grad] if rt.dist.enabled else []
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, stage_cfg, rt.device)
+    optimizer = make_optimizer(param_groups(model, extra), stage_cfg, rt.device)
     generator = torch.Generator()
     loader = _train_loader(run, generator)
     steps_per_epoch = len(loader)
@@ -429,14 +456,12 @@ def train_stage(
         random.seed(cfg.seed + rt.dist.rank)
     log.keep_only(lambda row: row["stage"] != stage or row["epoch"] <= epoch0)
     run_step = torch.compile(step_fn) if rt.compile else step_fn
-    cutmix = None
-    if cfg.data.augment.cutmix > 0:
-        cutmix = CutMix(run.num_classes, cfg.data.augment.cutmix, cfg.data.augment.cutmix_beta)
+    mix = batch_mix(cfg.data.augment, run.num_classes)
     clip = cfg.runtime.grad_clip
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
         extra.train()
-        extra.start_epoch(epoch)
+        extra.start_epoch(epoch, stage_cfg.epochs)
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
@@ -449,7 +474,7 @@ def train_stage(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, targets in _batches(loader, run, cutmix):
+        for images, targets in _batches(loader, run, mix):
             run.position = f"stage {stage} epoch {epoch + 1}/{stage_cfg.epochs} step {step + 1}"
             with rt.autocast():
                 loss, parts = run_step(images, targets)
@@ -495,7 +520,7 @@ def train_stage(
         speed = seen * rt.dist.world_size / (time.perf_counter() - started)
         batches = steps_per_epoch * rt.dist.world_size
         means = {k: float(all_reduce_sum(v.reshape(1).double(), rt.dist)) / batches for k, v in sums.items()}
-        metrics = validate_model(model, run)
+        validation = validate_model(model, run)
         lr = scheduler.get_last_lr()[0]
         train_loss = means.pop("loss")
         log.write(
@@ -515,12 +540,19 @@ def train_stage(
             step=step,
             split="val",
             scope="epoch",
-            loss=metrics["loss"],
+            loss=validation["loss"],
             lr=lr,
-            top1=metrics["top1"],
-            top5=metrics["top5"],
+            top1=validation["top1"],
+            top5=validation["top5"],
         )
-        metrics = {**metrics, "train_loss": train_loss, "epochs": epoch + 1}
+        metrics = stage_metrics(
+            metrics,
+            validation,
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            images_per_s=speed,
+            seconds=time.perf_counter() - started,
+        )
         rngs = _gather_rng(rt.dist)
         if rt.dist.is_main:
             state = {
@@ -569,7 +601,7 @@ def _diverged(value: float, stage: str, epoch: int, step: int, state_path: Path,
         advice.append("set runtime.amp=fp32")
     return (
         f"loss became {value} at stage {stage} epoch {epoch + 1} step {step + 1}; {kept}: "
-        f"{', '.join(advice)}, then continue with --resume {run.out}"
+        f"{', '.join(advice)}, then continue with --resume {run.resume_dir}"
     )
 
 
@@ -666,33 +698,13 @@ def run_stage(
     return metrics
 
 
-def results_table(results: dict[str, dict], methods: list[str]) -> str:
-    """The Markdown table of results.md and the final printout."""
-    names = {
-        "teacher": "teacher",
-        "baseline": "baseline student (CE only)",
-        "student": f"distilled student ({' + '.join(m.upper() for m in methods)})",
-    }
-    lines = ["| model | arch | params | top-1 (%) | top-5 (%) |", "| --- | --- | ---: | ---: | ---: |"]
-    for key, row in results.items():
-        lines.append(
-            f"| {names[key]} | {row['arch']} | {row['params']:,} | {row['top1']:.2f} | {row['top5']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def _cutmix(run: Run) -> CutMix | None:
-    augment = run.cfg.data.augment
-    return CutMix(run.num_classes, augment.cutmix, augment.cutmix_beta) if augment.cutmix > 0 else None
-
-
 def _probe_batch(run: Run) -> tuple[Tensor, Tensor]:
-    """The first training batch as the loop would see it (its size, augmentation, CutMix targets), drawn with
-    every random generator put back afterwards."""
+    """The first training batch as the loop would see it (its size, augmentation, CutMix / Mixup targets),
+    drawn with every random generator put back afterwards."""
     size = min(run.cfg.data.batch_size, len(run.train_ds) // run.rt.dist.world_size)
     loader = DataLoader(Subset(run.train_ds, range(size)), batch_size=size)
     with preflight.undone([]):
-        return next(_batches(loader, run, _cutmix(run)))
+        return next(_batches(loader, run, batch_mix(run.cfg.data.augment, run.num_classes)))
 
 
 def _probe(
@@ -777,47 +789,63 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}={new}"]
 
 
-def _claim(run: Run, overwrite: bool, writer: type | None) -> None:
-    """The first write of a run, once every check passed: the output folder (:mod:`kdfast.train.rundir`: a
-    fresh numbered one beside an earlier run), ``config.yaml`` (on ``--resume``, rewritten only when ``--set``
-    changed it) and the metrics log."""
-    requested, rt = run.out, run.rt
+def _claim_folder(
+    requested: Path, cfg: Config, resume: bool, overwrite: bool, say_line: Callable[[str], None]
+) -> Path:
+    """Rank 0's first write of a run, once every check passed: the output folder (:mod:`kdfast.train.rundir`:
+    a fresh numbered one beside an earlier run, the earlier run removed with ``overwrite``) and its
+    ``config.yaml`` (on ``--resume``, rewritten only when ``--set`` changed it). Returns the folder."""
     out, replaced = requested, bool(rundir.run_files(requested)) and overwrite
-    if not run.resume and rt.dist.is_main:
+    if not resume:
         out = rundir.claim(rundir.plan(requested, overwrite), requested, overwrite)
+    cfg.out = str(out)
+    if resume:
+        say_line(f"resuming the run in {out}")
+    elif replaced:
+        say_line(f"writing to {out} (--overwrite: the earlier run there was removed)")
+    elif out != requested:
+        say_line(
+            f"{requested} holds an earlier run, kept as it is; this run writes to {out} "
+            "(--overwrite would replace the earlier one)"
+        )
+    else:
+        say_line(f"writing to {out}")
+    saved = out / "config.yaml"
+    changed = _changed_keys(yaml.safe_load(saved.read_text()), cfg.to_dict()) if resume else ["*"]
+    if changed:
+        if resume:
+            say_line(f"  {saved} now records {', '.join(changed)}")
+        atomic_write(saved, config_text(cfg))
+    return out
+
+
+def _claim(run: Run, overwrite: bool, writer: type | None, parent: Callable[[bool], Path] | None) -> None:
+    """Claim the run's output folder on rank 0 (:func:`_claim_folder`; inside ``parent(is_main)`` for a seed
+    of a run over seeds), share it with every rank and open the metrics log."""
+    rt = run.rt
+    out = run.out if parent is None else parent(rt.dist.is_main) / run.out.name
+    if rt.dist.is_main:
+        out = _claim_folder(out, run.cfg, run.resume, overwrite, functools.partial(say, run))
     if rt.dist.enabled:
         shared = [str(out)]
         torch_dist.broadcast_object_list(shared, src=0)
         out = Path(shared[0])
     run.out, run.cfg.out = out, str(out)
-    if run.resume:
-        say(run, f"resuming the run in {out}")
-    elif replaced:
-        say(run, f"writing to {out} (--overwrite: the earlier run there was removed)")
-    elif out != requested:
-        say(
-            run,
-            f"{requested} holds an earlier run, kept as it is; this run writes to {out} "
-            "(--overwrite would replace the earlier one)",
-        )
-    else:
-        say(run, f"writing to {out}")
-    if rt.dist.is_main:
-        text = config_text(run.cfg)
-        saved = out / "config.yaml"
-        changed = _changed_keys(yaml.safe_load(saved.read_text()), run.cfg.to_dict()) if run.resume else ["*"]
-        if changed:
-            if run.resume:
-                say(run, f"  {saved} now records {', '.join(changed)}")
-            atomic_write(saved, text)
+    run.resume_dir = out if parent is None else out.parent
     barrier(rt.dist)
     run.log = MetricsLog(out / "metrics.jsonl", rt.dist.is_main, writer)
 
 
-def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, dict]:
+def run_training(
+    cfg: Config,
+    resume: bool,
+    overwrite: bool = False,
+    parent: Callable[[bool], Path] | None = None,
+) -> dict[str, Any]:
     """Build everything and check it (:mod:`kdfast.train.preflight`), claim the output folder, then run the
-    stages (teacher, baseline, distill) and write the outputs; returns the results table rows. Nothing is
-    written before every check passed."""
+    stages (teacher, baseline, distill) and write the outputs; returns the run's ``results.json``. Nothing is
+    written before every check passed. A seed of a run over seeds gives ``parent``: called on every rank once
+    the checks passed, it returns the (claimed) seeds folder this run's folder goes into."""
     started = time.perf_counter()
     rt = resolve_runtime(cfg)
     # config.yaml records the thread count chosen for "auto": float sums, and so the results, depend on it,
@@ -854,16 +882,17 @@ def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str
         f"{len(info.classes)} classes), the models and a probe step of each stage in "
         f"{time.perf_counter() - started:.1f} s; {rt.threads} CPU thread(s)",
     )
-    _claim(run, overwrite, writer)
+    _claim(run, overwrite, writer, parent)
     try:
-        results = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
+        rows = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
+        results = run_results(rows, data=cfg.data.name, methods=cfg.loss.method)
         run.position = "writing the results (every stage had finished)"
         if rt.dist.is_main:
             _write_outputs(results, run, student_taps, teacher_taps, loss_fn)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"interrupted at {run.position}; every finished epoch is kept: continue with "
-            f"python -m kdfast.train --resume {run.out}"
+            f"python -m kdfast.train --resume {run.resume_dir}"
         ) from None
     finally:
         run.log.close()
@@ -871,22 +900,20 @@ def run_training(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str
 
 
 def _write_outputs(
-    results: dict[str, dict], run: Run, student: Taps, teacher: Taps, loss_fn: CompositeLoss
+    results: dict[str, Any], run: Run, student: Taps, teacher: Taps, loss_fn: CompositeLoss
 ) -> None:
     """results.json, results.md (with the attention-on-background table), curves.png, attention.png; the
     results table on stdout."""
     out, cfg = run.out, run.cfg
     student.eval()
-    plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+    if (out / "metrics.jsonl").is_file():  # a run of 0 epochs logs no rows: no curves to draw
+        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
     images, labels = next(iter(DataLoader(run.val_ds, batch_size=pictures.SHARE_IMAGES, shuffle=False)))
     shares = pictures.attention_picture(
         student, teacher, loss_fn, images.to(run.rt.device), labels, run.info, cfg, out / "attention.png"
     )
-    table = results_table(results, cfg.loss.method)
-    extra = f"\n\n{pictures.background_table(shares, len(images))}" if shares else ""
-    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}{extra}\n")
-    print(table)
+    notes = pictures.background_table(shares, len(images)) if shares else ""
+    print(write_results(out, results, notes))
     say(run, f"outputs in {out}")
 
 
@@ -952,11 +979,50 @@ def _train_stages(
     return results
 
 
-def train_command(args: argparse.Namespace) -> dict[str, dict]:
+def run_seeds(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, Any]:
+    """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, checked
+    before it writes, resumed where it stopped), then the mean and standard deviation over seeds in
+    ``out/results.json`` and ``out/results.md``. The data split stays the one of ``cfg.seed``
+    (``data.split_seed``), so the seeds change the initialization, the data order and the augmentation, and a
+    fixed teacher never saw a seed's validation images.
+
+    ``out`` itself follows the rules of a single run (:mod:`kdfast.train.rundir`): it is claimed (a fresh
+    numbered folder beside an earlier run, or the earlier run removed with ``overwrite``) only once the first
+    seed's run has passed every check, and with it ``out/config.yaml`` is written."""
+    requested = Path(cfg.out)
+    rundir.check_writable(requested, "--resume" if resume else "--out")
+    split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    data = dataclasses.replace(cfg.data, split_seed=split_seed)
+    claimed: list[Path] = []
+
+    def parent(is_main: bool) -> Path:
+        """The seeds folder, claimed on rank 0 once the first seed's run passed its checks."""
+        if not claimed:
+            claimed.append(
+                _claim_folder(requested, cfg, resume, overwrite, tqdm.write) if is_main else requested
+            )
+        return claimed[0]
+
+    top, runs = requested, {}
+    for seed in cfg.seeds:
+        folder = top / f"seed{seed}"
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
+        runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file(), parent=parent)
+        top = Path(one.out).parent
+    results = seeds_results(runs)
+    if int(os.environ.get("RANK", "0")) == 0:  # as torchrun numbers the processes
+        print(write_results(top, results))
+        tqdm.write(f"outputs of the {len(runs)} seeds in {top}")
+    return results
+
+
+def train_command(args: argparse.Namespace) -> dict[str, Any]:
     """What ``python -m kdfast.train`` does once its arguments are parsed (:func:`kdfast.train.main` maps the
     errors to exit codes)."""
     try:
         cfg = load_run_config(args)
+        if cfg.seeds:
+            return run_seeds(cfg, resume=args.resume is not None, overwrite=args.overwrite)
         return run_training(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     finally:
         shutdown_distributed()

@@ -2,11 +2,11 @@
 ever replaced by accident.
 
 A folder holds a run when it holds any file a run writes (:data:`RUN_FILES`, ``state_<stage>.pt``, the
-``tensorboard`` folder), finished or not. A new run never writes into such a folder: it takes the first
-numbered folder beside it that does not exist yet (``runs/default`` -> ``runs/default-2`` ->
-``runs/default-3``), unless ``--overwrite`` asks to replace the earlier run, whose files are then removed.
-Nothing here creates or removes anything before :func:`claim` is called, after every check of the run has
-passed.
+``tensorboard`` folder, a run over seeds' ``seed<N>`` folders), finished or not. A new run never writes into
+such a folder: it takes the first numbered folder beside it that does not exist yet (``runs/default`` ->
+``runs/default-2`` -> ``runs/default-3``), unless ``--overwrite`` asks to replace the earlier run, whose files
+are then removed. Nothing here creates or removes anything before :func:`claim` is called, after every check
+of the run has passed.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ RUN_FILES = (
 
 
 def run_files(folder: Path) -> list[Path]:
-    """The files (and the tensorboard folder) of a run inside ``folder``, in a fixed order."""
+    """A run's files in ``folder`` (with the tensorboard and ``seed<N>`` folders), in a fixed order."""
     if not folder.is_dir():
         return []
     named = [folder / name for name in RUN_FILES if (folder / name).exists()]
-    return named + sorted(folder.glob("state_*.pt"))
+    seeds = [p for p in sorted(folder.glob("seed*")) if p.is_dir() and p.name[4:].isdigit()]
+    return named + sorted(folder.glob("state_*.pt")) + seeds
 
 
 def _numbered(folder: Path, n: int) -> Path:
