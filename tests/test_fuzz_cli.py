@@ -26,6 +26,7 @@ from PIL import Image
 from test_train import TINY, set_args
 
 from export.trt import main as export_main
+from kdfast.compare import main as compare_main
 from kdfast.train import main as train_main
 
 
@@ -388,15 +389,51 @@ def _zip() -> bytes:
 
 
 def _run(case: Case, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    code = (train_main if case.command == "train" else export_main)(argv)
+    code = {"train": train_main, "export": export_main, "compare": compare_main}[case.command](argv)
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", [*TRAIN_CASES, *EXPORT_CASES])
+def compare_run(out: str = "{tmp}/compare") -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, run: [str(run), "--out", out]
+
+
+# python -m kdfast.compare on the earlier (finished) run
+COMPARE_CASES: dict[str, Case] = {
+    "compare-results-random-bytes": Case(
+        compare_run(),
+        ("results.json", "not JSON"),
+        damage("results.json", lambda t, r: os.urandom(512)),
+        "compare",
+    ),
+    "compare-results-truncated": Case(
+        compare_run(),
+        ("results.json", "not JSON"),
+        damage("results.json", _truncated("results.json")),
+        "compare",
+    ),
+    "compare-results-a-list": Case(
+        compare_run(),
+        ("results.json", "kdfast.results/1"),
+        damage("results.json", lambda t, r: "[1, 2]\n"),
+        "compare",
+    ),
+    "compare-out-is-a-file": Case(
+        compare_run(), ("{tmp}/compare", "is a file"), lambda t, r: _write(t / "compare", "notes"), "compare"
+    ),
+    "compare-out-under-a-file": Case(
+        compare_run("{tmp}/notes/compare"),
+        ("notes", "is a file"),
+        lambda t, r: _write(t / "notes", "x"),
+        "compare",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*TRAIN_CASES, *EXPORT_CASES, *COMPARE_CASES])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     name: str, finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    case = {**TRAIN_CASES, **EXPORT_CASES}[name]
+    case = {**TRAIN_CASES, **EXPORT_CASES, **COMPARE_CASES}[name]
     run = tmp_path / "earlier"
     shutil.copytree(finished_run, run)
     if case.resumable:
