@@ -1007,7 +1007,16 @@ def run_seeds(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, A
     for seed in cfg.seeds:
         folder = top / f"seed{seed}"
         one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
-        runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file(), parent=parent)
+        started = resume and (folder / "config.yaml").is_file()
+        try:
+            runs[seed] = run_training(one, resume=started, parent=parent)
+        except KeyboardInterrupt:  # in a seed's checks, before it wrote anything
+            if not runs:
+                raise
+            raise TrainingInterrupted(
+                f"interrupted before seed {seed} started; the seeds before it are kept: continue with "
+                f"python -m kdfast.train --resume {top}"
+            ) from None
         top = Path(one.out).parent
     results = seeds_results(runs)
     if int(os.environ.get("RANK", "0")) == 0:  # as torchrun numbers the processes
