@@ -210,6 +210,19 @@ TRAIN_CASES: dict[str, Case] = {
         new_run("student.taps.mid.path=blocks.22"), ("student.taps.mid.path", "'blocks.2'")
     ),
     "tap-kind-wrong": Case(new_run("teacher.taps.vit.kind=feature"), ("vit",)),
+    "seeds-not-integers": Case(
+        lambda tmp, run: [*new_run()(tmp, run), "--seeds", "0,x"], ("--seeds", "0,1,2")
+    ),
+    "seeds-repeated": Case(
+        lambda tmp, run: [*new_run()(tmp, run), "--seeds", "1,1"], ("'seeds'", "distinct")
+    ),
+    "seeds-negative": Case(new_run("seeds=[0, -3]"), ("seeds", ">= 0")),
+    "seeds-huge": Case(new_run("seeds=[4294967296]"), ("seeds", "2**32")),
+    "seeds-on-resume-of-one-run": Case(
+        lambda tmp, run: [*resume()(tmp, run), "--seeds", "0,1"],
+        ("seeds", "single run", "--out"),
+        resumable=True,
+    ),
     "kd-with-titn": Case(
         lambda tmp, run: [
             *config_file("kd_titn.yaml", KD_TITN)(tmp, run),

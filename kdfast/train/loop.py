@@ -83,6 +83,11 @@ def load_run_config(args: argparse.Namespace) -> Config:
             what = "does not exist" if not folder.exists() else "holds no config.yaml"
             raise UsageError(f"--resume {folder} {what}: give the output folder of a run")
         cfg = load_config(folder / "config.yaml", overrides)
+        if (load_config(folder / "config.yaml").seeds is None) != (cfg.seeds is None):
+            raise UsageError(
+                f"--resume {folder}: seeds cannot turn a single run into a run over seeds or back: "
+                "start a new run with --out instead"
+            )
         cfg.out = str(folder)
         return cfg
     cfg = load_config(args.config, overrides)
