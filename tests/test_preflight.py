@@ -327,3 +327,33 @@ def test_a_run_over_seeds_takes_its_folder_as_a_run_does(tmp_path, monkeypatch, 
     assert main(["--out", str(second), "--overwrite", "--seeds", "5", *sets]) == 0
     assert sorted(p.name for p in second.iterdir()) == ["config.yaml", "results.json", "results.md", "seed5"]
     assert not (tmp_path / "run-3").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["crd_digits.yaml", "cakd_digits.yaml"])
+def test_the_probe_leaves_a_stateful_method_run_bit_identical(config: str, tmp_path, monkeypatch) -> None:
+    """CRD's queue and Z^, CAKD's side networks and their optimizer: a run with the probe steps ends with the
+    same student weights, bit for bit, as the same run without them (without the undo, CRD's differ)."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    sets = [
+        "teacher.weights=null",
+        "teacher.train.epochs=0",
+        "student.train.epochs=1",
+        "baseline=false",
+        "data.max_train_samples=48",
+        "data.max_val_samples=16",
+        "data.batch_size=16",
+        "runtime.progress=false",
+        "runtime.tensorboard=false",
+    ]
+    argv = ["--config", str(CONFIG_DIR / config), *(a for o in sets for a in ("--set", o))]
+    assert main([*argv, "--out", str(tmp_path / "probed")]) == 0
+    monkeypatch.setattr(preflight, "probe_step", lambda *args: None)
+    monkeypatch.setattr(preflight, "probe_distillation", lambda *args: None)
+    assert main([*argv, "--out", str(tmp_path / "unprobed")]) == 0
+
+    probed = torch.load(tmp_path / "probed" / "student.pt", weights_only=True)["state_dict"]
+    unprobed = torch.load(tmp_path / "unprobed" / "student.pt", weights_only=True)["state_dict"]
+    assert probed.keys() == unprobed.keys()
+    for key, tensor in probed.items():
+        assert torch.equal(unprobed[key], tensor), key
