@@ -90,30 +90,6 @@ class SpillBudget:
 
 KIB = 1024
 SPILL_BUDGETS = [
-    *(
-        SpillBudget(
-            kernel,
-            "fp32 inputs (IEEE dots)",
-            lambda c: "ieee" in (c.get("MODE_A"), c.get("MODE_B")),
-            {80: 20 * KIB, 90: 20 * KIB},
-            "IEEE fp32 dots run on the FMA units, without tensor cores, with both logit tiles and both"
-            " operand tiles live: up to 19.6 KB at 64x64 blocks. Training runs bf16 under autocast (no"
-            " spills there); issue 12 moves fp32 onto tf32 tensor cores.",
-        )
-        for kernel in (
-            "_attention_kl_fwd_kernel",
-            "_attention_kl_bwd_dq_kernel",
-            "_attention_kl_bwd_dk_kernel",
-        )
-    ),
-    SpillBudget(
-        "_attention_kl_bwd_dk_kernel",
-        "both pairs need gradients",
-        lambda c: bool(c.get("NEED_A")) and bool(c.get("NEED_B")),
-        {80: 64, 90: 64},
-        "two dk accumulators in one program: 4 B on sm_80 in one of the four autotune candidates"
-        " (BLOCK_M=128); the teacher is detached in training, so only the API's both-sides case compiles it.",
-    ),
     SpillBudget(
         "_ssim_fwd_kernel",
         "plane tiles of 32 x 32 and more",
@@ -241,7 +217,8 @@ class Capture:
             capture.record(self, args, kwargs, grid)
 
         def autotuned_run(self, *args, **kwargs):
-            for config in self.configs:  # the autotuner would compile and time every one
+            self.nargs = dict(zip(self.arg_names, args, strict=False))
+            for config in self.prune_configs(kwargs):  # the autotuner would compile and time every one
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
 
         with (
