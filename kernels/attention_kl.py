@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from kernels._dispatch import interpreting, use_triton
+from kernels._dispatch import interpreting, signature_check, use_triton
 from kernels._launch import Pinned
 
 try:
@@ -68,11 +68,11 @@ def attention_kl_reference(
     return kl.mean() if reduction == "mean" else kl
 
 
+@signature_check
 def _check_signature(
     shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], direction: str, reduction: str
 ) -> None:
-    """Raise a ValueError naming what to change when the inputs do not fit the contract (shapes, dtypes
-    and options only: :func:`_checked_signature` remembers the signatures that passed)."""
+    """Raise a ValueError naming what to change when the inputs do not fit the contract."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if reduction not in REDUCTIONS:
@@ -95,9 +95,6 @@ def _check_signature(
             )
         if dtypes[q] != dtypes[k]:
             raise ValueError(f"{names[q]} and {names[k]} must share a dtype, got {dtypes[q]} and {dtypes[k]}")
-
-
-_checked_signature = functools.lru_cache(maxsize=256)(_check_signature)
 
 
 def _dot_modes(dtype: torch.dtype, interpreted: bool) -> tuple[str, str]:
@@ -523,8 +520,7 @@ def attention_kl(
     run on tensor cores, fp32 inputs as TF32 (module docstring). Teacher gradients are computed only when
     the teacher requires grad.
     """
-    check = _check_signature if torch.compiler.is_compiling() else _checked_signature
-    check(
+    _check_signature(
         (q_s.shape, k_s.shape, q_t.shape, k_t.shape), (q_s.dtype, k_s.dtype, q_t.dtype, k_t.dtype),
         direction, reduction,
     )  # fmt: skip
