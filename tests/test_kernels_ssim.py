@@ -201,7 +201,8 @@ def test_opcheck():
     torch.library.opcheck(_ssim_fwd, args)
     stats = _ssim_fwd(x, y, *args[2:])[2]
     grads = (torch.tensor(1.0, device=KERNEL_DEVICE), torch.randn(2, device=KERNEL_DEVICE))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:]))
+    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, True))
+    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, False))
 
 
 def test_compile_fullgraph_has_no_graph_break():
