@@ -3,18 +3,22 @@ attention), and the default run's whole AGKD loss through its config against AGK
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import pytest
 import pytorch_msssim
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from kdfast.config import TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.agkd import AGKDConfig, AGKDLoss, AttentionPairConfig, PerceptualConfig
 from kdfast.methods.compose import CompositeLoss
 from kdfast.methods.features import cls_attention_map
+from kdfast.models import build_model
 from kdfast.taps import QKV
 
 B, K = 3, 5
@@ -102,10 +106,16 @@ def test_grid_from_the_attention_tap_when_no_feature_tap():
     assert student_map.shape == teacher_map.shape == (B, 4, 4)
 
 
-def test_perceptual_default_is_a_frozen_seeded_random_net():
+RANDOM = PerceptualConfig(arch="random_features")
+
+
+def test_perceptual_random_features_fallback_is_frozen_seeded_and_announced(caplog):
     student_taps, teacher_taps = _taps()
     student_taps["mid"].requires_grad_(True)
-    first, second = _loss("perceptual"), _loss("perceptual")
+    with caplog.at_level(logging.WARNING):
+        first, second = _loss("perceptual", perceptual=RANDOM), _loss("perceptual", perceptual=RANDOM)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "random-feature network" in warnings[0] and warnings[0].count("\n") == 0
     assert not any(p.requires_grad for p in first.parameters())
     first.train()
     assert not first.perceptual.net.training
@@ -120,13 +130,88 @@ def test_perceptual_default_is_a_frozen_seeded_random_net():
     assert first(*args, same, same_map)[0].item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_perceptual_with_a_configured_network_and_layer():
-    arch = {"source": "kdfast", "name": "edge_cnn"}
+@pytest.fixture(scope="module")
+def squeezenet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision SqueezeNet 1.1 state dict with non-zero biases, as a pretrained network's file."""
+    torch.manual_seed(0)
+    net = torchvision.models.squeezenet1_1()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.bias.uniform_(-0.2, 0.2)
+    path = tmp_path_factory.mktemp("perceptual") / "squeezenet1_1.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_perceptual_uses_the_pretrained_network_from_its_weights_file(squeezenet_file):
+    # eq. 3, perceptual: MSE between the pretrained network's features (here SqueezeNet's features.4) of the
+    # two maps, both divided by the teacher map's per-sample max and fed as 3-channel gray images; the
+    # network runs only up to that layer (its later pools would shrink an 8 x 8 map to nothing)
+    arch = {"source": "torchvision", "name": "squeezenet1_1"}
+    cfg = PerceptualConfig(arch=arch, weights=str(squeezenet_file), layer="features.4")
+    loss_fn = _loss("perceptual", perceptual=cfg)
     student_taps, teacher_taps = _taps()
-    loss_fn = _loss("perceptual", perceptual=PerceptualConfig(arch=arch, layer="blocks.0"))
-    assert loss_fn.check(student_taps, teacher_taps) is None
-    with pytest.raises(ConfigError, match="loss.agkd.perceptual.layer: name the module path"):
-        _loss("perceptual", perceptual=PerceptualConfig(arch=arch))
+    net = torchvision.models.squeezenet1_1()
+    net.load_state_dict(torch.load(squeezenet_file, weights_only=True))
+    trunk = net.features[:5].eval()
+    s, t = _at_map(student_taps["mid"], (8, 8)), _at_map(teacher_taps["vgg"], (8, 8))
+    peak = t.flatten(1).amax(1).view(-1, 1, 1, 1)
+    expected = F.mse_loss(trunk((s / peak).expand(-1, 3, -1, -1)), trunk((t / peak).expand(-1, 3, -1, -1)))
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
+    torch.testing.assert_close(loss_fn(*args)[0], expected, rtol=1e-5, atol=1e-7)
+    assert expected.item() > 0
+
+
+@pytest.mark.parametrize(
+    ("perceptual", "message"),
+    [
+        (PerceptualConfig(), "metric=perceptual needs loss.agkd.perceptual.arch: a pretrained network"),
+        (
+            PerceptualConfig(arch={"source": "torchvision", "name": "vgg16"}, layer="features.8"),
+            "loss.agkd.perceptual.weights: give the local weights file",
+        ),
+        (
+            PerceptualConfig(arch={"source": "kdfast", "name": "edge_cnn"}, weights=__file__),
+            "loss.agkd.perceptual.layer: name the module path",
+        ),
+        (
+            PerceptualConfig(arch="random_features", layer="net.3"),
+            "random_features takes no weights or layer",
+        ),
+        (PerceptualConfig(arch="random_features", weights="nope.pth"), "weights: file not found: nope.pth"),
+    ],
+)
+def test_perceptual_network_must_be_named(perceptual, message):
+    with pytest.raises(ConfigError, match=message):
+        _loss("perceptual", perceptual=perceptual)
+
+
+def test_a_perceptual_layer_that_is_no_module_names_the_closest(tmp_path):
+    file = tmp_path / "edge_cnn.pth"
+    torch.save(build_model({"source": "kdfast", "name": "edge_cnn"}).state_dict(), file)
+    cfg = PerceptualConfig(arch={"source": "kdfast", "name": "edge_cnn"}, weights=str(file), layer="block.0")
+    with pytest.raises(
+        ConfigError, match="perceptual.layer 'block.0' is not a module of EdgeCNN: did you mean"
+    ):
+        _loss("perceptual", perceptual=cfg)
+
+
+def test_the_attention_term_averages_over_layer_pairs():
+    # eq. 4: 1/N sum over the N pairs; here N = 2, the VGG map and the ViT CLS map each against the student
+    student_taps, teacher_taps = _taps()
+    pairs = [
+        AttentionPairConfig(student="mid", teacher=["vgg"]),
+        AttentionPairConfig(student="mid", teacher=["vit"]),
+    ]
+    loss_fn = AGKDLoss(
+        AGKDConfig(metric="mse", pairs=pairs, grid=6), STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference"
+    )
+    s = _at_map(student_taps["mid"], (6, 6))
+    vgg, vit = _at_map(teacher_taps["vgg"], (6, 6)), _cls_map(teacher_taps["vit"], (6, 6))
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
+    expected = (F.mse_loss(s, vgg) + F.mse_loss(s, vit)) / 2
+    torch.testing.assert_close(loss_fn(*args)[0], expected)
 
 
 def test_gradients_reach_the_student_feature_through_the_hybrid_metric():

@@ -77,10 +77,11 @@ class Validated(Exception):
 
 def test_every_method_file_is_registered_under_its_name(monkeypatch):
     package = Path(kdfast.methods.__file__).parent
-    helpers = {"__init__", "base", "compose", "features", "registry"}
+    helpers = {"__init__", "base", "compose", "features", "logits", "registry"}
     files = {path.stem for path in package.glob("*.py")} - helpers
     registered = methods()
-    assert set(registered) == files == {"agkd", "cakd", "kd", "mtd", "sokd", "titn"}
+    papers = {"agkd", "cakd", "mtd", "sokd", "titn"}
+    assert set(registered) == files == papers | {"kd", "dkd", "dist", "rkd", "crd"}
     for name, entry in registered.items():
         assert issubclass(entry.loss, DistillationLoss) and entry.paper, name
         assert entry.schema().weight == 1.0, name
@@ -160,7 +161,7 @@ def test_hooks_reach_every_member_and_their_maps_and_parts_are_merged():
     composite.train()
     assert ((composite.student_view(images) - images).flatten(1).abs().amax(1) > 0).all()  # CAKD's views
 
-    composite.start_epoch(0)
+    composite.start_epoch(0, 2)
     assert sokd.searching
     dafa_before = [p.detach().clone() for p in sokd.dafa.parameters()]
     disc_before = [p.detach().clone() for p in cakd.discriminator.parameters()]
@@ -171,14 +172,14 @@ def test_hooks_reach_every_member_and_their_maps_and_parts_are_merged():
         torch.equal(a, b) for a, b in zip(disc_before, cakd.discriminator.parameters(), strict=True)
     )
     assert not all(torch.equal(a, b) for a, b in zip(dafa_before, sokd.dafa.parameters(), strict=True))
-    composite.start_epoch(1)
+    composite.start_epoch(1, 2)
     assert not sokd.searching
 
     torch.testing.assert_close(total, parts["ce"] + parts["cakd"] + parts["sokd"])
     torch.testing.assert_close(
         parts["cakd"], 0.5 * (parts["cakd/pca"] + parts["cakd/gl"] + parts["cakd/adv"])
     )
-    torch.testing.assert_close(parts["sokd"], 2.0 * (parts["sokd/feat"] + parts["sokd/dam"]))
+    torch.testing.assert_close(parts["sokd"], 2.0 * (parts["sokd/dam"] + parts["sokd/areas"]))
     maps = composite.maps(student_taps, teacher_taps)
     assert len(maps) == 2 and [s.shape for s, _ in maps] == [(B, 3, 3), (B, 4, 4)]
 
@@ -193,7 +194,7 @@ def test_members_parameters_are_the_composites_and_state_round_trips(tmp_path):
     trainable = {p for p in composite.parameters() if p.requires_grad}  # what the loop's optimizer gets
     assert trainable == {p for m in (cakd.pca, cakd.gl, sokd.adapter, sokd.head) for p in m.parameters()}
     composite.train()
-    composite.start_epoch(0)
+    composite.start_epoch(0, 2)
     for seed in range(2):
         composite(*_logits(), *_taps(seed))
         composite.after_step()

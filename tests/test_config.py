@@ -170,6 +170,10 @@ def test_the_supervised_term_has_one_owner():
         "data.max_val_samples=-5",
         "data.augment.crop_padding=-3",
         "data.augment.cutmix_beta=0",
+        "data.augment.mixup_alpha=0",
+        "data.augment.mixup=1.5",
+        "data.augment.rand_augment.magnitude=31",
+        "data.augment.rand_augment.num_ops=0",
     ],
 )
 def test_out_of_range_values_are_rejected(override):
@@ -180,3 +184,22 @@ def test_out_of_range_values_are_rejected(override):
 def test_numeric_looking_root_is_a_path():
     # a folder named 2024 given as --set data.root=2024 (or root: 2024 in YAML) reads as an int
     assert load_config(None, ["data.root=2024"]).data.root == "2024"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.augment.auto_augment=cifar10", "data.augment.trivial_augment=true"],
+            "'data.augment.auto_augment' and 'trivial_augment' both set a policy: keep one",
+        ),
+        (["data.augment.auto_augment=cifar100"], "'data.augment.auto_augment' must be"),
+        (
+            ["data.augment.cutmix=0.6", "data.augment.mixup=0.6"],
+            "cutmix' \\+ 'data.augment.mixup' are the chances of either mix per batch and sum to 1.2",
+        ),
+    ],
+)
+def test_augmentation_policies_and_mixes_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

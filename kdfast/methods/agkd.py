@@ -7,13 +7,16 @@ Numbering used in the docstrings (AGKD, hybrid loss):
   (2) teacher attention: VGG spatial maps Q(F) = mean_c |F_c|^2 and ViT CLS attention, resized to one grid and
       combined by addition or concatenation
   (3) attention metric between the student map (resized bilinearly to the teacher grid) and the teacher map:
-      MSE, 1 - SSIM, 1 - cos, perceptual, or the hybrid alpha * L_SSIM + beta * L_cos
-  (4) L = L_KD + lambda * sum over pairs of (3); this module's term is the sum, lambda is ``loss.agkd.weight``
+      MSE, 1 - SSIM, 1 - cos, perceptual (MSE between a frozen pretrained network's features of the two maps),
+      or the hybrid alpha * L_SSIM + beta * L_cos
+  (4) L = L_KD + lambda * 1/N sum over the N pairs of (3); this module's term is the 1/N sum (the mean over
+      pairs), lambda is ``loss.agkd.weight``
 Every map op goes through ``kernels`` with ``impl``, so the Triton kernels take over on the GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import kernels
 from kdfast.config import ArchSpec, TapConfig
@@ -31,10 +35,12 @@ from kdfast.methods.base import DistillationLoss, require_tap
 from kdfast.methods.features import cls_attention_map, patch_grid, spatial_feature, tap_qkv, tap_tensor
 from kdfast.methods.registry import Method
 from kdfast.models import build_model
-from kdfast.schema import positive
-from kdfast.taps import Taps
+from kdfast.schema import closest, positive
 
 Metric = Literal["mse", "ssim", "cosine", "perceptual", "hybrid"]
+RANDOM_FEATURES = "random_features"  # perceptual.arch naming the seeded random network, the fallback
+
+log = logging.getLogger(__name__)
 
 
 def combine_teacher_maps(
@@ -63,20 +69,22 @@ def attention_metric(
 ) -> torch.Tensor:
     """Eq. 3 between (B, C, h, w) student and teacher maps, a scalar: mse; cosine 1 - mean_b cos; ssim
     1 - mean SSIM; hybrid alpha (1 - SSIM) + beta (1 - cos); perceptual mse(features(s), features(t))
-    with the teacher side detached. SSIM sees both maps divided by the teacher's per-sample max."""
+    with the teacher side detached. SSIM and the perceptual network see both maps divided by the teacher's
+    per-sample max."""
     if metric == "mse":
         return F.mse_loss(student, teacher)
     if metric == "cosine":
         return 1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1).mean()
-    if metric == "perceptual":
-        return F.mse_loss(features(student), features(teacher).detach())
     # L2-normalized maps hold values near 1/sqrt(h*w), far below SSIM's data_range=1, where c1 and c2
-    # swamp the statistics. Both maps are divided by the teacher's per-sample max (detached), so the
-    # teacher spans [0, 1] and data_range=1 is right; one factor for both keeps the student/teacher
-    # magnitude ratio that SSIM's luminance term compares (and leaves the cosine unchanged), with no
-    # host sync, unlike a data_range computed from the batch.
+    # swamp the statistics, and far below the pixel range a perceptual network was trained on. Both maps
+    # are divided by the teacher's per-sample max (detached), so the teacher spans [0, 1] and data_range=1
+    # is right; one factor for both keeps the student/teacher magnitude ratio that SSIM's luminance term
+    # compares (and leaves the cosine unchanged), with no host sync, unlike a data_range computed from the
+    # batch.
     scale = teacher.detach().flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     student, teacher = student / scale, teacher / scale
+    if metric == "perceptual":
+        return F.mse_loss(features(student), features(teacher).detach())
     if metric == "ssim":
         return 1 - kernels.ssim(student, teacher, window_size=window_size, data_range=1.0, impl=impl).mean()
     return kernels.ssim_cosine_loss(
@@ -95,19 +103,23 @@ class AttentionPairConfig:
 
 @dataclass
 class PerceptualConfig:
-    """The frozen network of the perceptual metric: an architecture, an optional local weight file and the
-    module path whose output is compared; no architecture means the seeded random-feature network."""
+    """The frozen network of the perceptual metric: a pretrained architecture, its local weights file and the
+    module path whose output is compared, e.g. ``{arch: {source: torchvision, name: vgg16}, weights:
+    vgg16-397923af.pth, layer: features.8}`` (relu2_2 of torchvision's ImageNet VGG16). ``arch:
+    random_features`` names the fallback, a seeded random two-conv network that needs no file (a kdfast
+    addition; the run logs a warning when it is used)."""
 
-    arch: ArchSpec | None = None
+    arch: ArchSpec | Literal["random_features"] | None = None
     weights: str | None = None
     layer: str | None = None
 
 
 @dataclass
 class AGKDConfig:
-    """``loss.agkd``: weight * sum over ``pairs`` of eq. 3 (``metric``; ``alpha`` and ``beta`` weigh the
-    hybrid's SSIM and cosine parts; ``window_size`` is SSIM's) on the ``grid`` x ``grid`` teacher grid (null:
-    the first teacher feature tap's size, else the first ViT's patch grid)."""
+    """``loss.agkd``: weight * the mean over ``pairs`` of eq. 3 (eq. 4; ``metric``; ``alpha`` and ``beta``
+    weigh the hybrid's SSIM and cosine parts; ``window_size`` is SSIM's; ``perceptual`` the perceptual
+    metric's network) on the ``grid`` x ``grid`` teacher grid (null: the first teacher feature tap's size,
+    else the first ViT's patch grid)."""
 
     weight: float = 1.0
     metric: Metric = "hybrid"
@@ -125,8 +137,9 @@ def validate(
     teacher_taps: Mapping[str, TapConfig],
     where: str = "loss.agkd",
 ) -> None:
-    """Pairs name existing taps (students of kind feature), the SSIM window is odd, the grid positive and
-    the perceptual network's file exists and its layer is named."""
+    """Pairs name existing taps (students of kind feature), the SSIM window is odd, the grid positive and,
+    for the perceptual metric, a network is named: a pretrained one with its weights file and layer, or
+    the random-feature fallback (without a file)."""
     if not cfg.pairs:
         raise ConfigError(f"{where}.pairs is empty: name at least one (student tap, teacher taps) pair")
     for i, pair in enumerate(cfg.pairs):
@@ -140,17 +153,32 @@ def validate(
         raise ConfigError(f"config key '{where}.window_size' must be odd and >= 1, got {cfg.window_size}")
     if cfg.grid is not None:
         positive(cfg.grid, f"{where}.grid")
-    perceptual = cfg.perceptual
+    perceptual, at = cfg.perceptual, f"{where}.perceptual"
     if perceptual.weights is not None and not Path(perceptual.weights).is_file():
-        raise ConfigError(f"{where}.perceptual.weights: file not found: {perceptual.weights}")
-    if perceptual.arch is not None and perceptual.layer is None:
-        raise ConfigError(f"{where}.perceptual.layer: name the module path whose output is compared")
+        raise ConfigError(f"{at}.weights: file not found: {perceptual.weights}")
+    if cfg.metric != "perceptual":
+        return
+    if perceptual.arch is None:
+        raise ConfigError(
+            f"{where}.metric=perceptual needs {at}.arch: a pretrained network with its local weights file "
+            f"and layer (e.g. {{source: torchvision, name: vgg16}}, weights: FILE, layer: features.8), or "
+            f"{RANDOM_FEATURES} for the seeded random network"
+        )
+    if perceptual.arch == RANDOM_FEATURES:
+        if perceptual.weights is not None or perceptual.layer is not None:
+            raise ConfigError(f"{at}.arch={RANDOM_FEATURES} takes no weights or layer: remove them")
+        return
+    if perceptual.weights is None:
+        raise ConfigError(f"{at}.weights: give the local weights file of the pretrained network {at}.arch")
+    if perceptual.layer is None:
+        raise ConfigError(f"{at}.layer: name the module path whose output is compared")
 
 
 class RandomFeatureNet(nn.Module):
-    """The default perceptual network: two 3x3 conv + ReLU layers with seeded random weights, frozen.
-    Random convolutional features still separate local structure (Ulyanov et al. 2018, deep image prior),
-    so the perceptual metric works without a weight file to download."""
+    """The perceptual metric's fallback network (``perceptual.arch: random_features``, a kdfast addition):
+    two 3x3 conv + ReLU layers with seeded random weights, frozen. Random convolutional features still
+    separate local structure (Ulyanov et al. 2018, deep image prior), so the metric runs without a weights
+    file; the paper's metric uses a pretrained network."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -168,14 +196,27 @@ class RandomFeatureNet(nn.Module):
 
 
 class PerceptualFeatures(nn.Module):
-    """A frozen network's features at one layer, for the perceptual metric; always in eval mode."""
+    """A frozen network cut after one layer (``torchvision``'s FX feature extractor, so nothing after the
+    layer runs: VGG16's later pools would shrink a 14 x 14 map to nothing), for the perceptual metric; always
+    in eval mode. The random-feature fallback logs a warning line."""
 
     def __init__(self, cfg: PerceptualConfig) -> None:
         super().__init__()
-        if cfg.arch is None:
-            self.net: nn.Module = Taps(RandomFeatureNet(), {"layer": TapConfig(path="net.3")})
+        if cfg.arch == RANDOM_FEATURES:
+            log.warning(
+                "warning: the AGKD perceptual metric uses the seeded random-feature network, not a "
+                "pretrained one (loss.agkd.perceptual.arch: random_features)"
+            )
+            network, layer = RandomFeatureNet(), "net.3"
         else:
-            self.net = Taps(build_model(cfg.arch, weights=cfg.weights), {"layer": TapConfig(path=cfg.layer)})
+            network, layer = build_model(cfg.arch, weights=cfg.weights), cfg.layer
+        modules = dict(network.named_modules())
+        if layer not in modules:
+            raise ConfigError(
+                f"loss.agkd.perceptual.layer {layer!r} is not a module of {type(network).__name__}: "
+                f"{closest(layer, [name for name in modules if name], what='module paths')}"
+            )
+        self.net = create_feature_extractor(network, return_nodes={layer: "layer"})
         self.net.requires_grad_(False)
         self.net.eval()
 
@@ -185,12 +226,12 @@ class PerceptualFeatures(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         planes = maps.flatten(0, 1)[:, None].expand(-1, 3, -1, -1)
-        return self.net(planes)[1]["layer"]
+        return self.net(planes)["layer"]
 
 
 class AGKDLoss(DistillationLoss):
-    """Eq. 4's attention part: the sum over the configured (student tap, teacher taps) pairs of the attention
-    metric (eq. 3) between the student map and the combined teacher map (eq. 2).
+    """Eq. 4's attention part: the mean over the N configured (student tap, teacher taps) pairs of the
+    attention metric (eq. 3) between the student map and the combined teacher map (eq. 2).
 
     ``forward`` returns (term, {}). Call :meth:`check` once on a real batch: it raises UsageError when tap
     shapes cannot match.
@@ -280,7 +321,7 @@ class AGKDLoss(DistillationLoss):
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = [self.metric(*self.pair_maps(pair, student_taps, teacher_taps)) for pair in self.cfg.pairs]
-        return torch.stack(terms).sum(), {}
+        return torch.stack(terms).mean(), {}
 
 
 METHOD = Method(
@@ -290,4 +331,5 @@ METHOD = Method(
     loss=AGKDLoss,
     paper="AGKD, hybrid loss: attention-guided KD from a VGG19 + ViT-B/16 hybrid teacher into "
     "EfficientNet-B0 (DESIGN.md; the repository does not record its bibliographic reference)",
+    logits="none",
 )

@@ -67,7 +67,8 @@ class DistillationLoss(nn.Module):
     ``check(student_taps, teacher_taps)`` raises UsageError on the taps of a real batch whose shapes cannot
     be matched (and may size sub-networks); ``maps(student_taps, teacher_taps)`` gives (student, teacher)
     attention maps (B, h, w) for pictures. Trainable parameters (projectors, task weights) are optimized and
-    checkpointed with the student and dropped at inference. ``impl`` picks the kernels; ``label_smoothing``
+    checkpointed with the student and dropped at inference; those ``no_weight_decay()`` names get no weight
+    decay. ``impl`` picks the kernels; ``label_smoothing``
     is the stage's, for a method that computes the supervised term. Every method's constructor takes
     ``(section, student_taps, teacher_taps, *, kernels_impl, label_smoothing)`` and first runs its
     validator. The defaults below check nothing, draw nothing and do nothing at the hooks.
@@ -97,5 +98,12 @@ class DistillationLoss(nn.Module):
     def after_step(self) -> None:
         """Called after each optimizer step of the student (CAKD trains its discriminator here)."""
 
-    def start_epoch(self, epoch: int) -> None:
-        """Called at the start of each training epoch, counted from 0 (SoKD ends its search phase here)."""
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called at the start of each training epoch, counted from 0, of a stage of ``epochs`` epochs (SoKD
+        ends its search phase here)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of this module's parameters that the optimizer must not decay,
+        as timm's models declare theirs: MTD's task weights, which weight decay would pull towards 0 and so
+        towards ever larger task coefficients 1 / (2 w^2). None here."""
+        return set()

@@ -1,28 +1,34 @@
 """CAKD: cross-architecture knowledge distillation from a Transformer teacher into a CNN student.
 
-Numbering used in the docstrings (Liu et al. 2022, "Cross-Architecture Knowledge Distillation",
+Numbering used in the docstrings (Liu et al. 2022, "Cross-Architecture Knowledge Distillation", ACCV 2022,
 arXiv:2207.05273):
-  (1) PCA projector: Q_S, K_S, V_S = three 3x3 convs of the CNN feature, on the teacher's patch grid and
-      split into the teacher's heads; in training each element is replaced by the teacher's with
-      probability p (the partially-cross attention), PCAttn_S = softmax(Q'_S K'_S^T / sqrt(d))
-  (2) L_PCA = ||Attn_T - PCAttn_S||^2 + ||V_T V_T^T / sqrt(d) - V'_S V'_S^T / sqrt(d)||^2 (mean squared)
-  (3) GL projector: a 4x4 neighbourhood shares one FC, 16 FCs map the CNN feature to the N x D token space;
-      L_GL = ||GL(F_S) - T||^2 (mean squared) against the teacher's patch tokens T
-  (4) multi-view robust training: the student sees random transforms / masks / noise with probability
-      view_prob per sample; a 3-FC discriminator tells teacher tokens from GL-projected student tokens and
-      the student gets L_MVG = -log D(GL(F_S)) (the non-saturating generator loss)
-  (5) L = pca_weight L_PCA + gl_weight L_GL + adversarial_weight L_MVG, this module's term; the logit KD
-      and CE of the example config are the methods ``kd`` and ``loss.ce`` beside it
-The projectors and the discriminator belong to this loss module, so they are dropped at inference.
-The attention matrices of (2) are formed explicitly (B x heads x N x N): CNN students are tapped on small
-patch grids (8x8 = 64 tokens in configs/cakd_digits.yaml), where that is a few hundred kB per sample.
+  (1) {Q_S, K_S, V_S} = Proj1(h_S): three 3x3 convs of the CNN feature h_S, on the teacher's patch grid and
+      split into the teacher's heads
+  (2) Attn = softmax(Q K^T / sqrt(d)) V, a self-attention output
+  (3) PCAttn_S = softmax(g(Q_S) g(K_S)^T / sqrt(d)) g(V_S), where g(M)[i, j] is the teacher's M_T[i, j] with
+      probability p and the student's M_S[i, j] otherwise (the partially cross attention, training only)
+  (4) L_proj1 = ||Attn_T - PCAttn_S||^2 + ||V_T V_T^T / sqrt(d) - V_S V_S^T / sqrt(d)||^2
+  (5) h'_S = Proj2(h_S): the group-wise linear projector, N student pixels -> N tokens of width D, the
+      pixels of one 4x4 spatial group sharing one FC
+  (6) L_proj2 = ||h_T - h'_S||^2 against the teacher's patch tokens h_T
+  (7) x~ = MVG(x): the student's input transformed (colour jitter, crop, rotation, patch masking), each with
+      probability p
+  (8) L_MAD = -(1/m) sum_k [log D(h_T) + log(1 - D(h'_S^(k)))], the multi-view discriminator's loss
+  (9) L_MVG = (1/m) sum_k log(1 - D(h'_S^(k))), the student's (generator's) adversarial term
+  (10) L = L_proj1 + L_proj2 + lambda L_MVG
+Algorithm 1 updates the student every step and the discriminator D when step % 5 == 0. Every ||.||^2 is
+taken as a mean over elements (batch mean), as every kdfast feature loss. The projectors and the
+discriminator belong to this loss module, so they are dropped at inference. The logit KD and CE of the
+example configs are the method ``kd`` and ``loss.ce`` beside this one. The attention matrices of (2)-(4) are
+formed explicitly (B x heads x N x N): 196 tokens for ViT-B/16 at 224, a few hundred kB per sample and head.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,36 +50,82 @@ from kdfast.methods.registry import Method
 from kdfast.schema import positive, unit_interval
 from kdfast.taps import QKV
 
-GL_WINDOW = 4  # eq. 3: a 4x4 neighbourhood per teacher token, so 16 FCs
+GL_GROUP = 4  # eq. 5: a 4x4 spatial group of pixels shares one FC (16 FCs on ViT-B/16's 14x14 grid)
+
+# Eq. 7 lists the transforms without their strengths; these are kdfast's. All act on normalized images.
+JITTER = 0.4  # colour jitter factors in [1 - JITTER, 1 + JITTER], torchvision's ColorJitter(0.4, 0.4, 0.4)
+MIN_CROP = 0.5  # a random square crop of side MIN_CROP..1 of the image, resized back
+MAX_ROTATION = 30.0  # degrees, uniform in [-MAX_ROTATION, MAX_ROTATION]
+MASK_GRID, MASK_RATIO = 8, 0.25  # patch masking: an 8x8 grid of patches, each zeroed with probability 0.25
 
 
-def _patch_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(..., tokens, d) without the prefix (CLS) tokens that :func:`~kdfast.methods.features.patch_grid`
-    finds."""
-    _, prefix = patch_grid(x.shape[-2])
-    return x[..., prefix:, :]
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: softmax(q k^T / sqrt(d)) v for (..., n, d) queries and (..., m, d) keys and values."""
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
-def partial_cross(student: QKV, teacher: QKV, replace_prob: float) -> QKV:
-    """Eq. 1: each element of the student's Q, K and V replaced by the teacher's with probability
-    ``replace_prob``, independently per element."""
-    return QKV(
-        *(torch.where(torch.rand_like(s) < replace_prob, t, s) for s, t in zip(student, teacher, strict=True))
-    )
+def value_relation(v: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, second term: V V^T / sqrt(d) for (..., n, d) values."""
+    return v @ v.transpose(-1, -2) * v.shape[-1] ** -0.5
 
 
-def pca_loss(student: QKV, teacher: QKV) -> torch.Tensor:
-    """Eq. 2: mse(softmax(Q_S K_S^T / sqrt(d)), softmax(Q_T K_T^T / sqrt(d)))
-    + mse(V_S V_S^T / sqrt(d), V_T V_T^T / sqrt(d)) for (B, heads, N, d) inputs (the student's already
-    partially replaced); the teacher side is detached."""
+def swap_masks(student: QKV, replace_prob: float) -> QKV:
+    """Eq. 3's draw: one Bernoulli(``replace_prob``) per element of Q, K and V (True: take the teacher's)."""
+    return QKV(*(torch.rand_like(x, dtype=torch.float32) < replace_prob for x in student))
+
+
+def partially_cross(student: QKV, teacher: QKV, swap: QKV) -> QKV:
+    """Eq. 3's g: g(M)[i, j] = M_T[i, j] where ``swap`` is True, M_S[i, j] elsewhere, for M in Q, K, V, all
+    (B, heads, N, d) over the same N patch tokens."""
+    return QKV(*(torch.where(m, t, s) for s, t, m in zip(student, teacher, swap, strict=True)))
+
+
+def pca_loss(student: QKV, teacher: QKV, swap: QKV | None = None) -> torch.Tensor:
+    """Eq. 4: mse(Attn_T, PCAttn_S) + mse(V_T V_T^T / sqrt(d), V_S V_S^T / sqrt(d)).
+
+    ``student``: the projector's Q_S, K_S, V_S (B, heads, N, d) over the N patch tokens. ``teacher``: the
+    teacher block's Q, K, V (B, heads, P + N, d), whose first P tokens are prefix (CLS) tokens. Attn_T is the
+    teacher's own attention output for its N patch queries: every key and value, CLS included, stays in
+    the softmax and the sum, as in the teacher's forward; the CLS query row is left out, the student having
+    no token for it. PCAttn_S (eq. 3) mixes the student's Q, K, V with the teacher's patch-token Q, K, V by
+    ``swap`` (no mixing when None, as in evaluation) and attends over the N student tokens. The value
+    relation compares the teacher's patch-token V with the student's own V, not the mixed one. The
+    teacher side is detached.
+    """
     s = QKV(*(x.float() for x in student))
     t = QKV(*(x.detach().float() for x in teacher))
-    scale = s.q.shape[-1] ** -0.5
-    attn_s = torch.softmax(s.q @ s.k.transpose(-1, -2) * scale, dim=-1)
-    attn_t = torch.softmax(t.q @ t.k.transpose(-1, -2) * scale, dim=-1)
-    return F.mse_loss(attn_s, attn_t) + F.mse_loss(
-        s.v @ s.v.transpose(-1, -2) * scale, t.v @ t.v.transpose(-1, -2) * scale
-    )
+    prefix = t.q.shape[2] - s.q.shape[2]
+    patches = QKV(*(x[:, :, prefix:] for x in t))
+    attn_t = self_attention(patches.q, t.k, t.v)
+    mixed = s if swap is None else partially_cross(s, patches, swap)
+    attn_s = self_attention(mixed.q, mixed.k, mixed.v)
+    return F.mse_loss(attn_s, attn_t) + F.mse_loss(value_relation(s.v), value_relation(patches.v))
+
+
+def gl_groups(side: int) -> torch.Tensor:
+    """Eq. 5's grouping on a side x side grid: g(n) = (y // 4) * ceil(side / 4) + x // 4 for the row-major
+    token n = y * side + x, so each 4x4 block of neighbouring pixels is one group (the last row and column of
+    blocks are narrower when 4 does not divide ``side``: 14 -> 4 x 4 = 16 groups). (side^2,) long."""
+    blocks = math.ceil(side / GL_GROUP)
+    rows = torch.arange(side).view(-1, 1) // GL_GROUP
+    cols = torch.arange(side).view(1, -1) // GL_GROUP
+    return (rows * blocks + cols).flatten()
+
+
+def generator_loss(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The student's adversarial term on discriminator logits z (D = sigmoid(z)), batch mean. ``minimax``
+    is eq. 9, mean log(1 - D(h'_S)) = -mean softplus(z); ``non_saturating`` is Goodfellow et al.'s
+    -mean log D(h'_S) = mean softplus(-z), a kdfast option (same fixed point, stronger early gradients)."""
+    z = logits.float()
+    return -F.softplus(z).mean() if kind == "minimax" else F.softplus(-z).mean()
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: -[mean log D(h_T) + mean log(1 - D(h'_S))] on discriminator logits of teacher (real) and
+    projected student (fake) features."""
+    return F.binary_cross_entropy_with_logits(
+        real.float(), torch.ones_like(real, dtype=torch.float32)
+    ) + F.binary_cross_entropy_with_logits(fake.float(), torch.zeros_like(fake, dtype=torch.float32))
 
 
 @dataclass
@@ -85,9 +137,12 @@ class CAKDConfig:
 
     ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap
     (Q, K, V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D). ``pca_weight``,
-    ``gl_weight`` and ``adversarial_weight`` weigh the three terms of eq. 5; ``replace_prob`` is eq. 1's p,
-    ``dropout`` the GL projector's, ``view_prob`` eq. 4's; the discriminator takes one Adam step at
-    ``discriminator_lr`` every ``discriminator_every`` student steps.
+    ``gl_weight`` and ``adversarial_weight`` (lambda) weigh the three terms of eq. 10; ``replace_prob`` is
+    eq. 3's p, ``dropout`` the GL projector's, ``view_prob`` eq. 7's p (per transform). ``adversarial``:
+    ``minimax`` is eq. 9; ``non_saturating`` (-log D) is a kdfast option, off in the paper's setting. The
+    discriminator (3 FC layers of width ``discriminator_width`` on a sample's flattened N x D projected
+    feature; the width is kdfast's choice) takes one Adam step at ``discriminator_lr`` on the optimizer
+    steps whose 0-based index is a multiple of ``discriminator_every`` (Algorithm 1: step % 5 == 0).
     """
 
     weight: float = 1.0
@@ -100,6 +155,8 @@ class CAKDConfig:
     dropout: float = 0.1
     view_prob: float = 0.5
     adversarial_weight: float = 0.1
+    adversarial: Literal["minimax", "non_saturating"] = "minimax"
+    discriminator_width: int = 256
     discriminator_every: int = 5
     discriminator_lr: float = 1e-4
 
@@ -111,7 +168,7 @@ def validate(
     where: str = "loss.cakd",
 ) -> None:
     """A student feature tap, a teacher attention tap and a teacher feature tap; probabilities in [0, 1];
-    a positive discriminator period and learning rate."""
+    a positive discriminator width, period and learning rate."""
     require_tap(student_taps, cfg.student, role="student", where=f"{where}.student", kind="feature")
     require_tap(
         teacher_taps,
@@ -125,8 +182,8 @@ def validate(
     )
     for key in ("replace_prob", "view_prob", "dropout"):
         unit_interval(getattr(cfg, key), f"{where}.{key}")
-    positive(cfg.discriminator_every, f"{where}.discriminator_every")
-    positive(cfg.discriminator_lr, f"{where}.discriminator_lr")
+    for key in ("discriminator_width", "discriminator_every", "discriminator_lr"):
+        positive(getattr(cfg, key), f"{where}.{key}")
 
 
 class PCAProjector(nn.Module):
@@ -148,41 +205,111 @@ class PCAProjector(nn.Module):
 
 
 class GLProjector(nn.Module):
-    """Eq. 3, read literally: the CNN feature is resized to 4x the teacher's patch grid, so each patch token
-    owns one 4x4 neighbourhood; the 16 positions (i, j) of a neighbourhood have 16 different FCs
-    W_ij: C -> D, shared by all neighbourhoods, and token n = sum_ij W_ij F[4 y_n + i, 4 x_n + j] + b.
-    That sum is exactly a 4x4 convolution with stride 4 whose kernel tap (i, j) is W_ij, which is how it
-    runs. Dropout acts on the CNN feature, so the MSE target (the teacher tokens) is never zeroed."""
+    """Eq. 5: each of the N = side^2 student pixels maps to its own token, token n = W_g(n) h_S[n] + b_g(n),
+    with one FC (W_g: C -> D, b_g) per 4x4 spatial group g (:func:`gl_groups`). The student map is resized
+    bilinearly to the teacher's patch grid first (in the paper's pairs the grids already agree: ResNet-50's
+    layer3 and ViT-B/16 are both 14x14 at 224). Dropout acts on the CNN feature, so the MSE target (the
+    teacher tokens) is never zeroed.
 
-    def __init__(self, channels: int, dim: int, dropout: float) -> None:
+    The FCs run as one batched matmul: the tokens are gathered group by group into (groups, B * 16, C),
+    padded with a zero row where a group has fewer than 16 members, and scattered back to token order."""
+
+    def __init__(self, channels: int, dim: int, side: int, dropout: float) -> None:
         super().__init__()
+        self.side = side
+        groups = gl_groups(side)
+        count = int(groups.max()) + 1
+        members = [torch.nonzero(groups == g).flatten() for g in range(count)]
+        width = max(len(m) for m in members)
+        padded = torch.full((count, width), side * side)  # index side^2: the zero row appended in forward
+        for g, m in enumerate(members):
+            padded[g, : len(m)] = m
+        slot = torch.empty(side * side, dtype=torch.long)  # where token n sits in the flattened groups
+        for g, m in enumerate(members):
+            slot[m] = g * width + torch.arange(len(m))
+        self.register_buffer("members", padded, persistent=False)
+        self.register_buffer("slot", slot, persistent=False)
         self.dropout = nn.Dropout(dropout)
-        self.fcs = nn.Conv2d(channels, dim, GL_WINDOW, stride=GL_WINDOW)
-
-    def fc(self, i: int, j: int) -> torch.Tensor:
-        """W_ij (D, C): the FC of neighbourhood position (i, j)."""
-        return self.fcs.weight[:, :, i, j]
+        self.weight = nn.Parameter(torch.empty(count, dim, channels))
+        self.bias = nn.Parameter(torch.empty(count, dim))
+        bound = 1 / math.sqrt(channels)  # nn.Linear's initialization, per FC
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        """(B, C, 4 side, 4 side) -> (B, side^2, D) tokens in row-major patch order, as a ViT lays them."""
-        return self.fcs(self.dropout(feature)).flatten(2).transpose(1, 2)
+        """(B, C, side, side) -> (B, side^2, D) tokens in row-major patch order, as a ViT lays them."""
+        tokens = self.dropout(feature).flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])], dim=1)
+        grouped = tokens[:, self.members].permute(1, 0, 2, 3)  # (groups, B, width, C)
+        count, batch, width, channels = grouped.shape
+        out = torch.baddbmm(
+            self.bias[:, None], grouped.reshape(count, batch * width, channels), self.weight.transpose(1, 2)
+        )
+        out = out.view(count, batch, width, -1).permute(1, 0, 2, 3).reshape(batch, count * width, -1)
+        return out[:, self.slot]
 
 
-def discriminator(dim: int) -> nn.Sequential:
-    """Eq. 4: three FC layers, one token (D,) -> one logit (teacher vs projected student)."""
+def discriminator(tokens: int, dim: int, width: int) -> nn.Sequential:
+    """Eq. 8: three FC layers on a sample's whole projected feature, (B, N, D) -> one logit (B, 1)."""
     return nn.Sequential(
-        nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1)
+        nn.Flatten(),
+        nn.Linear(tokens * dim, width),
+        nn.LeakyReLU(0.2),
+        nn.Linear(width, width),
+        nn.LeakyReLU(0.2),
+        nn.Linear(width, 1),
     )
 
 
+def jitter_colours(
+    images: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 7, colour jitter on normalized (B, 3, H, W) images with per-sample factors (B,): contrast scales
+    each image about its mean, saturation blends it with its channel mean (grey) by the factor, brightness
+    adds (factor - 1) data standard deviations. In normalized space, where 0 is the data's mean colour."""
+    b, c, s = (x.view(-1, 1, 1, 1).to(images.dtype) for x in (brightness, contrast, saturation))
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    out = (images - mean) * c + mean
+    grey = out.mean(dim=1, keepdim=True)
+    return grey + (out - grey) * s + (b - 1)
+
+
+def crop_and_rotate(
+    images: torch.Tensor, side: torch.Tensor, centre: torch.Tensor, angle: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 7, crop and rotation as one bilinear resampling of (B, C, H, W) images: output pixel u (in
+    [-1, 1] coordinates) reads input side * R(angle) u + centre, i.e. a square crop of ``side`` (B,) times
+    the image centred at ``centre`` (B, 2; x, y in [-1, 1]), rotated by ``angle`` (B,) radians
+    counter-clockwise, resized back; zeros (the data mean) where it reads outside the image."""
+    batch, _, height, width = images.shape
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(batch, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 1] = side * cos, -side * sin * height / width
+    theta[:, 1, 0], theta[:, 1, 1] = side * sin * width / height, side * cos
+    theta[:, :, 2] = centre
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False).to(images.dtype)
+
+
+def mask_patches(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Eq. 7, patch masking: ``keep`` (B, g, g) bool over a g x g grid of patches; the image is zeroed (the
+    data mean) on the patches that are not kept (patch edges at round(i * H / g))."""
+    height, width = images.shape[-2:]
+    grid = keep.shape[-1]
+    rows = torch.arange(height, device=images.device) * grid // height
+    cols = torch.arange(width, device=images.device) * grid // width
+    pixels = keep[:, rows][:, :, cols]
+    return images * pixels[:, None].to(images.dtype)
+
+
 class CAKDLoss(DistillationLoss):
-    """CAKD eq. 5: pca_weight L_PCA (eq. 2) + gl_weight L_GL (eq. 3) + adversarial_weight L_MVG (eq. 4).
+    """CAKD eq. 10: pca_weight L_proj1 (eq. 4) + gl_weight L_proj2 (eq. 6) + adversarial_weight L_MVG (eq. 9).
 
     ``forward`` returns (term, parts) with parts {"pca", "gl", "adv"} already weighted, so they sum to the
-    term. The projectors' sizes come from the taps, so :meth:`check` on a real batch builds them
-    and must run before the optimizer is made (``run_training`` does); it raises UsageError when the taps
-    cannot be matched. :meth:`student_view` perturbs the student's input (eq. 4) and :meth:`after_step`
-    trains the discriminator every ``discriminator_every``-th optimizer step of the student.
+    term. The projectors' sizes come from the taps, so :meth:`check` on a real batch builds them and must
+    run before the optimizer is made (``run_training`` does); it raises UsageError when the taps cannot be
+    matched. :meth:`student_view` is the multi-view generator (eq. 7) and :meth:`after_step` trains the
+    discriminator (eq. 8) on Algorithm 1's schedule.
 
     The discriminator's parameters are registered (``.to()`` moves them, ``state_dict`` saves them, with its
     Adam state and step count as extra state) but have requires_grad False: the training loop optimizes only
@@ -214,30 +341,33 @@ class CAKDLoss(DistillationLoss):
     def _inputs(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, QKV, torch.Tensor]:
-        """(student feature (B, C, H, W), teacher Q/K/V and tokens with the prefix tokens dropped)."""
+        """(student feature (B, C, H, W), teacher Q/K/V with every token, teacher patch tokens (B, N, D))."""
         cakd = self.cfg
         feature = spatial_feature(tap_tensor(student_taps, cakd.student, "student"), cakd.student)
-        attention = QKV(*(_patch_tokens(x) for x in tap_qkv(teacher_taps, cakd.teacher_attention)))
+        attention = tap_qkv(teacher_taps, cakd.teacher_attention)
         tokens = tap_tensor(teacher_taps, cakd.teacher_tokens, "teacher")
         if tokens.dim() != 3:
             raise UsageError(
                 f"loss.cakd.teacher_tokens: tap {cakd.teacher_tokens!r} has shape {tuple(tokens.shape)}; "
                 "point it at a transformer block, whose output is (B, tokens, D)"
             )
-        return feature, attention, _patch_tokens(tokens)
+        _, prefix = patch_grid(tokens.shape[1])
+        return feature, attention, tokens[:, prefix:]
 
     def _build(self, feature: torch.Tensor, attention: QKV, tokens: torch.Tensor) -> None:
-        channels, dim = feature.shape[1], tokens.shape[2]
+        channels, (_, count, dim) = feature.shape[1], tokens.shape
+        side, _ = patch_grid(count)
         self.pca = PCAProjector(channels, heads=attention.q.shape[1], head_dim=attention.q.shape[3])
-        self.gl = GLProjector(channels, dim, self.cfg.dropout)
-        self.discriminator = discriminator(dim).requires_grad_(False)
+        self.gl = GLProjector(channels, dim, side, self.cfg.dropout)
+        self.discriminator = discriminator(count, dim, self.cfg.discriminator_width).requires_grad_(False)
         self.to(feature.device)
         self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.discriminator_lr)
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched (a tap of the wrong kind,
-        different batch sizes, a teacher without patch tokens, or shapes other than those the projectors
-        were built for); on the first call, size and build the projectors and the discriminator."""
+        different batch sizes, a teacher without patch tokens, attention and token taps on different token
+        grids, or shapes other than those the projectors were built for); on the first call, size and build
+        the projectors and the discriminator."""
         feature, attention, tokens = self._inputs(student_taps, teacher_taps)
         batches = {feature.shape[0], attention.q.shape[0], tokens.shape[0]}
         if len(batches) != 1:
@@ -245,85 +375,64 @@ class CAKDLoss(DistillationLoss):
                 f"loss.cakd: student feature, teacher attention and teacher tokens have batch sizes "
                 f"{feature.shape[0]}, {attention.q.shape[0]}, {tokens.shape[0]}; tap one forward pass each"
             )
-        if attention.q.shape[2] == 0 or tokens.shape[1] == 0:
+        patches = patch_grid(attention.q.shape[2])[0] ** 2
+        if tokens.shape[1] == 0 or patches == 0:
             raise UsageError("loss.cakd: the teacher taps hold no patch tokens; tap a ViT's blocks")
+        if patches != tokens.shape[1]:
+            raise UsageError(
+                f"loss.cakd: the teacher attention tap has {patches} patch tokens and the token tap "
+                f"{tokens.shape[1]}; tap the same block (its .attn and the block itself)"
+            )
         if self.pca is None:
             self._build(feature, attention, tokens)
         built = (self.pca.q.in_channels, self.pca.heads, self.pca.q.out_channels // self.pca.heads)
-        found = (feature.shape[1], attention.q.shape[1], attention.q.shape[3])
-        if built != found or self.gl.fcs.out_channels != tokens.shape[2]:
+        built += (self.gl.side**2, self.gl.weight.shape[1])
+        found = (feature.shape[1], attention.q.shape[1], attention.q.shape[3], *tokens.shape[1:])
+        if built != found:
             raise UsageError(
-                "loss.cakd: the projectors were built for (student channels, heads, head width, token width) "
-                f"= {(*built, self.gl.fcs.out_channels)}, but these taps give {(*found, tokens.shape[2])}"
+                "loss.cakd: the projectors were built for (student channels, heads, head width, tokens, "
+                f"token width) = {built}, but these taps give {found}"
             )
 
+    def _draw_views(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Eq. 7's draws: (4, B) bool, whether colour jitter, crop, rotation and patch masking each apply to
+        each sample, independently with probability view_prob."""
+        return torch.rand(4, batch, device=device) < self.cfg.view_prob
+
     def student_view(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 4, multi-view: in training, each sample with probability view_prob gets one of a random shift
-        (with a random horizontal flip), a random square cutout or gaussian noise; the others, and every
-        sample in eval mode, are returned unchanged. The teacher keeps seeing ``images``."""
+        """Eq. 7, the multi-view generator: in training, each sample gets each of colour jitter, a random
+        crop, a random rotation and patch masking independently with probability view_prob (crop and
+        rotation run as one resampling); every sample in eval mode, and those that drew no transform, are
+        returned unchanged. The teacher keeps seeing ``images``. Strengths: the module constants."""
         if not self.training or self.cfg.view_prob == 0:
             return images
         batch, device = images.shape[0], images.device
-        changed = torch.rand(batch, device=device) < self.cfg.view_prob
-        view = torch.randint(3, (batch,), device=device)
-        pick = lambda k: (changed & (view == k)).view(-1, 1, 1, 1)
-        return torch.where(
-            pick(0),
-            self._shifted(images),
-            torch.where(pick(1), self._cutout(images), torch.where(pick(2), self._noisy(images), images)),
-        )
+        jitter, crop, rotate, mask = self._draw_views(batch, device)
 
-    @staticmethod
-    def _shifted(images: torch.Tensor) -> torch.Tensor:
-        """A nonzero integer shift of up to 1/8 of the side (zeros shifted in), flipped horizontally with
-        probability 0.5; nearest sampling at exact pixel centres, so no pixel is interpolated."""
-        batch, _, height, width = images.shape
-        device = images.device
-        reach = max(1, min(height, width) // 8)
-        offsets = torch.randint(1, 2 * reach + 1, (batch, 2), device=device)
-        offsets = offsets - reach - (offsets <= reach).long()  # in [-reach, reach] without 0
-        flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
-        theta = torch.zeros(batch, 2, 3, device=device)
-        theta[:, 0, 0], theta[:, 1, 1] = flip, 1.0
-        theta[:, 0, 2] = -2 * offsets[:, 0] / width
-        theta[:, 1, 2] = -2 * offsets[:, 1] / height
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images.float(), grid, mode="nearest", align_corners=False).to(images.dtype)
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return low + (high - low) * torch.rand(batch, *shape, device=device)
 
-    @staticmethod
-    def _cutout(images: torch.Tensor) -> torch.Tensor:
-        """A random square of side 1/4 of the image set to 0 (the normalized data mean)."""
-        batch, _, height, width = images.shape
-        device = images.device
-        side = max(1, min(height, width) // 4)
-        top = torch.randint(height - side + 1, (batch, 1, 1), device=device)
-        left = torch.randint(width - side + 1, (batch, 1, 1), device=device)
-        rows = torch.arange(height, device=device).view(1, -1, 1)
-        cols = torch.arange(width, device=device).view(1, 1, -1)
-        inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-        return images.masked_fill(inside[:, None], 0)
-
-    @staticmethod
-    def _noisy(images: torch.Tensor) -> torch.Tensor:
-        """Gaussian noise of std 0.1, a tenth of the normalized data's std."""
-        return images + 0.1 * torch.randn_like(images)
+        side = torch.where(crop, uniform(MIN_CROP, 1.0), torch.ones(batch, device=device))
+        centre = (1 - side)[:, None] * uniform(-1.0, 1.0, 2)
+        angle = torch.where(rotate, uniform(-1.0, 1.0) * math.radians(MAX_ROTATION), torch.zeros_like(side))
+        moved = (crop | rotate).view(-1, 1, 1, 1)
+        out = torch.where(moved, crop_and_rotate(images, side, centre, angle), images)
+        factors = [torch.where(jitter, uniform(1 - JITTER, 1 + JITTER), 1.0) for _ in range(3)]
+        out = torch.where(jitter.view(-1, 1, 1, 1), jitter_colours(out, *factors), out)
+        keep = torch.rand(batch, MASK_GRID, MASK_GRID, device=device) >= MASK_RATIO
+        return torch.where(mask.view(-1, 1, 1, 1), mask_patches(out, keep), out)
 
     def projections(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[QKV, QKV, torch.Tensor, torch.Tensor]:
-        """(student Q/K/V (eq. 1, partially replaced in training), teacher patch Q/K/V, GL-projected
-        student tokens (eq. 3), teacher patch tokens (detached)); the projectors must be built."""
+        """(student Q/K/V (eq. 1), teacher Q/K/V with every token (detached), GL-projected student tokens
+        (eq. 5), teacher patch tokens (detached)); the projectors must be built."""
         if self.pca is None:
             raise UsageError("CAKDLoss: call check() on a real batch first; it sizes the projectors")
         feature, attention, tokens = self._inputs(student_taps, teacher_taps)
-        attention = QKV(*(x.detach() for x in attention))
-        side, _ = patch_grid(attention.q.shape[2])
-        student = self.pca(resize_to(feature, (side, side), self.impl))
-        if self.training and self.cfg.replace_prob > 0:
-            student = partial_cross(student, attention, self.cfg.replace_prob)
-        token_side = patch_grid(tokens.shape[1])[0] * GL_WINDOW
-        projected = self.gl(resize_to(feature, (token_side, token_side), self.impl))
-        return student, attention, projected, tokens.detach()
+        grid = (self.gl.side, self.gl.side)
+        feature = resize_to(feature, grid, self.impl)
+        return self.pca(feature), QKV(*(x.detach() for x in attention)), self.gl(feature), tokens.detach()
 
     def forward(
         self,
@@ -335,32 +444,31 @@ class CAKDLoss(DistillationLoss):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cakd = self.cfg
         student, attention, projected, tokens = self.projections(student_taps, teacher_taps)
+        swap = swap_masks(student, cakd.replace_prob) if self.training and cakd.replace_prob > 0 else None
         fooled = self.discriminator(projected.float())
         parts = {
-            "pca": cakd.pca_weight * pca_loss(student, attention),
+            "pca": cakd.pca_weight * pca_loss(student, attention, swap),
             "gl": cakd.gl_weight * F.mse_loss(projected.float(), tokens.float()),
-            "adv": cakd.adversarial_weight
-            * F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled)),
+            "adv": cakd.adversarial_weight * generator_loss(fooled, cakd.adversarial),
         }
         if self.training:
-            self._stash = (tokens.flatten(0, 1), projected.detach().flatten(0, 1))
+            self._stash = (tokens, projected.detach())
         return sum(parts.values()), parts
 
     def after_step(self) -> None:
-        """Eq. 4, discriminator: every ``discriminator_every``-th call, one Adam step on
-        BCE(D(T), 1) + BCE(D(GL(F_S)), 0) over the tokens of the last training forward."""
+        """Algorithm 1: after the optimizer step with 0-based index ``step``, one Adam step of the
+        discriminator on eq. 8 over the features of the last training forward when
+        step % discriminator_every == 0."""
+        step = self.steps
         self.steps += 1
-        if self.steps % self.cfg.discriminator_every or self._stash is None:
+        if step % self.cfg.discriminator_every or self._stash is None:
             return
         teacher, student = (x.float() for x in self._stash)
 
-        def discriminator_loss(discriminator: Callable[..., torch.Tensor]) -> torch.Tensor:
-            real, fake = discriminator(teacher), discriminator(student)
-            return F.binary_cross_entropy_with_logits(
-                real, torch.ones_like(real)
-            ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        def loss_of(net: Callable[..., torch.Tensor]) -> torch.Tensor:
+            return discriminator_loss(net(teacher), net(student))
 
-        self.last_disc_loss = step_aside(self.discriminator, self.disc_optimizer, discriminator_loss)
+        self.last_disc_loss = step_aside(self.discriminator, self.disc_optimizer, loss_of)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The discriminator's Adam state and the step count, so a resumed run keeps its schedule."""

@@ -101,6 +101,14 @@ class CompositeLoss(DistillationLoss):
         for member in self.members.values():
             member.after_step()
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int) -> None:
         for member in self.members.values():
-            member.start_epoch(epoch)
+            member.start_epoch(epoch, epochs)
+
+    def no_weight_decay(self) -> set[str]:
+        """Every member's exempt parameters, named as in this module's ``named_parameters()``."""
+        return {
+            f"members.{name}.{key}"
+            for name, member in self.members.items()
+            for key in member.no_weight_decay()
+        }

@@ -1,6 +1,6 @@
-"""Reading taps as the methods need them: a feature tap as a (B, C, H, W) map, an attention tap as Q, K, V,
-ViT token grids, bilinear resizing and the CLS attention map, each raising one UsageError line on a tap
-that does not fit."""
+"""Reading taps as the methods need them: a feature tap as a (B, C, H, W) map or as one embedding per sample,
+an attention tap as Q, K, V, ViT token grids, bilinear resizing and the CLS attention map, each raising one
+UsageError line on a tap that does not fit."""
 
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def spatial_feature(feature: torch.Tensor, name: str) -> torch.Tensor:
         return feature[:, prefix:].transpose(1, 2).reshape(feature.shape[0], -1, side, side)
     raise UsageError(
         f"feature tap {name!r} has shape {tuple(feature.shape)}: expected (B, C, H, W) or (B, tokens, D)"
+    )
+
+
+def embedding(taps: Mapping[str, Any], name: str, role: str) -> torch.Tensor:
+    """A feature tap as one vector per sample, (B, D): a (B, D) tap as it is, a (B, C, H, W) map
+    average-pooled over H x W (the penultimate embedding of a CNN: tap its last feature map or its global
+    pool). Token sequences (B, N, D) are refused: which token is the embedding depends on the model."""
+    value = tap_tensor(taps, name, role)
+    if value.dim() == 2:
+        return value
+    if value.dim() == 4:
+        return value.mean(dim=(2, 3))
+    raise UsageError(
+        f"{role} tap {name!r} has shape {tuple(value.shape)}: an embedding tap must give (B, D) or a "
+        "(B, C, H, W) map to pool; for a ViT tap the pooled output (timm: fc_norm or head_drop)"
     )
 
 

@@ -5,11 +5,17 @@ Standardization in Knowledge Distillation", arXiv:2403.01427).
 Numbering used in the docstrings:
   (1) p^tau = softmax(l / tau);  L_KD = tau^2 KL(p_T^tau || p_S^tau), batch mean (Hinton et al., Sec. 2:
       the tau^2 keeps the soft-target gradients on the scale of the hard-target ones)
-  (2) logit standardization (Sun et al., Algorithm 1): Z(l) = (l - mean(l)) / sigma(l) per sample, with
-      sigma(l) = sqrt(1/K sum_k (l_k - mean(l))^2) over the K classes; Algorithm 2 then uses
-      softmax(Z(l) / tau) for both models in (1) and keeps the tau^2 factor
+  (2) logit standardization (Sun et al., Algorithm 1, :func:`kdfast.methods.logits.standardize_logits`):
+      Z(l) = (l - mean(l)) / sigma(l) per sample; Algorithm 2 then uses softmax(Z(l) / tau) for both models
+      in (1) and keeps the tau^2 factor. tau is then the paper's "base temperature": softmax(Z(l) / tau) is
+      softmax(l / (tau sigma(l))), each sample's temperature is tau times its logits' standard deviation (the
+      abstract's "temperature as the weighted standard deviation of logit"), so the student need not match
+      the teacher's logit range, only its relations
 The supervised CE of Hinton's objective, (1 - alpha) CE + alpha L_KD, is the run's ``loss.ce`` term
-(:class:`kdfast.methods.compose.CompositeLoss`); ``loss.kd.weight`` is alpha.
+(:class:`kdfast.methods.compose.CompositeLoss`); ``loss.kd.weight`` is alpha. The authors' CIFAR-100 recipe
+for KD with standardization (their README: ``--logit-stand --base-temp 2 --kd-weight 9`` on mdistiller, whose
+KD CE weight is 0.1) is ``ce: 0.1``, ``kd: {weight: 9, temperature: 2, standardize: true}``
+(``configs/kd_ls_digits.yaml``); for some pairs they use base temperature 3.
 """
 
 from __future__ import annotations
@@ -22,22 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from kdfast.config import TapConfig
-from kdfast.errors import UsageError
 from kdfast.methods.base import NO_TAPS, DistillationLoss
+from kdfast.methods.logits import loss_logits, single_head
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
-
-STD_EPS = 1e-7  # sigma floor: equal logits (sigma = 0) standardize to zeros, a uniform distribution
-
-
-def standardize_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: (l - mean(l)) / sigma(l) along the class axis (dim 1), sigma the population standard deviation
-    of Algorithm 1 (1/K; the authors' code uses torch.std's 1/(K - 1), which scales Z by sqrt(K / (K - 1))),
-    floored at STD_EPS."""
-    centred = logits - logits.mean(dim=1, keepdim=True)
-    # floor the variance, not sigma: sqrt's infinite slope at 0 would make equal logits' gradient NaN
-    sigma = centred.square().mean(dim=1, keepdim=True).clamp_min(STD_EPS**2).sqrt()
-    return centred / sigma
 
 
 def kd_loss(
@@ -49,11 +43,7 @@ def kd_loss(
 ) -> torch.Tensor:
     """Eq. 1: tau^2 KL(p_T^tau || p_S^tau) for (B, K) logits, batch mean, computed in float32 at least; with
     ``standardize`` both logits go through eq. 2 first. Gradients reach whichever input requires them."""
-    student, teacher = (
-        x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student_logits, teacher_logits)
-    )
-    if standardize:
-        student, teacher = standardize_logits(student), standardize_logits(teacher)
+    student, teacher = loss_logits(student_logits, teacher_logits, standardize=standardize)
     log_s = F.log_softmax(student / temperature, dim=1)
     log_t = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature**2
@@ -104,13 +94,8 @@ class KDLoss(DistillationLoss):
         student_taps: Mapping[str, Any],
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not isinstance(student_logits, torch.Tensor):
-            raise UsageError(
-                f"method kd needs the student's logits as one tensor, got {type(student_logits).__name__} "
-                "(a two-head student such as TITN's): drop kd from loss.method"
-            )
         term = kd_loss(
-            student_logits,
+            single_head(student_logits, "kd"),
             teacher_logits.detach(),
             temperature=self.cfg.temperature,
             standardize=self.cfg.standardize,

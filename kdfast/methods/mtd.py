@@ -4,16 +4,20 @@ al. 2022, "Multimodal Transformer Distillation for Audio-Visual Synchronization"
 Numbering used in the docstrings:
   (1) CAD = softmax(Q K^T / sqrt(d_q)),  L_CAD = KL(CAD_s || CAD_t)
   (2) VR = softmax(V V^T / sqrt(d_v)),   L_VR = KL(VR_s || VR_t)
-  (3) relation heads (MiniLMv2): heads concatenated, (B, H, N, d) -> (B, N, H * d), and re-split into R
-      heads for both models, so teacher and student may have different head counts and widths
-  (4) task weighting, task 0 being the supervised loss L_0 = alpha * tau^2 KL(p_T || p_S) + (1 - alpha) CE
-      (``kdfast.methods.kd.kd_loss`` plus the CE; this method computes the supervised term) and tasks 1..K the
-      distillation terms, one per (layer, relation) ("layer_kind", 25D for 12 layers) or one per layer with
-      CAD and VR summed ("layer", 13D):
-        uniform      L_0 + 1/K sum_k L_k
+  (3) relation heads (MiniLMv2, a kdfast extension, off unless ``relation_heads`` is set): heads concatenated,
+      (B, H, N, d) -> (B, N, H * d), and re-split into R heads for both models, so teacher and student may
+      have different head counts; MTD itself pairs each model's own heads
+  (4) task weighting, task 0 being the supervised task loss L_0 = CE(y, p_S) and tasks 1..K the distillation
+      terms, one per (layer, relation) ("layer_kind", 25D for 12 layers) or one per layer with CAD and VR
+      summed ("layer", 13D):
+        uniform      sum_{k=0..K} L_k                                     (every weight 1)
         manual       L_0 + sum_k m_k L_k
         learnable    sum_{k=0..K} softmax(theta)_k L_k                    (AW, theta learnable)
         uncertainty  sum_{k=0..K} L_k / (2 w_k^2) + ln(1 + w_k^2)         (w learnable, init 1)
+      The learnable theta and w get no weight decay (``no_weight_decay``): the authors' code trains them with
+      Adam without decay (xjchenGit/MTDVocaLiST, train_MTD.py).
+Logit KD is not part of MTD: ``loss.method: [kd, mtd]`` adds ``kd``'s weighted tau^2 KL beside the weighted
+tasks, an extension of kdfast's (off in the paper's configuration).
 Both KL terms go through ``kernels.attention_kl``, so on the GPU no N x N matrix is ever stored.
 """
 
@@ -31,9 +35,8 @@ from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.base import DistillationLoss, require_tap, supervised_ce
 from kdfast.methods.features import cls_attention_map, patch_grid
-from kdfast.methods.kd import kd_loss
 from kdfast.methods.registry import Method
-from kdfast.schema import positive, unit_interval
+from kdfast.schema import positive
 from kdfast.taps import QKV
 
 
@@ -61,19 +64,18 @@ class MTDPairConfig:
 @dataclass
 class MTDConfig:
     """``loss.mtd``: per layer pair, L_CAD (eq. 1) and L_VR (eq. 2) of ``relations``; the terms and the
-    supervised loss L_0 = alpha * tau^2 KL + (1 - alpha) CE (``alpha``, ``temperature``) combined by
-    ``weighting`` (eq. 4).
+    supervised task loss L_0 = CE(y, p_S) combined by ``weighting`` (eq. 4).
 
     ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers);
     "layer" shares one weight per layer ("13D"). ``manual_weights`` lists one weight per distillation task
-    for ``weighting: manual``. ``relation_heads`` re-splits the concatenated heads of both models into this
-    many heads (eq. 3), so teacher and student may have different head counts; null keeps the heads as they
-    are. ``direction`` "teacher_student" computes KL(t || s) instead (MiniLM's direction).
+    for ``weighting: manual``. ``relation_heads`` (a kdfast extension, eq. 3; null in the paper's setting)
+    re-splits the concatenated heads of both models into this many heads, for a pair whose head counts
+    differ. ``direction`` "teacher_student" computes KL(t || s) instead: MiniLM's direction, and what the
+    authors' code computes (``F.kl_div(log CAD_s, CAD_t)`` is KL(CAD_t || CAD_s)), where the paper writes
+    KL(CAD_s || CAD_t).
     """
 
     weight: float = 1.0
-    alpha: float = 0.5
-    temperature: float = 4.0
     pairs: list[MTDPairConfig] = field(default_factory=list)
     relations: list[Literal["cad", "vr"]] = field(default_factory=lambda: ["cad", "vr"])
     weighting: Literal["uniform", "manual", "learnable", "uncertainty"] = "uncertainty"
@@ -96,8 +98,7 @@ def validate(
     teacher_taps: Mapping[str, TapConfig],
     where: str = "loss.mtd",
 ) -> None:
-    """Pairs of attention taps, at least one relation, one manual weight per task, positive heads and
-    temperature, alpha in [0, 1]."""
+    """Pairs of attention taps, at least one relation, one manual weight per task, positive heads."""
     if not cfg.pairs:
         raise ConfigError(f"method mtd needs {where}.pairs: the (student, teacher) attention taps to distill")
     for i, pair in enumerate(cfg.pairs):
@@ -116,20 +117,18 @@ def validate(
             )
     if cfg.relation_heads is not None:
         positive(cfg.relation_heads, f"{where}.relation_heads")
-    unit_interval(cfg.alpha, f"{where}.alpha")
-    positive(cfg.temperature, f"{where}.temperature")
 
 
 class MTDLoss(DistillationLoss):
-    """MTD: the supervised loss L_0 and L_CAD (eq. 1) and L_VR (eq. 2) per configured (student, teacher)
-    attention tap pair, combined by the task weighting of eq. 4.
+    """MTD: the supervised task loss L_0 = CE and L_CAD (eq. 1) and L_VR (eq. 2) per configured (student,
+    teacher) attention tap pair, combined by the task weighting of eq. 4.
 
-    ``forward`` returns (term, parts): "kd" and "ce" (the two summands of L_0), "cad" and "vr" (the
-    unweighted sums over layers of eq. 1 and eq. 2, those configured), "total_distill" (the loss minus the
-    weighted L_0 term) and "w_<task>" (the current coefficient of each task's loss, detached). The
-    weighting's learnable parameters, if any, are parameters of this module. The teacher's logits and taps
-    are detached: gradients reach the student and the task weights only. Call :meth:`check` once on a
-    real batch: it raises UsageError when tap shapes cannot be matched.
+    ``forward`` returns (term, parts): "ce" (L_0), "cad" and "vr" (the unweighted sums over layers of eq. 1
+    and eq. 2, those configured), "total_distill" (the loss minus the weighted L_0 term) and "w_<task>" (the
+    current coefficient of each task's loss, detached). The weighting's learnable parameters, if any, are
+    parameters of this module, exempt from weight decay. The teacher's taps are detached: gradients reach the
+    student and the task weights only. Call :meth:`check` once on a real batch: it raises UsageError when tap
+    shapes cannot be matched.
     """
 
     def __init__(
@@ -149,6 +148,10 @@ class MTDLoss(DistillationLoss):
             self.task_logits = nn.Parameter(torch.zeros(len(self.tasks) + 1))
         elif cfg.weighting == "uncertainty":
             self.task_w = nn.Parameter(torch.ones(len(self.tasks) + 1))
+
+    def no_weight_decay(self) -> set[str]:
+        """The task weights of eq. 4 (theta or w), when the weighting learns them."""
+        return {name for name, _ in self.named_parameters()}
 
     def _split(self, qkv: QKV) -> QKV:
         if self.cfg.relation_heads is None:
@@ -170,7 +173,6 @@ class MTDLoss(DistillationLoss):
         """Eq. 4: (total, coefficients) for the supervised loss L_0 and the K distillation task losses;
         ``coefficients`` (K+1,) is what multiplies each task loss (for logging)."""
         losses = torch.cat([supervised.reshape(1), distill])
-        count = distill.numel()
         weighting = self.cfg.weighting
         if weighting == "uncertainty":
             return uncertainty_weighting(losses, self.task_w), 1 / (2 * self.task_w.square())
@@ -179,7 +181,7 @@ class MTDLoss(DistillationLoss):
         elif weighting == "manual":
             coefficients = losses.new_tensor([1.0, *self.cfg.manual_weights])
         else:
-            coefficients = torch.cat([losses.new_ones(1), losses.new_full((count,), 1 / count)])
+            coefficients = torch.ones_like(losses)
         return (coefficients * losses).sum(), coefficients
 
     def forward(
@@ -190,11 +192,8 @@ class MTDLoss(DistillationLoss):
         student_taps: Mapping[str, Any],
         teacher_taps: Mapping[str, Any],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        alpha = self.cfg.alpha
-        parts = {
-            "kd": alpha * kd_loss(student_logits, teacher_logits.detach(), temperature=self.cfg.temperature),
-            "ce": (1 - alpha) * supervised_ce(student_logits, targets, self.label_smoothing),
-        }
+        supervised = supervised_ce(student_logits, targets, self.label_smoothing)
+        parts = {"ce": supervised}
         layers = [
             self.relations(pair, student_taps[pair.student], teacher_taps[pair.teacher])
             for pair in self.cfg.pairs
@@ -203,7 +202,6 @@ class MTDLoss(DistillationLoss):
             distill = torch.stack([torch.stack(list(terms.values())).sum() for terms in layers])
         else:
             distill = torch.stack([term for terms in layers for term in terms.values()])
-        supervised = parts["kd"] + parts["ce"]
         total, coefficients = self.combine(supervised, distill)
         for rel in self.cfg.relations:
             parts[rel] = torch.stack([terms[rel] for terms in layers]).sum()

@@ -3,9 +3,9 @@ the distillation method ``<name>``; the config loader types and checks ``loss.<n
 validator, and the training loop builds its loss module.
 
 Modules are found with ``pkgutil.iter_modules`` on first use, so no list of methods is kept anywhere; the
-helper modules of the package (``base``, ``features``, ``compose``, this one) declare no ``METHOD``. This
-module imports only the standard library and :mod:`kdfast.schema`, so :mod:`kdfast.config` can read it
-while the method modules import :mod:`kdfast.config`.
+helper modules of the package (``base``, ``features``, ``logits``, ``compose``, this one) declare no
+``METHOD``. This module imports only the standard library and :mod:`kdfast.schema`, so :mod:`kdfast.config`
+can read it while the method modules import :mod:`kdfast.config`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from kdfast.errors import ConfigError
 from kdfast.schema import closest
@@ -35,7 +35,10 @@ class Method:
     constructor calls it too. ``loss``: the :class:`~kdfast.methods.base.DistillationLoss` subclass, built
     as ``loss(section, student_taps, teacher_taps, kernels_impl=..., label_smoothing=...)``. ``paper``: the
     citation. ``supervised``: the method computes the supervised term itself (its own CE or task loss), so
-    the run adds no ``loss.ce`` term (:class:`kdfast.methods.compose.CompositeLoss`).
+    the run adds no ``loss.ce`` term (:class:`kdfast.methods.compose.CompositeLoss`). ``logits``: what the
+    method reads of the student's output: "one" (B, K) tensor (the default), the (class, distillation)
+    "pair" of a two-head student (TITN), or "none" (a feature method); a "pair" method combines only with
+    "none" methods, since its student gives no one tensor (:class:`kdfast.config.LossConfig`).
     """
 
     name: str
@@ -44,6 +47,7 @@ class Method:
     loss: type
     paper: str
     supervised: bool = False
+    logits: Literal["one", "pair", "none"] = "one"
 
 
 def discover(path: str | Path, package: str) -> dict[str, Method]:

@@ -1,28 +1,30 @@
-"""SoKD: a plug-in on top of feature distillation, with DAFA (differentiable feature augmentation) and DAM
-(a detection-head module finding areas of mutual interest).
+"""SoKD: a plug-in on top of feature distillation, with DAFA (differentiable automatic feature augmentation)
+refining the teacher feature for the student and DAM (a detection head) finding areas of mutual interest.
 
-Numbering used in the docstrings (Shen et al. 2024, "Student-Oriented Teacher Knowledge Refinement for
-Knowledge Distillation", arXiv:2409.18785):
-  (1) base feature distillation: f_s = A(F_S), a 1x1 conv adapter to the teacher's channel count, against
-      the teacher feature f_t resized to the student's grid; L_feat = 1/2 mean (target - f_s)^2
-  (2) DAFA sub-policy choice: w = Gumbel-softmax(policy logits, tau) with a hard one-hot forward and
-      straight-through gradients; each operation applied with a relaxed Bernoulli b (hard forward,
-      straight-through) as b op(x, m) + (1 - b) x; magnitudes m in [0, 1], quantized with a
-      straight-through estimator
-  (3) consistency loss 1/2 mean (s(f_t) - f_s)^2, which trains the DAFA parameters for the first
-      ``search_epochs`` epochs; afterwards they are frozen and s(f_t) is the target of (1) and (5)
-  (4) DAM: one detection head (heatmap, size, offset branches, each 3x3 conv + ReLU + 1x1 conv) on f_s and
-      on f_t; L_D = mse(sigmoid H_s, sigmoid H_t) + l1(size_s, size_t) + l1(offset_s, offset_t)
-  (5) mask of mutual interest M: the top-k positions of sigmoid H_s * sigmoid H_t (k = a quarter of the
-      grid); L_DA = sum M (target - f_s)^2 / (2 C sum M)
-  (6) L = L_feat + alpha L_D + beta L_DA, this module's term; the logit KD and CE of the example config are
-      the method ``kd`` and ``loss.ce`` beside it
-The base feature loss (1) is kept as its own term "feat" beside the masked L_DA.
+Numbering used in the docstrings (Shen, Huang, Zhu, Fan & Zhang 2024, "Student-Oriented Teacher Knowledge
+Refinement for Knowledge Distillation", ACM MM 2024, arXiv:2409.18785):
+  (DAFA) s(F^t): a sub-policy of feature operations applied to the teacher feature F^t; the sub-policy is
+      chosen by a Gumbel-softmax over learnable logits, each of its operations applied or not by a relaxed
+      Bernoulli with a learnable probability, at a learnable magnitude m in [0, 1]
+  (10) magnitudes take the straight-through gradient dF/dm = 1 (the operations need not be differentiable
+      in m)
+  (L_aug) 1/2 (s(F^t) - F^s)^2, the consistency loss that trains the DAFA parameters during the search
+  (11) DAM: a detection head of three branches (heatmap, size, offset; each 3x3 conv + ReLU + 1x1 conv),
+      shared by the student branch Phi_s(F^s) (Phi_s: a 1x1 adapter to the teacher's channels) and the
+      teacher branch
+  (12) L_D = sum_i ||conv_i(Phi_s(F^s)) - conv_i(s(F^t))||^2 over the three branches i, on their raw outputs;
+      the teacher branch sees the augmented teacher feature s(F^t)
+  (13) the areas A_1..A_P decoded from heatmap, size and offset as CenterNet boxes
+  (14) L_DA = sum_p ||M(A_p) Phi_s(F^s) - M(A_p) s(F^t)||^2, the feature loss inside the areas
+  (15) L = L_task + alpha L_D + beta L_DA; L_task is the base method's objective (CE, and the base feature
+      method's loss when SoKD plugs into one: compose ``loss.method: [fitnet, sokd]`` and so on)
+The search lasts ``search_epochs`` (the paper's best: 20 of 240 epochs); the student trains against s(F^t)
+throughout: the sampled sub-policy while searching, the argmax sub-policy once the search ends. Every
+||.||^2 is taken as a mean over elements (batch mean), as every kdfast feature loss.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,34 +40,34 @@ from kdfast.methods.features import resize_to, spatial_feature, tap_tensor
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
 
-MAGNITUDE_LEVELS = 10  # eq. 2: magnitudes live on 11 levels 0, 0.1, ..., 1 in the forward pass
-MASK_FRACTION = 0.25  # eq. 5: the mask keeps a quarter of the grid
-HEAD_WIDTH = 64
+HEAD_WIDTH = 64  # eq. 11: the hidden width of each branch (kdfast's choice)
+PEAK_KERNEL = 3  # eq. 13: a peak is a heatmap cell equal to the maximum of its 3x3 neighbourhood (CenterNet)
+SEARCH_FRACTION = 20 / 240  # the paper's best search length, as a fraction of the run
 
 
 def scale_op(x: torch.Tensor, m: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, scaling: x (1 + m)."""
+    """DAFA scaling: x (1 + m)."""
     return x * (1 + m)
 
 
 def noise_op(x: torch.Tensor, m: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, gaussian noise: x + m z, with ``draw`` z ~ N(0, 1) of x's shape."""
+    """DAFA gaussian noise: x + m z, with ``draw`` z ~ N(0, 1) of x's shape."""
     return x + m * draw
 
 
 def channel_drop_op(x: torch.Tensor, m: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, channel dropout: the channels whose ``draw`` u (x's shape, constant over H, W) is below 0.5
-    are attenuated by (1 - m); a hard drop would give m no gradient."""
-    return x * (1 - m * (draw[:, :, :1, :1] < 0.5).to(x.dtype))
+    """DAFA channel masking: the channels whose ``draw`` u (x's shape, read at H = W = 0) is below m are
+    zeroed, so m is the expected fraction dropped."""
+    return x * (draw[:, :, :1, :1] >= m).to(x.dtype)
 
 
 def blur_op(x: torch.Tensor, m: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, blur: (1 - m) x + m avg3x3(x), the 3x3 mean over the in-bounds neighbours."""
+    """DAFA blur: (1 - m) x + m avg3x3(x), the 3x3 mean over the in-bounds neighbours."""
     return (1 - m) * x + m * F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 def shift_op(x: torch.Tensor, m: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2, spatial shift: (1 - m) x + m roll(x, (1, 1)), a sub-pixel shift by m of a pixel."""
+    """DAFA spatial shift: (1 - m) x + m roll(x, (1, 1)), a sub-pixel shift by m of a pixel."""
     return (1 - m) * x + m * torch.roll(x, shifts=(1, 1), dims=(2, 3))
 
 
@@ -79,55 +81,82 @@ OPS: tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], .
 NOISY_OPS = (noise_op,)  # draw ~ N(0, 1); the other ops take draw ~ U(0, 1)
 
 
-def straight_through_magnitude(raw: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: clamp(raw, 0, 1) rounded to 1/MAGNITUDE_LEVELS in the forward pass, with the gradient of
-    the unrounded value (straight-through estimator, Bengio et al. 2013)."""
-    m = raw.clamp(0, 1)
-    return m + (torch.round(m * MAGNITUDE_LEVELS) / MAGNITUDE_LEVELS - m).detach()
+def straight_through_op(
+    op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    m: torch.Tensor,
+    draw: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 10: op(x, m) in the forward pass, with dF/dm = 1 for every element of the output (the
+    straight-through estimator) and the operation's own gradient with respect to x."""
+    return op(x, m.detach(), draw) + (m - m.detach())
 
 
 def hard_relaxed_bernoulli(logits: torch.Tensor, temperature: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: b_soft = sigmoid((logit + log u - log(1 - u)) / tau) (Maddison et al. 2017), forward 1 where
-    b_soft > 0.5, else 0, with the gradient of b_soft."""
+    """DAFA's operation gate: b_soft = sigmoid((logit + log u - log(1 - u)) / tau) (Maddison et al. 2017),
+    forward 1 where b_soft > 0.5, else 0, with the gradient of b_soft."""
     soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
     return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
 
 
 def consistency_loss(augmented: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: 1/2 mean (s(f_t) - f_s)^2."""
+    """L_aug: 1/2 mean (s(F^t) - F^s)^2."""
     return 0.5 * (augmented.float() - student.float()).square().mean()
 
 
 def dam_alignment(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Eq. 4: mse(sigmoid H_s, sigmoid H_t) + l1(size_s, size_t) + l1(offset_s, offset_t)."""
-    (hs, ss, os_), (ht, st, ot) = student, teacher
-    return F.mse_loss(torch.sigmoid(hs), torch.sigmoid(ht)) + F.l1_loss(ss, st) + F.l1_loss(os_, ot)
+    """Eq. 12: sum over the heatmap, size and offset branches of mean (conv_i(Phi_s(F^s)) - conv_i(s(F^t)))^2,
+    on the branches' raw outputs."""
+    return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher, strict=True))
 
 
-def mutual_interest_mask(student_heat: torch.Tensor, teacher_heat: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: (B, H, W) 0/1 mask of the top ceil(MASK_FRACTION H W) positions of
-    sigmoid H_s * sigmoid H_t per sample, for (B, 1, H, W) heatmap logits; no gradient."""
-    score = (torch.sigmoid(student_heat) * torch.sigmoid(teacher_heat)).detach().flatten(1)
-    k = math.ceil(MASK_FRACTION * score.shape[1])
-    mask = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
-    return mask.view(student_heat.shape[0], *student_heat.shape[-2:])
+def decode_areas(heatmap: torch.Tensor, size: torch.Tensor, offset: torch.Tensor, areas: int) -> torch.Tensor:
+    """Eqs. 11 and 13, CenterNet's decoding (Zhou et al. 2019) on a (B, 1, H, W) heatmap (logits), a
+    (B, 2, H, W) size (width, height) and a (B, 2, H, W) offset (x, y), in grid cells.
+
+    The peaks are the cells whose sigmoid score equals the maximum of their 3x3 neighbourhood; the P =
+    ``areas`` highest peaks are kept (fewer when the map has fewer peaks). Peak (y, x) gives the centre
+    (x + o_x, y + o_y) and the box centre -/+ size / 2 (a negative size counts as 0), clipped to the grid;
+    area p covers the cells (i, j) with floor(top) <= i <= floor(bottom) and floor(left) <= j <=
+    floor(right). Returns the (B, P, H, W) 0/1 masks M(A_p); no gradient."""
+    heatmap, size, offset = (x.detach().float() for x in (heatmap, size, offset))
+    batch, _, height, width = heatmap.shape
+    score = torch.sigmoid(heatmap)
+    peaks = score == F.max_pool2d(score, PEAK_KERNEL, stride=1, padding=PEAK_KERNEL // 2)
+    top, index = torch.where(peaks, score, 0.0).flatten(1).topk(min(areas, height * width), dim=1)
+    ys, xs = (index // width).float(), (index % width).float()
+    wh = size.flatten(2).gather(2, index[:, None].expand(-1, 2, -1)).clamp_min(0)
+    shift = offset.flatten(2).gather(2, index[:, None].expand(-1, 2, -1))
+    cx, cy = xs + shift[:, 0], ys + shift[:, 1]
+    left = (cx - wh[:, 0] / 2).clamp(0, width - 1).floor()
+    right = (cx + wh[:, 0] / 2).clamp(0, width - 1).floor()
+    upper = (cy - wh[:, 1] / 2).clamp(0, height - 1).floor()
+    lower = (cy + wh[:, 1] / 2).clamp(0, height - 1).floor()
+    rows = torch.arange(height, device=heatmap.device).view(1, 1, -1, 1)
+    cols = torch.arange(width, device=heatmap.device).view(1, 1, 1, -1)
+    inside = (rows >= upper[..., None, None]) & (rows <= lower[..., None, None])
+    inside = inside & (cols >= left[..., None, None]) & (cols <= right[..., None, None])
+    return (inside & (top > 0)[..., None, None]).float()
 
 
-def masked_feature_loss(target: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: L_DA = sum_{b,c,y,x} M_{b,y,x} (target - f_s)^2 / (2 C sum M)."""
+def area_feature_loss(target: torch.Tensor, student: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: sum_p ||M(A_p) student - M(A_p) target||^2, divided by the number of feature elements
+    (B C H W), for (B, C, H, W) features and (B, P, H, W) masks; a cell inside k areas counts k times."""
     squared = (target.float() - student.float()).square()
-    return (squared * mask[:, None]).sum() / (2 * student.shape[1] * mask.sum().clamp_min(1))
+    return (squared * masks.sum(1, keepdim=True)).sum() / student.numel()
 
 
 @dataclass
 class SoKDConfig:
-    """``loss.sokd``: SoKD on top of feature distillation between a ``student`` and a ``teacher`` feature tap.
+    """``loss.sokd``: SoKD between a ``student`` and a ``teacher`` feature tap; its term is alpha L_D +
+    beta L_DA (eq. 15 without L_task, which the run's CE and the base method give).
 
-    DAFA searches feature augmentation sub-policies applied to the teacher feature (Gumbel-softmax over
-    ``sub_policies`` sub-policies of ``ops_per_policy`` operations at ``temperature``, a relaxed Bernoulli
-    per operation, straight-through magnitudes) by the consistency loss (eq. 3) for the first
-    ``search_epochs`` epochs with Adam at ``search_lr``; DAM's shared detection head (heatmap, size and offset
-    branches) finds areas of mutual interest. Term = L_feat + alpha * L_D + beta * L_DA (eq. 6).
+    DAFA searches ``sub_policies`` sub-policies of ``ops_per_policy`` operations (Gumbel-softmax and relaxed
+    Bernoulli at ``temperature``) by L_aug with Adam at ``search_lr`` for ``search_epochs`` epochs (null: the
+    paper's best 20 of 240, scaled to the run: round(epochs / 12), at least 1); DAM decodes ``areas`` (P)
+    areas of mutual interest. ``feature_weight`` adds the unmasked feature loss 1/2 mean (s(F^t) -
+    Phi_s(F^s))^2: a kdfast addition (not in eq. 15), 0 (off) in the paper's setting; it stands in for a
+    FitNet-style base method where none is composed.
     """
 
     weight: float = 1.0
@@ -135,11 +164,13 @@ class SoKDConfig:
     teacher: str = ""
     alpha: float = 1.0
     beta: float = 1.0
-    search_epochs: int = 1
+    areas: int = 8
+    search_epochs: int | None = None
     sub_policies: int = 8
     ops_per_policy: int = 2
     temperature: float = 0.5
     search_lr: float = 3e-3
+    feature_weight: float = 0.0
 
 
 def validate(
@@ -148,19 +179,35 @@ def validate(
     teacher_taps: Mapping[str, TapConfig],
     where: str = "loss.sokd",
 ) -> None:
-    """Two feature taps, a search of >= 0 epochs and positive search sizes, temperature and rate."""
+    """Two feature taps; a search of >= 0 epochs; positive areas, search sizes, temperature and rate; a
+    feature weight >= 0."""
     require_tap(student_taps, cfg.student, role="student", where=f"{where}.student", kind="feature")
     require_tap(teacher_taps, cfg.teacher, role="teacher", where=f"{where}.teacher", kind="feature")
-    positive(cfg.search_epochs, f"{where}.search_epochs", allow_zero=True)
-    for key in ("sub_policies", "ops_per_policy", "temperature", "search_lr"):
+    if cfg.search_epochs is not None:
+        positive(cfg.search_epochs, f"{where}.search_epochs", allow_zero=True)
+    for key in ("areas", "sub_policies", "ops_per_policy", "temperature", "search_lr"):
         positive(getattr(cfg, key), f"{where}.{key}")
+    positive(cfg.feature_weight, f"{where}.feature_weight", allow_zero=True)
+
+
+def search_length(search_epochs: int | None, epochs: int) -> int:
+    """The number of search epochs: ``search_epochs`` when given, else the paper's 20 of 240 scaled to a run
+    of ``epochs`` epochs, round(epochs / 12), at least 1."""
+    if search_epochs is not None:
+        return search_epochs
+    return max(1, round(epochs * SEARCH_FRACTION))
 
 
 class DAFA(nn.Module):
-    """Eq. 2-3: ``sub_policies`` sub-policies of ``ops_per_policy`` operations each, operation k of
-    sub-policy p being OPS[(p * ops_per_policy + k) % len(OPS)] so every operation is in the search space.
-    Learnable: the sub-policy logits, one Bernoulli logit and one raw magnitude per operation. In training
-    one sub-policy is sampled per call (Gumbel-softmax, hard); in eval the feature is returned unchanged."""
+    """DAFA: ``sub_policies`` sub-policies of ``ops_per_policy`` operations each, operation k of sub-policy p
+    being OPS[(p * ops_per_policy + k) % len(OPS)] so every operation is in the search space. Learnable: the
+    sub-policy logits, one probability logit and one raw magnitude per operation (m = clamp(raw, 0, 1)).
+
+    ``forward(x, search)``: in training, with ``search`` a sub-policy sampled by a hard Gumbel-softmax and
+    each operation gated by a hard relaxed Bernoulli (gradients to every parameter), without ``search`` the
+    searched sub-policy, argmax of the logits, each of its operations applied with its learned probability
+    (a fresh Bernoulli draw per call, as an AutoAugment policy applies its operations); in eval the
+    feature is returned unchanged."""
 
     def __init__(self, sub_policies: int, ops_per_policy: int, temperature: float) -> None:
         super().__init__()
@@ -176,29 +223,38 @@ class DAFA(nn.Module):
     def apply_policy(
         self, x: torch.Tensor, policy: int, gates: torch.Tensor, draws: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Eq. 2: the operations of sub-policy ``policy`` in order, each as b op(x, m) + (1 - b) x with
-        the gate b = ``gates[k]``; ``draws[i]`` is the random tensor of OPS[i]."""
-        magnitudes = straight_through_magnitude(self.magnitudes[policy])
+        """The operations of sub-policy ``policy`` in order, each as b op(x, m) + (1 - b) x with the gate
+        b = ``gates[k]`` and eq. 10's straight-through magnitude; ``draws[i]`` is OPS[i]'s random tensor."""
+        magnitudes = self.magnitudes[policy].clamp(0, 1)
         for k, op_index in enumerate(self.policy_ops[policy]):
-            x = gates[k] * OPS[op_index](x, magnitudes[k], draws[op_index]) + (1 - gates[k]) * x
+            applied = straight_through_op(OPS[op_index], x, magnitudes[k], draws[op_index])
+            x = gates[k] * applied + (1 - gates[k]) * x
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """s(x) (eq. 2): sum_p w_p policy_p(x) with w the hard Gumbel-softmax sample, so the forward value is
-        the sampled sub-policy's output and every sub-policy logit gets the straight-through gradient.
-        Every sub-policy is evaluated (elementwise ops on one feature map), which keeps the graph free of
-        data-dependent branches for torch.compile; the sub-policies share one random draw per operation."""
+    def searched_policy(self) -> int:
+        """The sub-policy the search chose: argmax of the sub-policy logits."""
+        return int(self.policy_logits.argmax())
+
+    def forward(self, x: torch.Tensor, search: bool) -> torch.Tensor:
+        """s(x). While searching: sum_p w_p policy_p(x) with w the hard Gumbel-softmax sample, so the forward
+        value is the sampled sub-policy's output and every sub-policy logit gets the straight-through
+        gradient; every sub-policy is evaluated (elementwise ops on one feature map), which keeps the graph
+        free of data-dependent branches for torch.compile; the sub-policies share one draw per operation."""
         if not self.training:
             return x
+        draws = [torch.randn_like(x) if op in NOISY_OPS else torch.rand_like(x) for op in OPS]
+        if not search:
+            policy = self.searched_policy()
+            gates = (torch.rand_like(self.op_logits[policy]) < torch.sigmoid(self.op_logits[policy])).float()
+            return self.apply_policy(x, policy, gates, draws)
         weights = F.gumbel_softmax(self.policy_logits, tau=self.temperature, hard=True)
         uniform = torch.rand_like(self.op_logits).clamp(1e-6, 1 - 1e-6)
         gates = hard_relaxed_bernoulli(self.op_logits, self.temperature, uniform)
-        draws = [torch.randn_like(x) if op in NOISY_OPS else torch.rand_like(x) for op in OPS]
         return sum(weights[p] * self.apply_policy(x, p, gates[p], draws) for p in range(len(self.policy_ops)))
 
 
 class DetectionHead(nn.Module):
-    """Eq. 4: heatmap (1 channel), size (2) and offset (2) branches, each 3x3 conv + ReLU + 1x1 conv."""
+    """Eq. 11: heatmap (1 channel), size (2) and offset (2) branches, each 3x3 conv + ReLU + 1x1 conv."""
 
     def __init__(self, channels: int, width: int = HEAD_WIDTH) -> None:
         super().__init__()
@@ -214,15 +270,19 @@ class DetectionHead(nn.Module):
 
 
 class SoKDLoss(DistillationLoss):
-    """SoKD eq. 6: L_feat (eq. 1) + alpha L_D (eq. 4) + beta L_DA (eq. 5).
+    """SoKD eq. 15 without L_task: alpha L_D (eq. 12) + beta L_DA (eq. 14) (+ feature_weight times the
+    unmasked feature loss, a kdfast option).
 
-    ``forward`` returns (term, parts): "feat" and "dam" (alpha L_D + beta L_DA) sum to the term;
-    "dafa" is the consistency loss (eq. 3) of the batch, logged, not part of the student's loss. The
-    feature target is f_t during the search epochs and the sampled s(f_t) afterwards.
+    ``forward`` returns (term, parts): "dam" (alpha L_D), "areas" (beta L_DA) and, when ``feature_weight``
+    is set, "feat" sum to the term; "aug" is L_aug of the batch, logged, not part of the student's loss.
+    The target is s(F^t) (the teacher feature on the student's grid, refined by DAFA, detached): the
+    sampled sub-policy in the search epochs, the searched one afterwards. The areas (eq. 13) are decoded
+    from the student branch's outputs: the head is shared and L_D aligns the branches, so they are the
+    areas both find.
 
     The adapter and the detection head train with the student. DAFA's parameters are registered (saved
     in ``state_dict``) but have requires_grad False, so the training loop leaves them out of the student
-    optimizer; in the search epochs :meth:`after_step` gives them one Adam step (``search_lr``) on eq. 3
+    optimizer; in the search epochs :meth:`after_step` gives them one Adam step (``search_lr``) on L_aug
     over the last training batch, through detached aliases (``functional_call``), as CAKD trains its
     discriminator. :meth:`check` on a real batch sizes and builds the sub-networks.
     """
@@ -243,7 +303,7 @@ class SoKDLoss(DistillationLoss):
         self.head: DetectionHead | None = None
         self.dafa: DAFA | None = None
         self.dafa_optimizer: torch.optim.Adam | None = None
-        self.searching = self.cfg.search_epochs > 0
+        self.searching = cfg.search_epochs is None or cfg.search_epochs > 0
         self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _features(
@@ -278,14 +338,15 @@ class SoKDLoss(DistillationLoss):
                 f"give {(student.shape[1], teacher.shape[1])}"
             )
 
-    def start_epoch(self, epoch: int) -> None:
-        """Eq. 3: DAFA is searched in epochs 0 .. search_epochs - 1 and frozen from then on."""
-        self.searching = epoch < self.cfg.search_epochs
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """The search runs in epochs 0 .. n - 1 of the ``epochs`` (n: :func:`search_length`); DAFA is frozen
+        from then on."""
+        self.searching = epoch < search_length(self.cfg.search_epochs, epochs)
 
     def aligned(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 1: (f_s, the adapted student feature; f_t, the teacher feature on the student's grid,
+        """(Phi_s(F^s), the adapted student feature; F^t, the teacher feature on the student's grid,
         detached); the sub-networks must be built."""
         if self.adapter is None:
             raise UsageError("SoKDLoss: call check() on a real batch first; it sizes the adapter")
@@ -303,31 +364,32 @@ class SoKDLoss(DistillationLoss):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sokd = self.cfg
         f_s, f_t = self.aligned(student_taps, teacher_taps)
-        augmented = self.dafa(f_t).detach()
-        target = f_t if self.searching else augmented
-        # The shared head learns from both sides: with the teacher's side detached, its own output is a
-        # target that moves with the head's weights, and L_D grew without bound (digits: 0.9 -> 7.6).
-        student_head, teacher_head = self.head(f_s), self.head(f_t)
-        mask = mutual_interest_mask(student_head[0], teacher_head[0])
+        target = self.dafa(f_t, self.searching).detach()
+        # The shared head learns from both branches: with the teacher's detached, its own output is a
+        # target that moves with the head's weights.
+        student_head, teacher_head = self.head(f_s), self.head(target)
+        masks = decode_areas(*student_head, sokd.areas)
         parts = {
-            "feat": consistency_loss(target, f_s),
-            "dam": sokd.alpha * dam_alignment(student_head, teacher_head)
-            + sokd.beta * masked_feature_loss(target, f_s, mask),
+            "dam": sokd.alpha * dam_alignment(student_head, teacher_head),
+            "areas": sokd.beta * area_feature_loss(target, f_s, masks),
         }
+        if sokd.feature_weight:
+            parts["feat"] = sokd.feature_weight * consistency_loss(target, f_s)
         loss = sum(parts.values())
-        parts["dafa"] = consistency_loss(augmented, f_s.detach())
+        parts["aug"] = consistency_loss(target, f_s.detach())
         if self.training and self.searching:
             self._stash = (f_t, f_s.detach())
         return loss, parts
 
     def after_step(self) -> None:
-        """Eq. 3, search: in the search epochs, one Adam step of DAFA's parameters on
-        1/2 mean (s(f_t) - f_s)^2 over the last training batch; nothing once frozen."""
+        """In the search epochs, one Adam step of DAFA's parameters on L_aug = 1/2 mean (s(F^t) - F^s)^2
+        over the last training batch, with a freshly sampled sub-policy; nothing once frozen."""
         if not self.searching or self._stash is None:
             return
         teacher, student = self._stash
         self._stash = None
-        step_aside(self.dafa, self.dafa_optimizer, lambda dafa: consistency_loss(dafa(teacher), student))
+        searched = lambda dafa: consistency_loss(dafa(teacher, True), student)
+        step_aside(self.dafa, self.dafa_optimizer, searched)
 
     def get_extra_state(self) -> dict[str, Any]:
         """DAFA's Adam state, so a resumed search continues where it stopped."""
@@ -342,7 +404,7 @@ class SoKDLoss(DistillationLoss):
     def maps(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(student, teacher)] (B, h, w) DAM heatmaps sigmoid(H) (eq. 4) on the student's grid."""
+        """[(student, teacher)] (B, h, w) DAM heatmaps sigmoid(H) (eq. 11) on the student's grid."""
         f_s, f_t = self.aligned(student_taps, teacher_taps)
         return [(torch.sigmoid(self.head(f_s)[0])[:, 0], torch.sigmoid(self.head(f_t)[0])[:, 0])]
 

@@ -6,8 +6,14 @@ arXiv:2502.16762).
 Numbering used in the docstrings:
   (1) L = alpha * CE(psi(Z_cls), y~) + (1 - alpha) * CE(psi(Z_dist), y_T),  y_T = argmax_c Z_T(c)
       y~ the CutMix target lam * onehot(y_a) + (1 - lam) * onehot(y_b), lam ~ Beta(0.5, 0.5) (Yun et al.
-      2019; the loop draws it, see ``kdfast.data.CutMix``), or the integer label without CutMix
-  (2) inference: the mean of the class and distillation heads' logits (``kdfast.models.tnt``, eq. 6)
+      2019; the loop draws it, see ``kdfast.data.BatchMix``), or the integer label without CutMix
+  (2) inference: one output from the two heads, by the student's ``head_fusion`` (``kdfast.models.tnt``,
+      eq. 6): their mean (DeiT's rule, the default) or their per-class max (the top-1 of Algorithm 1's
+      concatenation of the two heads' logits); the exported student computes the same
+The paper's teacher is torchvision's VGG16-BN with its classifier for the data set's classes (134.7M
+parameters at 100 classes), ``configs/titn_vgg16bn_tnt_ti_cifar100.yaml``; ``vgg16_bn_cifar`` (global pool +
+one linear layer, 14.8M) is a small variant for the digits example. ``loss.method`` may add only methods that
+read no logits beside ``titn`` (its student's training output is the two heads): ``[kd, titn]`` is refused.
 The student is :class:`kdfast.models.tnt.TNTDistilled`; any model with ``set_distilled_training`` that
 returns the (class, distillation) pair in training mode (timm's ``deit_*_distilled_*``) works as well.
 """
@@ -93,7 +99,7 @@ class TITNLoss(DistillationLoss):
         if not callable(getattr(model, "set_distilled_training", None)):
             raise UsageError(
                 f"method titn needs a student with a distillation token, and {type(model).__name__} has "
-                "none: use student.arch {source: kdfast, name: tnt_distilled_digits} (or tnt_distilled_s)"
+                "none: use student.arch {source: kdfast, name: tnt_distilled_digits} (or tnt_distilled_ti)"
             )
         model.set_distilled_training(True)
 
@@ -158,4 +164,5 @@ METHOD = Method(
     paper="Rahman, Sarker, Mazumder & Anower 2025, A Transformer-in-Transformer Network Utilizing Knowledge "
     "Distillation for Image Recognition (arXiv:2502.16762)",
     supervised=True,
+    logits="pair",
 )

@@ -1,5 +1,6 @@
 """KD (Hinton et al. 2015) and logit standardization (Sun et al. 2024) against hand-worked cases, F.kl_div and
-the papers' formulas written out in float64, gradients included; the method module and its config."""
+the papers' formulas written out in float64, gradients included; the method module, its config and the
+end-to-end runs of the two KD configs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import TINY_CONFIG, distill_epoch_row, train
 
-from kdfast.config import load_config
+from kdfast.config import CONFIG_DIR, load_config
 from kdfast.errors import ConfigError, UsageError
-from kdfast.methods.kd import KDConfig, KDLoss, kd_loss, standardize_logits
+from kdfast.methods.kd import KDConfig, KDLoss, kd_loss
+from kdfast.methods.logits import standardize_logits
 
 
 def _logits(batch: int = 5, classes: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,3 +127,20 @@ def test_config_section():
     assert cfg.sections["kd"] == KDConfig(weight=0.7, temperature=2.0, standardize=True)
     with pytest.raises(ConfigError, match="'loss.kd.standardize' must be bool"):
         load_config(None, ["loss.kd.standardize=maybe"])
+
+
+def test_logit_standardization_config_is_the_authors_recipe():
+    cfg = load_config(CONFIG_DIR / "kd_ls_digits.yaml").loss
+    assert cfg.ce == 0.1
+    assert cfg.sections["kd"] == KDConfig(weight=9.0, temperature=2.0, standardize=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["kd_digits.yaml", "kd_ls_digits.yaml"])
+def test_kd_digits_configs_run_end_to_end(tmp_path, config):
+    out = tmp_path / "run"
+    result = train(out, TINY_CONFIG, CONFIG_DIR / config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(out / "student.pt", weights_only=True)
+    assert ckpt["format"] == "kdfast.student/1" and ckpt["config"]["loss"]["method"] == ["kd"]
+    assert set(distill_epoch_row(out)["parts"]) == {"ce", "kd"}
