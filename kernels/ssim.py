@@ -470,9 +470,10 @@ def _window_norm(window_size: int, sigma: float) -> float:
 
 
 def _num_warps(rows: int, cols: int) -> int:
-    # 8 warps from 32 x 64 tiles on: x, y and four moment maps of a strip stay within 128 registers per
-    # thread, so two CTAs share an SM (bench/RESOURCES.md).
-    return 16 if rows * cols >= 32 * 64 else 4
+    # 8 warps from 32 x 64 strips on (56 x 56 maps). ptxas on sm_80 / sm_90 at that strip: 4 warps spill
+    # 0-8 B forward and 1.4-1.6 KB backward (2 CTAs per SM); 8 warps 0 B and 244-260 B (1 CTA of 8 warps);
+    # 16 warps, capped at 128 registers, 176-208 B and 1.3-2.7 KB. Smaller strips fit 4 warps without spills.
+    return 8 if rows * cols >= 32 * 64 else 4
 
 
 class _Plan(NamedTuple):
