@@ -372,32 +372,41 @@ def _backward(
     scale_b: float,
     need_a: bool,
     need_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq_a, dk_a, dq_b, dk_b) contiguous in the input dtypes, for the upstream gradient ``grad`` of the
     per-row KL (a (B, H, N) tensor, or one value for every row: 0-d or expanded) times ``grad_scale``. A pair
-    not needed comes back empty and its work is skipped (usually the detached teacher)."""
+    not needed comes back as None, with no allocation and no work (usually the detached teacher)."""
+    if not (need_a or need_b):
+        return None, None, None, None
     # dq sums one term per key block: in fp32, with atomics (for fp32 inputs the sum is the gradient).
-    dq_a = torch.zeros(q_a.shape if need_a else (0,), device=q_a.device, dtype=torch.float32)
-    dk_a = k_a.new_empty(k_a.shape if need_a else (0,))
-    dq_b = torch.zeros(q_b.shape if need_b else (0,), device=q_b.device, dtype=torch.float32)
-    dk_b = k_b.new_empty(k_b.shape if need_b else (0,))
-    if kl.numel() == 0 or not (need_a or need_b):
-        return dq_a.to(q_a.dtype), dk_a, dq_b.to(q_b.dtype), dk_b
+    dq_a = torch.zeros(q_a.shape, device=q_a.device, dtype=torch.float32) if need_a else None
+    dk_a = k_a.new_empty(k_a.shape) if need_a else None
+    dq_b = torch.zeros(q_b.shape, device=q_b.device, dtype=torch.float32) if need_b else None
+    dk_b = k_b.new_empty(k_b.shape) if need_b else None
+    if kl.numel() == 0:
+        return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
     if not any(grad.stride()):  # 0-d, or expanded from one value (the backward of a mean)
         grad, grad_stride = grad[(0,) * grad.dim()], 0
     else:
         grad, grad_stride = grad.contiguous(), 1
     batch, heads, n = q_a.shape[:3]
     shape, bwd_modes = _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, interpreting())
+    # The pair not needed is never written (NEED_A / NEED_B): the needed pair's buffers stand in for it.
     _backward_kernel(
         (q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, need_a, need_b),
         lambda meta: ((n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], batch * heads),
-        q_a, k_a, q_b, k_b, grad, kl, lse_a, lse_b, dq_a, dk_a, dq_b, dk_b,
+        q_a, k_a, q_b, k_b, grad, kl, lse_a, lse_b,
+        dq_b if dq_a is None else dq_a, dk_b if dk_a is None else dk_a,
+        dq_a if dq_b is None else dq_b, dk_a if dk_b is None else dk_b,
         *_strides(q_a, k_a, q_b, k_b), grad_stride, grad_scale,
         scale_a=scale_a, scale_b=scale_b,
         NEED_A=need_a, NEED_B=need_b, **bwd_modes, **shape,
     )  # fmt: skip
-    return dq_a.to(q_a.dtype), dk_a, dq_b.to(q_b.dtype), dk_b
+    return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
+
+
+def _cast(dq: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return dq if dq is None or dq.dtype == dtype else dq.to(dtype)
 
 
 def _input_grads(saved, scales, needs, grad: torch.Tensor, grad_scale: float) -> tuple:
@@ -450,7 +459,9 @@ def _attention_kl_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq_a, dk_a, dq_b, dk_b) for the per-row upstream gradient ``grad``; a pair not needed comes
     back as an empty tensor and its work is skipped (usually the detached teacher)."""
-    return _backward(grad, 1.0, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, scale_a, scale_b, need_a, need_b)
+    grads = _backward(grad, 1.0, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, scale_a, scale_b, need_a, need_b)
+    inputs = (q_a, k_a, q_b, k_b)
+    return tuple(x.new_empty((0,)) if g is None else g for g, x in zip(grads, inputs, strict=True))
 
 
 @_attention_kl_bwd.register_fake
