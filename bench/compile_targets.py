@@ -94,9 +94,9 @@ SPILL_BUDGETS = [
         "row strips of 32 x 64 (56x56 maps)",
         lambda c: c["BI_H"] * c["BI_W"] >= 32 * 64,
         {80: 512, 90: 512},
-        "the strip's x and y, four moment maps, the carried dLoss/dmoments of the previous strip and two 64 x 64"
-        " banded windows (tf32x3 operands) outgrow 255 registers at 8 warps: 244-260 B. 4 warps spill"
-        " 1.4-1.6 KB, 16 warps (128 registers) 1.3-2.7 KB; the forward at that strip spills nothing.",
+        "the strip's x and y, four moment maps, the carried dLoss/dmoments of the previous strip and two"
+        " 64 x 64 banded windows (tf32x3 operands) outgrow 255 registers at 8 warps: 244-260 B. 4 warps"
+        " spill 1.4-1.6 KB, 16 warps (128 registers) 1.3-2.7 KB; the forward at that strip spills nothing.",
     ),
 ]
 
