@@ -225,3 +225,13 @@ def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tupl
         raise CheckpointError(f"the {split} split described by the checkpoint is empty")
     images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def preprocessing(ckpt: dict) -> dict:
+    """How an image must be prepared for the student in ``ckpt``: its data record's eval transform spelled
+    out (:func:`kdfast.data.preprocessing_contract`), with the checkpoint's own mean and std."""
+    from kdfast.data import preprocessing_contract
+
+    return preprocessing_contract(
+        {**ckpt["data"], "mean": ckpt["input"]["mean"], "std": ckpt["input"]["std"]}
+    )
