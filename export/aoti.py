@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdfast.atomic import atomic_write
+
 
 class _NoCudaRuntimeNotice(logging.Filter):
     """Drops ``torch.utils.cpp_extension``'s import-time "No CUDA runtime is found, using CUDA_HOME=..."
@@ -40,8 +42,7 @@ def compile_package(model: nn.Module, example: torch.Tensor, path: Path, *, max_
     import_cpp_extension_quietly()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    return path
+    return atomic_write(path, lambda f: torch._inductor.aoti_compile_and_package(program, package_path=f))
 
 
 def load_package(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:

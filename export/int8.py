@@ -1,5 +1,5 @@
 """The INT8 stage: one Q/DQ file per scheme, accuracy-controlled against the gates, its per-layer damage
-measured, and TensorRT's Q/DQ rules checked on what is written."""
+measured."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from export.accuracy_control import Control, Quality, control_accuracy
 from export.backends import batched
 from export.int8_damage import layer_sqnr
 from export.onnx_export import finish
 from export.ort_backend import make_session, runner
-from export.qdq_rules import Violation, check_tensorrt_qdq
 from export.quantize import Int8Quantizer, Scheme
 
 # Images the per-layer SQNR is measured on: enough for a stable ratio, few enough to keep every
@@ -38,7 +36,6 @@ class Int8File:
     path: Path
     control: Control | None  # None: not run (no labels)
     layers: list[dict]  # per weighted layer: SQNR all-quantized and as written, and whether it stayed float
-    violations: list[Violation]
 
 
 def make_int8(
@@ -84,5 +81,4 @@ def make_int8(
     for layer in layers:
         layer["float"] = layer["node"] in keep
     finish(written, dst, metadata)
-    violations = check_tensorrt_qdq(onnx.load(dst))
-    return Int8File(scheme, dst, control, layers, violations)
+    return Int8File(scheme, dst, control, layers)

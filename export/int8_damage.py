@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from export.accuracy_control import sqnr_db
-from export.qdq_rules import WEIGHTED_OPS
+from export.qdq_rules import weighted_layers
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -49,14 +49,6 @@ def _layer_name(node: onnx.NodeProto) -> str:
     node's name (the exporter names transposed Linear weights ``val_<n>``)."""
     weight = node.input[1]
     return weight.removesuffix(".weight") if "." in weight else node.name
-
-
-def weighted_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The weighted ops (constant weight) of ``model`` in graph order: the layers INT8 quantizes."""
-    inits = {i.name for i in model.graph.initializer}
-    return [
-        n for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits
-    ]
 
 
 def layer_sqnr(

@@ -65,6 +65,14 @@ UNSUPPORTED_OPS = frozenset(
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def weighted_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The weighted ops of ``model`` whose weight is a constant, in graph order: the layers INT8 quantizes."""
+    inits = {i.name for i in model.graph.initializer}
+    return [
+        n for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits
+    ]
+
+
 def output_channel_axis(node: onnx.NodeProto, rank: int) -> int | None:
     """The axis of the output channels of ``node``'s weight (input 1), or None if it has none TensorRT
     quantizes per channel: Conv weights are (K, C/g, R, S), ConvTranspose (C, K/g, R, S), Gemm B is (N, K)

@@ -35,7 +35,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
 from export.onnx_export import INPUT_NAME
-from export.qdq_rules import WEIGHTED_OPS
+from export.qdq_rules import WEIGHTED_OPS, weighted_layers
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -75,7 +75,6 @@ class Scheme:
     op_types: tuple[str, ...] | None  # None: every op type ONNX Runtime's QDQ quantizer knows but norms
     extra_options: dict = field(default_factory=dict)
     min_conv_channels: int = 0
-    for_tensorrt: bool = False
 
 
 TENSORRT = Scheme(
@@ -89,7 +88,6 @@ TENSORRT = Scheme(
         "MatMulConstBOnly": True,
         "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS),
     },
-    for_tensorrt=True,
 )
 ORT_CPU = Scheme(
     name="int8-ort",
@@ -160,13 +158,8 @@ class Int8Quantizer:
     def candidates(self, scheme: Scheme) -> list[str]:
         """Names of the weighted ops ``scheme`` quantizes, in graph order: what accuracy control may keep in
         float."""
-        inits = {i.name for i in self.float_model.graph.initializer}
-        return [
-            n.name
-            for n in self.float_model.graph.node
-            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits
-            and n.name not in self._always_float(scheme)
-        ]  # fmt: skip
+        always_float = self._always_float(scheme)
+        return [n.name for n in weighted_layers(self.float_model) if n.name not in always_float]
 
     def _always_float(self, scheme: Scheme) -> set[str]:
         inits = {i.name: i for i in self.float_model.graph.initializer}

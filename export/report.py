@@ -109,22 +109,32 @@ def _latency_details(rows: list[dict]) -> list[str]:
     return _markdown(header, lines) if lines else ["(nothing was timed)"]
 
 
+def _files_section(files: dict) -> list[str]:
+    rows = []
+    for info in files.values():
+        rules = info["tensorrt_violations"]
+        if not info["for_tensorrt"]:
+            check = f"not for TensorRT ({len(rules)} violations, expected)"
+        else:
+            check = "pass" if not rules else f"FAIL ({len(rules)}): {rules[0]}"
+        rows.append(
+            [f"`{Path(info['file']).name}`", str(info["nodes"]), f"{info['bytes'] / 1e6:.2f} MB", check]
+        )
+    return _markdown(("file", "nodes", "size", "TensorRT parser and Q/DQ rules (export/qdq_rules.py)"), rows)
+
+
 def _int8_section(int8: dict) -> list[str]:
     lines = []
-    for info in int8.values():
+    for name, info in int8.items():
         file = Path(info["file"]).name
-        rules = info["tensorrt_violations"]
-        if info["for_tensorrt"]:
-            check = "passes" if not rules else f"FAILS ({len(rules)} violations; first: {rules[0]})"
+        if name == "int8":
             lines.append(
-                f"- `{file}` (for TensorRT) {check} TensorRT's Q/DQ rules (`export/qdq_rules.py`). "
-                "ONNX Runtime runs it correctly but slowly on CPU (its Q/DQ stay unfused); "
-                "`--precision int8-ort` writes a file for ONNX Runtime on CPU."
+                f"- `{file}` is laid out for TensorRT. ONNX Runtime runs it correctly but slowly on CPU (its "
+                "Q/DQ stay unfused); `--precision int8-ort` writes a U8S8 file for ONNX Runtime on CPU."
             )
         else:
             lines.append(
-                f"- `{file}`: for ONNX Runtime on CPU only; TensorRT would refuse it "
-                f"({len(rules)} rule violations, as expected for this layout)."
+                f"- `{file}` is for ONNX Runtime on CPU only (uint8 activations: TensorRT refuses it)."
             )
         control = info["control"]
         layers = [layer for layer in info["layers"] if layer["op"] != "logits"]
@@ -133,7 +143,7 @@ def _int8_section(int8: dict) -> list[str]:
         else:
             first, last = control["initial"], control["final"]
             lines.append(
-                f"  Calibration {info['calibration']}. Accuracy control on labelled training images: "
+                f"  Calibration {info['calibration']}. Accuracy control on held-out validation images: "
                 f"all-INT8 agreement {100 * first['agreement']:.2f}%, drop {first['accuracy_drop']:.2f} "
                 "points; as written "
                 f"{100 * last['agreement']:.2f}%, {last['accuracy_drop']:.2f} points, with "
@@ -185,6 +195,7 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
         "batch below. `(n=...!)`: fewer samples than asked for.",
         "",
         *(["## What failed", "", *failed, ""] if failed else []),
+        *(["## ONNX files", "", *_files_section(report["files"]), ""] if report["files"] else []),
         *(["## INT8", "", *_int8_section(report["int8"]), ""] if report["int8"] else []),
         *(
             ["## Not available here", "", *[f"- {k}: {v}" for k, v in report["unavailable"].items()], ""]

@@ -255,5 +255,10 @@ def test_verify_data_folder_replaces_the_checkpoints_data(student, tmp_path):
     assert _run(["--model", str(student), "--out", str(out), *flags]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["notes"][0] == f"verification data: imagefolder {tmp_path / 'imgs'}, {len(CLASSES)} images"
+    flags[1:2] = ["fp32", "int8"]
+    assert _run(["--model", str(student), "--out", str(tmp_path / "out8"), *flags]) in (0, 1)
+    notes = json.loads((tmp_path / "out8" / "report.json").read_text())["notes"]
+    half = len(CLASSES) // 2
+    assert notes[0].endswith(f", {half} images ({half} more held out for INT8 control)")
     (row,) = [r for r in report["rows"] if r["backend"] == "onnxruntime"]
     assert row["accuracy"] is not None and row["parity"]["elements"] == len(CLASSES) ** 2

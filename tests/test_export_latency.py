@@ -14,33 +14,38 @@ from export.machine import BUSY_SHARE, PeakMemory, busy_warning, machine_info, u
 
 
 class _Clock:
-    """A step whose every call takes ``ms`` of fake time, counted."""
+    """A step that sleeps ``ms`` and records when each call started (sleep overshoots on a busy machine,
+    so the tests compare with these times, not with ``ms``)."""
 
     def __init__(self, ms: float):
-        self.ms, self.calls = ms, 0
+        self.ms, self.starts = ms, []
 
     def __call__(self) -> float:
-        self.calls += 1
+        self.starts.append(time.perf_counter())
         time.sleep(self.ms / 1e3)
-        return self.ms
+        return (time.perf_counter() - self.starts[-1]) * 1e3
 
 
 def test_warm_up_needs_both_its_iterations_and_its_time():
-    # 3 warm-up iterations of 10 ms cannot fill 0.1 s: warm-up goes on until the time is reached too.
+    # 3 warm-up calls of 10 ms cannot fill 0.1 s: warm-up goes on until the time is reached too
     clock = _Clock(10)
     samples = measure(clock, Protocol(warmup_iters=3, warmup_s=0.1, iters=5, min_s=0.0))
     assert samples.ms.size == 5 and not samples.capped
-    assert clock.calls - 5 >= 9  # at least ~100 ms of 10 ms warm-up calls
-    # ...and a long warm-up time with many iterations asked: the iterations count too.
+    warm = len(clock.starts) - 5
+    assert warm > 3 and clock.starts[warm] - clock.starts[0] >= 0.1
+    assert clock.starts[warm - 1] - clock.starts[0] < 0.1  # and stops once both hold
+    # 40 warm-up calls asked and no time: the iterations count on their own
     clock = _Clock(0.1)
     measure(clock, Protocol(warmup_iters=40, warmup_s=0.0, iters=1, min_s=0.0))
-    assert clock.calls == 41
+    assert len(clock.starts) == 41
 
 
 def test_timing_needs_both_its_samples_and_its_time():
     clock = _Clock(5)
     samples = measure(clock, Protocol(warmup_iters=0, warmup_s=0, iters=3, min_s=0.1))
-    assert samples.ms.size >= 15  # 0.1 s of 5 ms calls, not just 3
+    assert samples.ms.size > 3  # 3 calls of 5 ms cannot fill 0.1 s
+    assert clock.starts[-1] - clock.starts[0] + samples.ms[-1] / 1e3 >= 0.1
+    assert clock.starts[-2] - clock.starts[0] < 0.1
     samples = measure(_Clock(0.1), Protocol(warmup_iters=0, warmup_s=0, iters=50, min_s=0.0))
     assert samples.ms.size == 50
 

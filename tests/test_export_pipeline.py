@@ -105,7 +105,8 @@ def test_int8_agrees_with_pytorch_on_real_images(exported):
         (got,) = session.run(None, {"input": x})
         assert got.argmax(1).tolist() == _torch(model, x).argmax(1).tolist()
     report = json.loads((out / "report.json").read_text())
-    assert report["int8"]["int8"]["tensorrt_violations"] == []
+    assert all(f["tensorrt_violations"] == [] for f in report["files"].values())
+    assert set(report["files"]) == {"fp32", "fp16", "int8"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
