@@ -1,28 +1,34 @@
-"""A run is a config file: the schema, the YAML loader, ``--set`` overrides and validation.
+"""A run is a config file: the run schema, the YAML loader, ``--set`` overrides and validation.
 
-The dataclasses below are the schema; ``configs/default.yaml`` is the embedded default. Every value is
-checked before any work starts: an unknown key names the closest valid ones, a wrong type names the
-expected one, a missing file names the path. Each failure is one :class:`ConfigError` line (exit 2).
+The dataclasses below are the run schema (data, models, taps, stages, runtime, and which methods make the
+loss); ``configs/default.yaml`` is the embedded default. A file may name a ``base`` file whose values it
+overrides (:func:`read_config_file`), so a benchmark's (pair, method) config is a few lines over its pair.
+Each method's own section ``loss.<name>`` is typed and validated by that method's schema and validator, found
+through :mod:`kdfast.methods.registry`. Every value is checked before any work starts: an unknown key names
+the closest valid ones, a wrong type names the expected one, a missing file names the path. Each failure is
+one :class:`ConfigError` line (exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError
+from kdfast.methods.registry import method, methods
+from kdfast.schema import build, closest, convert, positive
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
+BASE_KEY = "base"  # a config file's parent file, whose values it overrides
 
 
 @dataclass
@@ -36,19 +42,27 @@ class ArchSpec:
 
 @dataclass
 class OptimizerConfig:
+    """``momentum`` and ``nesterov`` apply to SGD, ``betas`` to Adam / AdamW."""
+
     name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = "cosine"
+    """The lr after ``warmup_epochs`` of linear warmup: ``cosine`` decay to ``min_lr``; ``step``, times
+    ``gamma`` every ``step_size`` epochs; ``multistep``, times ``gamma`` at each epoch in ``milestones``
+    (the CIFAR distillation recipe: 150, 180, 210 of 240); ``constant``."""
+
+    name: Literal["cosine", "step", "multistep", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
     step_size: int = 30
+    milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
 
 
@@ -63,12 +77,37 @@ class StageConfig:
 
 
 @dataclass
+class RandAugmentConfig:
+    """RandAugment (Cubuk et al. 2020): ``num_ops`` operations per image, each at ``magnitude`` (0..30, of
+    torchvision's 31 bins)."""
+
+    num_ops: int = 2
+    magnitude: int = 9
+
+
+@dataclass
 class AugmentConfig:
+    """Training-set augmentation (:func:`kdfast.data.build_transform`, :class:`kdfast.data.BatchMix`).
+
+    Per image: ``random_resized_crop`` or the eval geometry, a random crop of the image padded by
+    ``crop_padding``, ``hflip``, then at most one torchvision policy on the 8-bit image: ``auto_augment``
+    (AutoAugment's learned policy for cifar10 | imagenet | svhn), ``rand_augment`` (RandAugment) or
+    ``trivial_augment`` (TrivialAugmentWide). Per batch, with soft targets: CutMix with probability ``cutmix``
+    (lam ~ Beta(cutmix_beta, cutmix_beta)), else Mixup with probability ``mixup`` (lam ~ Beta(mixup_alpha,
+    mixup_alpha)), cutmix + mixup <= 1; timm's ``prob`` p with ``switch_prob`` s is cutmix = p s, mixup =
+    p (1 - s).
+    """
+
     crop_padding: int = 0
     random_resized_crop: bool = False
     hflip: bool = False
+    auto_augment: Literal["cifar10", "imagenet", "svhn"] | None = None
+    rand_augment: RandAugmentConfig | None = None
+    trivial_augment: bool = False
     cutmix: float = 0.0
     cutmix_beta: float = 1.0
+    mixup: float = 0.0
+    mixup_alpha: float = 1.0
 
 
 @dataclass
@@ -80,6 +119,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     val_fraction: float = 0.2
+    split_seed: int | None = None  # draws the split and the max_*_samples subsets (null: the run's seed)
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     mean: list[float] | None = None
@@ -109,141 +149,115 @@ class ModelConfig:
 
 
 @dataclass
-class KDConfig:
-    """alpha * tau^2 * KL(p_T || p_S) + (1 - alpha) * CE."""
-
-    alpha: float = 0.5
-    temperature: float = 4.0
-
-
-@dataclass
-class AttentionPairConfig:
-    """One attention term: a student tap against one or more teacher taps combined on one grid."""
-
-    student: str = ""
-    teacher: list[str] = field(default_factory=list)
-    combine: Literal["add", "concat"] = "add"
-
-
-@dataclass
-class PerceptualConfig:
-    """The frozen network of the perceptual metric: an architecture, an optional local weight file and the
-    module path whose output is compared."""
-
-    arch: ArchSpec | None = None
-    weights: str | None = None
-    layer: str | None = None
-
-
-@dataclass
-class AttentionLossConfig:
-    weight: float = 1.0
-    metric: Literal["mse", "ssim", "cosine", "perceptual", "hybrid"] = "hybrid"
-    alpha: float = 0.5
-    beta: float = 0.5
-    grid: int | None = None
-    window_size: int = 3
-    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    pairs: list[AttentionPairConfig] = field(default_factory=list)
-
-
-@dataclass
-class MTDPairConfig:
-    """One distilled transformer layer: a student attention tap against a teacher attention tap."""
-
-    student: str = ""
-    teacher: str = ""
-
-
-@dataclass
-class MTDConfig:
-    """MTD: per layer, L_CAD = KL(CAD_s || CAD_t) with CAD = softmax(Q K^T / sqrt(d_q)) and
-    L_VR = KL(VR_s || VR_t) with VR = softmax(V V^T / sqrt(d_v)); terms combined by ``weighting``.
-
-    ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers);
-    "layer" shares one weight per layer ("13D"); the supervised loss is one more task.
-    ``relation_heads`` re-splits the concatenated heads of both models into this many heads (MiniLMv2),
-    so teacher and student may have different head counts; null keeps the heads as they are.
-    """
-
-    pairs: list[MTDPairConfig] = field(default_factory=list)
-    relations: list[Literal["cad", "vr"]] = field(default_factory=lambda: ["cad", "vr"])
-    weighting: Literal["uniform", "manual", "learnable", "uncertainty"] = "uncertainty"
-    granularity: Literal["layer_kind", "layer"] = "layer_kind"
-    manual_weights: list[float] | None = None
-    relation_heads: int | None = None
-    direction: Literal["student_teacher", "teacher_student"] = "student_teacher"
-
-
-@dataclass
-class CAKDConfig:
-    """CAKD (Transformer teacher -> CNN student): a partially-cross-attention projector (PCA) and a
-    group-wise linear projector (GL) map the student's CNN feature into the teacher's attention and token
-    spaces; multi-view robust training perturbs the student's input and adds an adversarial term against a
-    discriminator between teacher tokens and projected student tokens. Projectors and discriminator belong to
-    the loss, so they are dropped at inference.
-
-    ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap
-    (Q, K, V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D).
-    """
-
-    student: str = ""
-    teacher_attention: str = ""
-    teacher_tokens: str = ""
-    pca_weight: float = 1.0
-    gl_weight: float = 1.0
-    replace_prob: float = 0.5
-    dropout: float = 0.1
-    view_prob: float = 0.5
-    adversarial_weight: float = 0.1
-    discriminator_every: int = 5
-    discriminator_lr: float = 1e-4
-
-
-@dataclass
-class TITNConfig:
-    """TITN: alpha * CutMix-CE(class head, labels) + (1 - alpha) * CE(distillation head, argmax teacher);
-    the student is a transformer-in-transformer with a class token and a DeiT-style distillation token."""
-
-    alpha: float = 0.5
-
-
-@dataclass
-class SoKDConfig:
-    """SoKD, a plug-in on top of feature distillation between a student and a teacher feature tap.
-
-    DAFA searches feature augmentation sub-policies applied to the teacher feature (Gumbel-softmax over
-    ``sub_policies`` sub-policies of ``ops_per_policy`` operations, a relaxed Bernoulli per operation,
-    straight-through magnitudes) by the consistency loss 1/2 (s(f_t) - f_s)^2 for the first
-    ``search_epochs`` epochs; DAM's shared detection head (heatmap, size and offset branches) finds areas of
-    mutual interest. Loss = kd + alpha * L_D (the two heads' outputs aligned) + beta * L_DA (the feature loss
-    masked to those areas).
-    """
-
-    student: str = ""
-    teacher: str = ""
-    alpha: float = 1.0
-    beta: float = 1.0
-    search_epochs: int = 1
-    sub_policies: int = 8
-    ops_per_policy: int = 2
-    temperature: float = 0.5
-    search_lr: float = 3e-3
-
-
-@dataclass
 class LossConfig:
-    """``method`` picks the distillation loss: AGKD (kd + attention alignment), MTD (kd + CAD/VR),
-    CAKD (kd + cross-architecture projectors + multi-view adversarial term) or TITN (class + distillation
-    token heads)."""
+    """The distillation stage's objective: ``ce * CE(y, p_S) + sum over m in method of weight_m * L_m``.
 
-    method: Literal["agkd", "mtd", "cakd", "titn", "sokd"] = "agkd"
-    kd: KDConfig = field(default_factory=KDConfig)
-    attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
-    mtd: MTDConfig = field(default_factory=MTDConfig)
-    cakd: CAKDConfig = field(default_factory=CAKDConfig)
-    titn: TITNConfig = field(default_factory=TITNConfig)
-    sokd: SoKDConfig = field(default_factory=SoKDConfig)
+    ``method`` names one registered method (``kdfast/methods/<name>.py``) or a list of them whose terms are
+    summed; ``sections`` holds each used method's section ``loss.<name>``, typed by that method's schema
+    (every one has a ``weight``, default 1.0). In YAML the sections sit beside ``method``::
+
+        loss:
+          method: [kd, agkd]
+          ce: 0.5
+          kd: {weight: 0.5, temperature: 4.0}
+          agkd: {pairs: [...]}
+
+    The supervised term: the run adds ``ce`` times the cross-entropy of the student's logits with the
+    labels (``ce`` null means 1.0), unless a used method computes the supervised term itself (MTD weighs it
+    among its tasks, TITN puts it on its class head); then ``ce`` must stay null. At most one used method
+    may compute it. Construction checks all of this and fills the sections of used methods that are not
+    given with their defaults; a section of a method that is not used is an error.
+    """
+
+    method: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    ce: float | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = [self.method]
+        if not self.method:
+            raise ConfigError(
+                "config key 'loss.method' is empty: name a method or a list of methods "
+                f"({', '.join(methods())})"
+            )
+        used = {}
+        for i, name in enumerate(self.method):
+            if name in used:
+                raise ConfigError(f"config key 'loss.method' lists {name!r} twice")
+            used[name] = method(name, f"loss.method[{i}]" if len(self.method) > 1 else "loss.method")
+        for name in self.sections:
+            if name not in used:
+                raise ConfigError(
+                    f"config key 'loss.{name}' configures a method that loss.method ({', '.join(used)}) does "
+                    f"not use: add {name!r} to loss.method or remove the section"
+                )
+        self.sections = {
+            name: self.sections[name] if name in self.sections else entry.schema()
+            for name, entry in used.items()
+        }
+        for name, entry in used.items():
+            if not isinstance(self.sections[name], entry.schema):
+                raise ConfigError(f"loss.{name} must be a {entry.schema.__name__}")
+            positive(self.sections[name].weight, f"loss.{name}.weight", allow_zero=True)
+        owners = [name for name, entry in used.items() if entry.supervised]
+        if len(owners) > 1:
+            raise ConfigError(
+                f"config key 'loss.method' combines {' and '.join(owners)}, which each compute the "
+                "supervised term: keep one of them"
+            )
+        pair = [name for name, entry in used.items() if entry.logits == "pair"]
+        one = [name for name, entry in used.items() if entry.logits == "one"]
+        if pair and one:
+            raise ConfigError(
+                f"config key 'loss.method' combines {pair[0]}, whose student returns (class, distillation) "
+                f"logits, with {one[0]}, which reads one logit tensor: drop {one[0]}"
+            )
+        if owners and self.ce is not None:
+            raise ConfigError(
+                f"config key 'loss.ce' is set, but {owners[0]} computes the supervised term itself: "
+                "remove loss.ce"
+            )
+        if self.ce is not None:
+            positive(self.ce, "loss.ce", allow_zero=True)
+
+    def ce_weight(self) -> float | None:
+        """The weight of the CE term the run adds; None when a used method computes the supervised term."""
+        if any(method(name).supervised for name in self.method):
+            return None
+        return 1.0 if self.ce is None else self.ce
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML shape: ``method``, ``ce`` and one section per used method."""
+        sections = {name: dataclasses.asdict(section) for name, section in self.sections.items()}
+        return {"method": list(self.method), "ce": self.ce, **sections}
+
+
+def read_loss(raw: Any) -> LossConfig:
+    """The ``loss`` mapping typed through the method registry: ``method`` (a name or a list), ``ce`` and
+    one section per used method, each built by that method's schema."""
+    return LossConfig(*_typed_loss(raw))
+
+
+def _typed_loss(raw: Any) -> tuple[list[str], float | None, dict[str, Any]]:
+    """``loss.method``, ``loss.ce`` and the sections, each typed, before the checks across them."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key 'loss' must be a mapping, got {raw!r}")
+    names = raw.get("method", list(DEFAULT_METHODS))
+    names = [names] if isinstance(names, str) else convert(names, list[str], "loss.method")
+    ce = convert(raw.get("ce"), float | None, "loss.ce")
+    registered = methods()
+    sections = {}
+    for key, value in raw.items():
+        if key in ("method", "ce"):
+            continue
+        if key not in registered:
+            near = closest(str(key), [*registered, "method", "ce"])
+            raise ConfigError(f"unknown config key 'loss.{key}': {near}")
+        sections[key] = build(registered[key].schema, value, f"loss.{key}")
+    return names, ce, sections
 
 
 @dataclass
@@ -261,7 +275,10 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
+    """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused)."""
+
     seed: int = 0
+    seeds: list[int] | None = None
     out: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -271,99 +288,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _closest(key: str, valid: typing.Iterable[str]) -> str:
-    valid = sorted(valid)
-    if not valid:
-        return "none are defined"
-    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    return (
-        f"did you mean {' or '.join(repr(n) for n in near)}?" if near else f"valid keys: {', '.join(valid)}"
-    )
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the type hint ``tp`` and build dataclasses; raise ConfigError otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError:
-                if len([a for a in args if a is not type(None)]) == 1:
-                    raise
-        raise ConfigError(f"config key '{where}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if any(value == c and type(value) is type(c) for c in choices):
-            return value
-        raise ConfigError(f"config key '{where}' must be one of {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}' must be {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is Any:
-        return value
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # a folder named 2024 reads as a number in YAML
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{where}' must be {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, where: str = "") -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{where or '<top>'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}': {_closest(str(key), names)}")
-        kwargs[key] = _convert(value, hints[key], path)
-    return cls(**kwargs)
+        return {**dataclasses.asdict(self), "loss": self.loss.to_dict()}
 
 
 def _set_override(raw: dict[str, Any], assignment: str) -> None:
@@ -405,29 +330,78 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key; any other value (list, scalar, null) replaces."""
+    merged = dict(base)
+    for key, value in child.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings else value
+    return merged
+
+
+def _check_base(raw: dict[str, Any], path: Path) -> None:
+    """Keys and types of a base file on its own (the checks across keys run on the merged config), so an
+    error in a base names that file."""
+    try:
+        build(Config, {key: value for key, value in raw.items() if key != "loss"})
+        _typed_loss(raw.get("loss"))
+    except ConfigError as exc:
+        raise ConfigError(f"in base config {path}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of the config file ``path`` over its bases. A file may name one ``base: FILE`` (a
+    path relative to the file's own folder) whose values it overrides, mapping by mapping; the base may have
+    a base in turn. A missing base, a cycle, bad YAML or a bad key in a base is a ConfigError naming the
+    file."""
+    return _read_over_bases(path, children=())
+
+
+def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if children:
+        _check_base(raw, path)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: 'base' must name one config file, got {base!r}")
+    base_path = Path(os.path.normpath(path.parent / base))
+    chain = (*children, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"config file {path}: base {base} leads back to a file that names it as base")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base file not found: {base_path}")
+    return _merge(_read_over_bases(base_path, chain), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML run config (the embedded default when ``path`` is None), apply ``--set`` overrides,
-    and validate every key, type and file it names."""
-    raw = _read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
+    """Read a YAML run config (the embedded default when ``path`` is None) over its bases, apply ``--set``
+    overrides, and validate every key, type and file it names."""
+    raw = read_config_file(Path(path) if path is not None else DEFAULT_CONFIG)
     for assignment in overrides:
         _set_override(raw, assignment)
-    cfg = _build(Config, raw)
+    cfg = config_from_dict(raw)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``Config.to_dict()`` output (a resumed run, a checkpoint's ``config``)."""
-    return _build(Config, raw)
-
-
-def _positive(value: float | int, where: str, allow_zero: bool = False) -> None:
-    if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):
-        raise ConfigError(f"config key '{where}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    """The typed Config of a raw mapping (a YAML file, ``Config.to_dict()`` output of a resumed run or a
+    checkpoint's ``config``); the ``loss`` section is read through the method registry."""
+    cfg = build(Config, {key: value for key, value in raw.items() if key != "loss"})
+    cfg.loss = read_loss(raw.get("loss"))
+    return cfg
 
 
 def validate(cfg: Config) -> None:
     """Checks across keys and on the file system; the schema already checked keys and types."""
+    if cfg.seeds is not None and (
+        not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0
+    ):
+        raise ConfigError(
+            f"config key 'seeds' must list distinct seeds >= 0 (e.g. [0, 1, 2]), got {cfg.seeds}"
+        )
     data = cfg.data
     if data.name != "digits":
         if data.root is None:
@@ -435,12 +409,11 @@ def validate(cfg: Config) -> None:
         if not Path(data.root).is_dir():
             raise ConfigError(f"data.root does not exist or is not a folder: {data.root}")
     for key in ("image_size", "batch_size", "eval_batch_size"):
-        _positive(getattr(data, key), f"data.{key}")
+        positive(getattr(data, key), f"data.{key}")
     for key in ("max_train_samples", "max_val_samples"):
         if getattr(data, key) is not None:
-            _positive(getattr(data, key), f"data.{key}")
-    _positive(data.augment.crop_padding, "data.augment.crop_padding", allow_zero=True)
-    _positive(data.augment.cutmix_beta, "data.augment.cutmix_beta")
+            positive(getattr(data, key), f"data.{key}")
+    _check_augment(data.augment)
     if not 0.0 < data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be between 0 and 1, got {data.val_fraction}")
     for key in ("mean", "std"):
@@ -449,121 +422,76 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'data.{key}' must list 3 values (one per RGB channel), got {value}"
             )
-    if not 0.0 <= data.augment.cutmix <= 1.0:
-        raise ConfigError(
-            f"config key 'data.augment.cutmix' is a probability in [0, 1], got {data.augment.cutmix}"
-        )
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(cfg, role)
         if model.weights is not None and not Path(model.weights).is_file():
             raise ConfigError(f"{role}.weights: file not found: {model.weights}")
-        _positive(model.train.epochs, f"{role}.train.epochs", allow_zero=True)
-        _positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
+        positive(model.train.epochs, f"{role}.train.epochs", allow_zero=True)
+        positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
+        _check_recipe(model.train, f"{role}.train")
         for name, tap in model.taps.items():
             if not tap.path:
                 raise ConfigError(
                     f"config key '{role}.taps.{name}.path' is empty: give the module path to tap"
                 )
-    if not 0.0 <= cfg.loss.kd.alpha <= 1.0:
-        raise ConfigError(f"config key 'loss.kd.alpha' must be in [0, 1], got {cfg.loss.kd.alpha}")
-    _positive(cfg.loss.kd.temperature, "loss.kd.temperature")
-    attention = cfg.loss.attention
-    if attention.window_size % 2 == 0 or attention.window_size < 1:
-        raise ConfigError(
-            f"config key 'loss.attention.window_size' must be odd and >= 1, got {attention.window_size}"
+    for name in cfg.loss.method:
+        method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
+
+
+def _check_augment(augment: AugmentConfig) -> None:
+    """Crop padding >= 0, at most one policy, RandAugment's ops and magnitude in range, the batch mixes'
+    probabilities summing to at most 1 and their Beta parameters > 0."""
+    where = "data.augment"
+    positive(augment.crop_padding, f"{where}.crop_padding", allow_zero=True)
+    policies = [
+        key
+        for key, on in (
+            ("auto_augment", augment.auto_augment is not None),
+            ("rand_augment", augment.rand_augment is not None),
+            ("trivial_augment", augment.trivial_augment),
         )
-    perceptual = attention.perceptual
-    if perceptual.weights is not None and not Path(perceptual.weights).is_file():
-        raise ConfigError(f"loss.attention.perceptual.weights: file not found: {perceptual.weights}")
-    if cfg.loss.method == "mtd":
-        _validate_mtd(cfg)
-    if cfg.loss.method == "cakd":
-        _validate_cakd(cfg)
-    if cfg.loss.method == "sokd":
-        _validate_sokd(cfg)
-    if not 0.0 <= cfg.loss.titn.alpha <= 1.0:
-        raise ConfigError(f"config key 'loss.titn.alpha' must be in [0, 1], got {cfg.loss.titn.alpha}")
-    for i, pair in enumerate(attention.pairs):
-        where = f"loss.attention.pairs[{i}]"
-        if pair.student not in cfg.student.taps:
-            near = _closest(pair.student, cfg.student.taps)
-            raise ConfigError(f"{where}.student names no student tap {pair.student!r}: {near}")
-        if not pair.teacher:
-            raise ConfigError(f"{where}.teacher is empty: name one or more teacher taps")
-        for name in pair.teacher:
-            if name not in cfg.teacher.taps:
-                raise ConfigError(
-                    f"{where}.teacher names no teacher tap {name!r}: {_closest(name, cfg.teacher.taps)}"
-                )
-        if cfg.student.taps[pair.student].kind != "feature":
-            raise ConfigError(
-                f"{where}.student: student tap {pair.student!r} must have kind 'feature' (a CNN map)"
-            )
-
-
-def _validate_mtd(cfg: Config) -> None:
-    mtd = cfg.loss.mtd
-    if not mtd.pairs:
+        if on
+    ]
+    if len(policies) > 1:
         raise ConfigError(
-            "loss.method=mtd needs loss.mtd.pairs: the (student, teacher) attention taps to distill"
+            f"config keys '{where}.{policies[0]}' and '{policies[1]}' both set a policy: keep one"
         )
-    for i, pair in enumerate(mtd.pairs):
-        for role in ("student", "teacher"):
-            taps = getattr(cfg, role).taps
-            name = getattr(pair, role)
-            if name not in taps:
-                raise ConfigError(
-                    f"loss.mtd.pairs[{i}].{role} names no {role} tap {name!r}: {_closest(name, taps)}"
-                )
-            if taps[name].kind != "attention":
-                raise ConfigError(
-                    f"loss.mtd.pairs[{i}].{role}: {role} tap {name!r} must have kind 'attention'"
-                )
-    if not mtd.relations:
-        raise ConfigError("loss.mtd.relations is empty: list 'cad', 'vr' or both")
-    if mtd.weighting == "manual":
-        per_layer = 1 if mtd.granularity == "layer" else len(mtd.relations)
-        expected = len(mtd.pairs) * per_layer
-        if mtd.manual_weights is None or len(mtd.manual_weights) != expected:
+    rand = augment.rand_augment
+    if rand is not None:
+        positive(rand.num_ops, f"{where}.rand_augment.num_ops")
+        if not 0 <= rand.magnitude <= 30:
             raise ConfigError(
-                f"loss.mtd.weighting=manual needs loss.mtd.manual_weights with {expected} values "
-                f"({len(mtd.pairs)} pairs x {per_layer} per pair), got {mtd.manual_weights}"
+                f"config key '{where}.rand_augment.magnitude' must be in 0..30, got {rand.magnitude}"
             )
-    if mtd.relation_heads is not None:
-        _positive(mtd.relation_heads, "loss.mtd.relation_heads")
+    for key in ("cutmix", "mixup"):
+        if not 0.0 <= getattr(augment, key) <= 1.0:
+            raise ConfigError(
+                f"config key '{where}.{key}' is a probability in [0, 1], got {getattr(augment, key)}"
+            )
+    if augment.cutmix + augment.mixup > 1.0:
+        raise ConfigError(
+            f"config keys '{where}.cutmix' + '{where}.mixup' are the chances of either mix per batch and sum "
+            f"to {augment.cutmix + augment.mixup}: lower them to a sum <= 1"
+        )
+    positive(augment.cutmix_beta, f"{where}.cutmix_beta")
+    positive(augment.mixup_alpha, f"{where}.mixup_alpha")
 
 
-def _validate_cakd(cfg: Config) -> None:
-    cakd = cfg.loss.cakd
-    wanted = (
-        ("student", cakd.student, cfg.student.taps, "feature"),
-        ("teacher_attention", cakd.teacher_attention, cfg.teacher.taps, "attention"),
-        ("teacher_tokens", cakd.teacher_tokens, cfg.teacher.taps, "feature"),
-    )
-    for key, name, taps, kind in wanted:
-        if name not in taps:
-            raise ConfigError(f"loss.cakd.{key} names no tap {name!r}: {_closest(name, taps)}")
-        if taps[name].kind != kind:
-            raise ConfigError(f"loss.cakd.{key}: tap {name!r} must have kind {kind!r}")
-    for key in ("replace_prob", "view_prob", "dropout"):
-        value = getattr(cakd, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"config key 'loss.cakd.{key}' is a probability in [0, 1], got {value}")
-    _positive(cakd.discriminator_every, "loss.cakd.discriminator_every")
-    _positive(cakd.discriminator_lr, "loss.cakd.discriminator_lr")
-
-
-def _validate_sokd(cfg: Config) -> None:
-    sokd = cfg.loss.sokd
-    for role in ("student", "teacher"):
-        name, taps = getattr(sokd, role), getattr(cfg, role).taps
-        if name not in taps:
-            raise ConfigError(f"loss.sokd.{role} names no {role} tap {name!r}: {_closest(name, taps)}")
-        if taps[name].kind != "feature":
-            raise ConfigError(f"loss.sokd.{role}: tap {name!r} must have kind 'feature'")
-    _positive(sokd.search_epochs, "loss.sokd.search_epochs", allow_zero=True)
-    for key in ("sub_policies", "ops_per_policy", "temperature", "search_lr"):
-        _positive(getattr(sokd, key), f"loss.sokd.{key}")
+def _check_recipe(stage: StageConfig, where: str) -> None:
+    """A multistep schedule needs increasing milestones; Nesterov momentum needs SGD with momentum."""
+    schedule, optimizer = stage.schedule, stage.optimizer
+    if schedule.name == "multistep":
+        milestones = schedule.milestones
+        if not milestones or milestones != sorted(set(milestones)) or milestones[0] < 1:
+            raise ConfigError(
+                f"config key '{where}.schedule.milestones' must list increasing epochs >= 1 for the "
+                f"multistep schedule (e.g. [150, 180, 210]), got {milestones}"
+            )
+    if optimizer.nesterov and (optimizer.name != "sgd" or optimizer.momentum <= 0):
+        raise ConfigError(
+            f"config key '{where}.optimizer.nesterov' needs name: sgd and momentum > 0, got "
+            f"{optimizer.name} with momentum {optimizer.momentum}"
+        )
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Data sets, transforms and CutMix.
+"""Data sets, transforms (torchvision's AutoAugment, RandAugment, TrivialAugmentWide among them) and the batch
+mixes CutMix and Mixup.
 
 Every source (scikit-learn's bundled digits, an ImageFolder tree, the official CIFAR-10/100 python files)
 becomes a list of labels plus either in-memory images or image paths; one :class:`ImageDataset` turns
@@ -9,6 +10,7 @@ the small ``DataInfo.record`` stored in its checkpoint. Nothing is ever download
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from kdfast.config import AugmentConfig, DataConfig
-from kdfast.errors import UsageError
+from kdfast.errors import ConfigError, UsageError
+from kdfast.schema import build
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -38,6 +41,15 @@ CIFAR100_STD = [0.2673, 0.2564, 0.2762]
 # ImageNet's evaluation geometry: resize the short side to 256/224 of the crop, then center crop.
 EVAL_RESIZE_RATIO = 256 / 224
 
+# the per-image augmentation keys a data record keeps (the batch mixes act in the loop, not in the data set)
+IMAGE_AUGMENT = (
+    "crop_padding",
+    "random_resized_crop",
+    "hflip",
+    "auto_augment",
+    "rand_augment",
+    "trivial_augment",
+)
 RECORD_KEYS = (
     "name",
     "root",
@@ -287,8 +299,11 @@ def build_transform(
 ) -> v2.Compose:
     """Eval (``augment=None``): resize (ImageFolder: resize to 256/224 of the size, then center crop) and
     normalize. Train: random-resized crop or the eval geometry, random crop with padding, horizontal flip,
-    each as ``augment`` asks, then normalize."""
-    steps: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
+    then the policy (AutoAugment, RandAugment or TrivialAugmentWide), each as ``augment`` asks, then
+    normalize. A policy's operations are defined on 8-bit pixels (posterize, solarize, equalize), so with one
+    the image stays uint8 until after it; without, it becomes float32 first, as before policies existed."""
+    policy = augment_policy(augment) if augment is not None else None
+    steps: list[v2.Transform] = [v2.ToDtype(torch.uint8 if policy else torch.float32, scale=True)]
     if augment is not None and augment.random_resized_crop:
         steps.append(v2.RandomResizedCrop(image_size, antialias=True))
     elif name == "imagefolder":
@@ -299,6 +314,8 @@ def build_transform(
         steps.append(v2.RandomCrop(image_size, padding=augment.crop_padding))
     if augment is not None and augment.hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if policy is not None:
+        steps += [policy, v2.ToDtype(torch.float32, scale=True)]
     steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
 
@@ -336,8 +353,23 @@ def preprocessing_contract(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def augment_policy(augment: AugmentConfig) -> v2.Transform | None:
+    """The configured torchvision policy: ``v2.AutoAugment`` with its learned CIFAR-10 / ImageNet / SVHN
+    policy (Cubuk et al. 2019), ``v2.RandAugment(num_ops, magnitude)`` (Cubuk et al. 2020) or
+    ``v2.TrivialAugmentWide()`` (Mueller & Hutter 2021); None without one."""
+    if augment.auto_augment is not None:
+        return v2.AutoAugment(v2.AutoAugmentPolicy(augment.auto_augment))
+    if augment.rand_augment is not None:
+        return v2.RandAugment(num_ops=augment.rand_augment.num_ops, magnitude=augment.rand_augment.magnitude)
+    if augment.trivial_augment:
+        return v2.TrivialAugmentWide()
+    return None
+
+
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
-    """The training and validation data sets of a run, and the DataInfo (with the record) describing them."""
+    """The training and validation data sets of a run, and the DataInfo (with the record) describing them.
+    The split and the ``max_*_samples`` subsets are drawn with ``cfg.split_seed``, else the run's ``seed``."""
+    seed = cfg.split_seed if cfg.split_seed is not None else seed
     train, val, classes, val_source = _load(cfg.name, cfg.root, cfg.val_fraction, seed)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)
@@ -358,9 +390,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDatas
         "val_source": val_source,
         "max_train_samples": cfg.max_train_samples,
         "augment": {
-            "crop_padding": cfg.augment.crop_padding,
-            "random_resized_crop": cfg.augment.random_resized_crop,
-            "hflip": cfg.augment.hflip,
+            key: value for key, value in dataclasses.asdict(cfg.augment).items() if key in IMAGE_AUGMENT
         },
     }
     train = _limit(train, cfg.max_train_samples, seed, "max_train_samples")
@@ -385,7 +415,10 @@ def dataset_from_record(record: dict[str, Any], split: str = "val", augment: boo
         )
     chosen = val if split == "val" else train
     chosen = _limit(chosen, record.get(f"max_{split}_samples"), record["seed"], f"max_{split}_samples")
-    augment_cfg = AugmentConfig(**record.get("augment", {})) if augment else None
+    try:
+        augment_cfg = build(AugmentConfig, record.get("augment", {}), "data.augment") if augment else None
+    except ConfigError as exc:
+        raise UsageError(f"the data record's augment does not fit this kdfast: {exc}") from None
     transform = build_transform(
         record["name"], record["image_size"], record["mean"], record["std"], augment_cfg
     )
@@ -398,38 +431,64 @@ def _clipped_span(center: float, length: float, size: int) -> tuple[int, int]:
     return int(low), int(high)
 
 
-class CutMix:
-    """CutMix (Yun et al. 2019, Eq. 1-2): with probability ``prob`` draw lam ~ Beta(beta, beta), cut a box
-    of area (1 - lam) W H at a uniform center out of each image and fill it from the batch rolled by one.
-    Targets are lam' onehot(y) + (1 - lam') onehot(y_rolled), lam' = 1 - (clipped box area) / (W H), the
-    fraction of pixels actually kept: soft (B, K) probabilities for ``F.cross_entropy``."""
+class BatchMix:
+    """The batch mixes, each with soft (B, K) targets for ``F.cross_entropy``: per batch, with probability
+    ``cutmix`` CutMix, else with probability ``mixup`` Mixup, else the batch unchanged (one-hot targets); the
+    partner of image i is image i - 1 (the batch rolled by one).
 
-    def __init__(self, num_classes: int, prob: float = 1.0, beta: float = 1.0) -> None:
+    CutMix (Yun et al. 2019, eq. 1-2): lam ~ Beta(cutmix_beta, cutmix_beta); a box of area (1 - lam) W H at a
+    uniform center is cut out of each image and filled from its partner; the targets are lam' onehot(y) +
+    (1 - lam') onehot(y_partner), lam' = 1 - (clipped box area) / (W H), the fraction of pixels actually kept.
+    Mixup (Zhang et al. 2018, eq. 1): lam ~ Beta(mixup_alpha, mixup_alpha); x = lam x_i + (1 - lam)
+    x_partner and the targets lam onehot(y) + (1 - lam) onehot(y_partner).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        cutmix: float = 0.0,
+        cutmix_beta: float = 1.0,
+        mixup: float = 0.0,
+        mixup_alpha: float = 1.0,
+    ) -> None:
         if num_classes < 1:
-            raise UsageError(f"CutMix needs num_classes >= 1, got {num_classes}")
-        if not 0.0 <= prob <= 1.0:
-            raise UsageError(f"data.augment.cutmix is a probability in [0, 1], got {prob}")
-        if beta <= 0:
-            raise UsageError(f"data.augment.cutmix_beta must be > 0, got {beta}")
+            raise UsageError(f"the batch mixes need num_classes >= 1, got {num_classes}")
+        if min(cutmix, mixup) < 0 or cutmix + mixup > 1:
+            raise UsageError(
+                f"data.augment.cutmix and mixup are probabilities summing to <= 1, got {cutmix}, {mixup}"
+            )
+        if min(cutmix_beta, mixup_alpha) <= 0:
+            raise UsageError(
+                f"data.augment.cutmix_beta and mixup_alpha must be > 0, got {cutmix_beta}, {mixup_alpha}"
+            )
         self.num_classes = num_classes
-        self.prob = prob
-        self.beta = beta
+        self.cutmix, self.cutmix_beta = cutmix, cutmix_beta
+        self.mixup, self.mixup_alpha = mixup, mixup_alpha
 
     def __call__(
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         low, high = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
         if low < 0 or high >= self.num_classes:
-            raise UsageError(f"CutMix labels must lie in [0, {self.num_classes}), got {low} to {high}")
+            raise UsageError(f"batch mix labels must lie in [0, {self.num_classes}), got {low} to {high}")
         targets = F.one_hot(labels.long(), self.num_classes).float()
         # numpy draws the Beta sample; its seed comes from torch so a torch.Generator fixes the whole result.
         device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
         rng = np.random.default_rng(seed)
-        if rng.random() >= self.prob:
-            return images, targets
+        which = rng.random()
+        if which < self.cutmix:
+            return self._cutmix(images, targets, rng)
+        if which < self.cutmix + self.mixup:
+            lam = float(rng.beta(self.mixup_alpha, self.mixup_alpha))
+            mixed = lam * images + (1.0 - lam) * images.roll(1, dims=0)
+            return mixed.to(images.dtype), lam * targets + (1.0 - lam) * targets.roll(1, dims=0)
+        return images, targets
+
+    def _cutmix(self, images: Tensor, targets: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         height, width = images.shape[-2:]
-        cut = float(np.sqrt(1.0 - rng.beta(self.beta, self.beta)))
+        cut = float(np.sqrt(1.0 - rng.beta(self.cutmix_beta, self.cutmix_beta)))
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         top, bottom = _clipped_span(cy, cut * height, height)
         left, right = _clipped_span(cx, cut * width, width)
@@ -437,3 +496,16 @@ class CutMix:
         mixed[..., top:bottom, left:right] = images.roll(1, dims=0)[..., top:bottom, left:right]
         kept = 1.0 - (bottom - top) * (right - left) / (height * width)
         return mixed, kept * targets + (1.0 - kept) * targets.roll(1, dims=0)
+
+
+def batch_mix(augment: AugmentConfig, num_classes: int) -> BatchMix | None:
+    """The run's batch mix, or None when neither CutMix nor Mixup is configured."""
+    if augment.cutmix == 0 and augment.mixup == 0:
+        return None
+    return BatchMix(
+        num_classes,
+        cutmix=augment.cutmix,
+        cutmix_beta=augment.cutmix_beta,
+        mixup=augment.mixup,
+        mixup_alpha=augment.mixup_alpha,
+    )

@@ -65,3 +65,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of ``tensor`` from every rank, concatenated in rank order (``tensor`` itself in a single
+    process). Reads the default process group, so code without a :class:`DistInfo` (a loss module) can use it;
+    every rank must call it with the same shape, as DDP's equal per-rank batches give."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, tensor.contiguous())
+    return torch.cat(rows)

@@ -68,7 +68,7 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path) -> None:
             if row["split"] == "train" and row.get("loss") is not None:
                 series["loss"].append((row["epoch"], float(row["loss"])))
                 for name, value in (row.get("parts") or {}).items():
-                    if not name.startswith("w_"):  # task weights (MTD) are not losses
+                    if not name.rpartition("/")[2].startswith("w_"):  # task weights (MTD) are not losses
                         series[name].append((row["epoch"], float(value)))
             elif row["split"] == "val" and row.get("top1") is not None:
                 top1.append((row["epoch"], float(row["top1"])))

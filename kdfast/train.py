@@ -1,18 +1,23 @@
 """``python -m kdfast.train``: train (or load) the teacher, train a CE-only baseline student, distill the
-student with the AGKD loss, and write checkpoints, metrics, pictures and a results table.
+student with the configured methods (``loss.method``), and write checkpoints, metrics, pictures and a
+results table.
 
 The whole loop is :func:`train_stage`; the three stages differ only in the ``step`` function that maps a
 batch to ``(loss, parts)``: :func:`ce_step` for the teacher and the baseline, :func:`distill_step` for the
-student (AGKD eq. 4: the KD + CE of eq. 1 plus the attention term of eq. 3, computed by ``AGKDLoss``).
+student (the weighted terms of the configured methods plus the supervised CE: the
+:class:`~kdfast.methods.compose.CompositeLoss` built from ``cfg.loss`` through the method registry).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -30,20 +35,18 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from kdfast.atomic import atomic_write
-from kdfast.cakd import CAKDLoss
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
-from kdfast.data import CutMix, build_datasets
+from kdfast.data import batch_mix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
 from kdfast.evaluate import evaluate
-from kdfast.losses import AGKDLoss, DistillationLoss
+from kdfast.methods.base import DistillationLoss
+from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
-from kdfast.mtd import MTDLoss
 from kdfast.plots import plot_attention_grid, plot_training_curves
-from kdfast.sokd import SoKDLoss
+from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
-from kdfast.titn import TITNLoss
 
 STAGES = ("teacher", "baseline", "distill")
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
@@ -84,7 +87,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default: the config's 'out')")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (reads DIR/config.yaml)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the training step")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="repeat the whole run once per seed in OUT/seed<S>/ and report mean +- std (e.g. 0,1,2)",
+    )
     return parser.parse_args(argv)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
@@ -92,6 +110,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     if args.compile is not None:
         overrides.append(f"runtime.compile={ {'auto': 'auto', 'on': 'true', 'off': 'false'}[args.compile] }")
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
     if args.resume is not None:
         if args.config is not None or args.out is not None:
             raise UsageError(
@@ -219,8 +239,7 @@ class Run:
 
 
 def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone (the (1 - alpha) term of AGKD eq. 1 with alpha = 0),
-    on integer labels or CutMix-soft targets."""
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
@@ -230,9 +249,9 @@ def ce_step(model: nn.Module, label_smoothing: float) -> Step:
 
 
 def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: DistillationLoss) -> Step:
-    """The AGKD objective (eq. 4): the frozen teacher's logits and taps under no_grad, the student's with
-    grad, combined by ``loss_fn`` (KD + CE of eq. 1 + the attention alignment of eq. 3). ``student`` and
-    ``teacher`` are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
+    """The distillation objective: the frozen teacher's logits and taps under no_grad, the student's (on
+    ``loss_fn.student_view`` of the batch) with grad, combined by ``loss_fn``. ``student`` and ``teacher``
+    are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
@@ -248,7 +267,8 @@ def lr_factor(
     schedule: ScheduleConfig, epochs: int, steps_per_epoch: int, base_lr: float
 ) -> Callable[[int], float]:
     """Per-step multiplier of the base lr: linear warmup over ``warmup_epochs``, then cosine decay to
-    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, or constant."""
+    ``min_lr`` (SGDR without restarts), step decay by ``gamma`` every ``step_size`` epochs, decay by ``gamma``
+    at each of the ``milestones`` epochs (as ``MultiStepLR`` stepped once per epoch), or constant."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
     floor = schedule.min_lr / base_lr
@@ -261,20 +281,40 @@ def lr_factor(
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if schedule.name == "step":
             return schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+        if schedule.name == "multistep":
+            return schedule.gamma ** bisect.bisect_right(schedule.milestones, step // steps_per_epoch)
         return 1.0
 
     return factor
 
 
+def param_groups(model: nn.Module, extra: DistillationLoss) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: every trainable parameter of ``model`` and of the loss module
+    ``extra``, those that ``extra.no_weight_decay()`` names (MTD's task weights) in a second group with weight
+    decay 0 (present only when it has any)."""
+    exempt = extra.no_weight_decay()
+    named = [(name, p) for name, p in extra.named_parameters() if p.requires_grad]
+    decayed = [p for p in model.parameters() if p.requires_grad]
+    decayed += [p for name, p in named if name not in exempt]
+    free = [p for name, p in named if name in exempt]
+    return [{"params": decayed}, *([{"params": free, "weight_decay": 0.0}] if free else [])]
+
+
 def make_optimizer(
-    params: list[nn.Parameter], stage: StageConfig, device: torch.device
+    params: list[nn.Parameter] | list[dict[str, Any]], stage: StageConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam / AdamW / SGD, fused kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
+    """Adam / AdamW / SGD over ``params`` (parameters, or groups as :func:`param_groups` gives them), fused
+    kernels on CUDA and the multi-tensor (foreach) path elsewhere."""
     opt = stage.optimizer
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if opt.name == "sgd":
         return torch.optim.SGD(
-            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, **fast
+            params,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+            weight_decay=opt.weight_decay,
+            **fast,
         )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, **fast)
@@ -350,11 +390,11 @@ def _val_loader(run: Run) -> DataLoader:
     )
 
 
-def _batches(loader: DataLoader, run: Run, cutmix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
     for images, labels in loader:
         targets: Tensor = labels
-        if cutmix is not None:
-            images, targets = cutmix(images, labels)
+        if mix is not None:
+            images, targets = mix(images, labels)
         images = images.to(run.rt.device, non_blocking=True)
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -396,7 +436,7 @@ def train_stage(
     state_path = run.out / f"state_{stage}.pt"
     loss_params = [p for p in extra.parameters() if p.requires_grad] if rt.dist.enabled else []
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, stage_cfg, rt.device)
+    optimizer = make_optimizer(param_groups(model, extra), stage_cfg, rt.device)
     generator = torch.Generator()
     loader = _train_loader(run, generator)
     steps_per_epoch = len(loader)
@@ -425,14 +465,12 @@ def train_stage(
         random.seed(cfg.seed + rt.dist.rank)
     log.keep_only(lambda row: row["stage"] != stage or row["epoch"] <= epoch0)
     run_step = torch.compile(step_fn) if rt.compile else step_fn
-    cutmix = None
-    if cfg.data.augment.cutmix > 0:
-        cutmix = CutMix(run.num_classes, cfg.data.augment.cutmix, cfg.data.augment.cutmix_beta)
+    mix = batch_mix(cfg.data.augment, run.num_classes)
     clip = cfg.runtime.grad_clip
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
         extra.train()
-        extra.start_epoch(epoch)
+        extra.start_epoch(epoch, stage_cfg.epochs)
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
@@ -445,7 +483,7 @@ def train_stage(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, targets in _batches(loader, run, cutmix):
+        for images, targets in _batches(loader, run, mix):
             with rt.autocast():
                 loss, parts = run_step(images, targets)
             value = loss.item()
@@ -494,7 +532,7 @@ def train_stage(
         speed = seen * rt.dist.world_size / (time.perf_counter() - started)
         batches = steps_per_epoch * rt.dist.world_size
         means = {k: float(all_reduce_sum(v.reshape(1).double(), rt.dist)) / batches for k, v in sums.items()}
-        metrics = validate_model(model, run)
+        validation = validate_model(model, run)
         lr = scheduler.get_last_lr()[0]
         train_loss = means.pop("loss")
         log.write(
@@ -514,12 +552,19 @@ def train_stage(
             step=step,
             split="val",
             scope="epoch",
-            loss=metrics["loss"],
+            loss=validation["loss"],
             lr=lr,
-            top1=metrics["top1"],
-            top5=metrics["top5"],
+            top1=validation["top1"],
+            top5=validation["top5"],
         )
-        metrics = {**metrics, "train_loss": train_loss, "epochs": epoch + 1}
+        metrics = stage_metrics(
+            metrics,
+            validation,
+            epoch=epoch + 1,
+            train_loss=train_loss,
+            images_per_s=speed,
+            seconds=time.perf_counter() - started,
+        )
         rngs = _gather_rng(rt.dist)
         if rt.dist.is_main:
             state = {
@@ -617,21 +662,6 @@ def run_stage(
     return metrics
 
 
-def results_table(results: dict[str, dict], method: str) -> str:
-    """The Markdown table of results.md and the final printout."""
-    names = {
-        "teacher": "teacher",
-        "baseline": "baseline student (CE only)",
-        "student": f"distilled student ({method.upper()})",
-    }
-    lines = ["| model | arch | params | top-1 (%) | top-5 (%) |", "| --- | --- | ---: | ---: | ---: |"]
-    for key, row in results.items():
-        lines.append(
-            f"| {names[key]} | {row['arch']} | {row['params']:,} | {row['top1']:.2f} | {row['top5']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module, run: Run) -> None:
 
     images, labels = next(iter(DataLoader(run.val_ds, batch_size=8, shuffle=False)))
@@ -653,8 +683,8 @@ def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Modul
         )
 
 
-def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
-    """The three stages (teacher, baseline, distill) and the outputs; returns the results table rows."""
+def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
+    """The three stages (teacher, baseline, distill) and the outputs; returns the run's ``results.json``."""
 
     rt = resolve_runtime(cfg)
     out = Path(cfg.out)
@@ -678,9 +708,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
     student = _build(cfg.student, run)
     teacher_taps = Taps(teacher, cfg.teacher.taps)
     student_taps = Taps(student, cfg.student.taps)
-    methods = {"agkd": AGKDLoss, "mtd": MTDLoss, "cakd": CAKDLoss, "titn": TITNLoss, "sokd": SoKDLoss}
-    loss_class = methods[cfg.loss.method]
-    loss_fn = loss_class(
+    loss_fn = CompositeLoss(
         cfg.loss,
         cfg.student.taps,
         cfg.teacher.taps,
@@ -745,15 +773,39 @@ def run_training(cfg: Config, resume: bool) -> dict[str, dict]:
         **metrics,
     }
 
+    results = run_results(results, data=cfg.data.name, methods=cfg.loss.method)
     if rt.dist.is_main:
         student.eval()
-        atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-        table = results_table(results, cfg.loss.method)
-        atomic_write(out / "results.md", f"# kdfast results ({cfg.data.name})\n\n{table}\n")
+        table = write_results(out, results)
         plot_training_curves(out / "metrics.jsonl", out / "curves.png")
         _attention_picture(student_taps, teacher_taps, loss_fn, run)
         print(table)
     log.close()
+    return results
+
+
+def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
+    """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, resumed
+    where it stopped), then the mean and standard deviation over seeds in ``out/results.json`` and
+    ``out/results.md``. The data split stays the one of ``cfg.seed`` (``data.split_seed``), so the seeds
+    change the initialization, the data order and the augmentation, and a fixed teacher never saw a seed's
+    validation images."""
+    out = Path(cfg.out)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # as torchrun numbers the processes
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            dump_config(cfg, out / "config.yaml")
+    split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    data = dataclasses.replace(cfg.data, split_seed=split_seed)
+    runs = {}
+    for seed in cfg.seeds:
+        folder = out / f"seed{seed}"
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
+        runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file())
+    results = seeds_results(runs)
+    if is_main:
+        print(write_results(out, results))
     return results
 
 
@@ -762,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         cfg = load_run_config(args)
-        run_training(cfg, resume=args.resume is not None)
+        (run_seeds if cfg.seeds else run_training)(cfg, resume=args.resume is not None)
     except UsageError as exc:
         print(f"kdfast.train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -213,7 +213,9 @@ if triton is not None:
     def _blur(v, gh, gwt, PREC: tl.constexpr):
         return tl.dot(tl.dot(gh, v, input_precision=PREC), gwt, input_precision=PREC)
 
-    @triton.jit
+    # C is not specialized: C == 1 would only save one integer division per program, and one compiled
+    # kernel then serves both single-map and multi-channel batches of a plane size.
+    @triton.jit(do_not_specialize=["C"])
     def _ssim_fwd_kernel(
         x_ptr,
         y_ptr,
@@ -397,11 +399,11 @@ if triton is not None:
         cos_xx = 0.0
         cos_yy = 0.0
         if HAS_GLOSS:
-            at = stats_ptr + (b * C + tl.arange(0, BLOCK_C)) * 4
+            sample_stats = stats_ptr + (b * C + tl.arange(0, BLOCK_C)) * 4
             in_c = tl.arange(0, BLOCK_C) < C
-            xy = tl.sum(tl.load(at + 1, mask=in_c, other=0.0))
-            nx = tl.sqrt(tl.sum(tl.load(at + 2, mask=in_c, other=0.0)))
-            ny = tl.sqrt(tl.sum(tl.load(at + 3, mask=in_c, other=0.0)))
+            xy = tl.sum(tl.load(sample_stats + 1, mask=in_c, other=0.0))
+            nx = tl.sqrt(tl.sum(tl.load(sample_stats + 2, mask=in_c, other=0.0)))
+            ny = tl.sqrt(tl.sum(tl.load(sample_stats + 3, mask=in_c, other=0.0)))
             nx_c = tl.maximum(nx, eps)
             ny_c = tl.maximum(ny, eps)
             g_cos = cos_scale * g_loss
@@ -458,9 +460,9 @@ if triton is not None:
                 yt = yt.to(tl.float32)
                 dx = p_x + 2.0 * xt * p_sq + yt * p_xy + cos_x * yt - cos_xx * xt
                 dy = p_y + 2.0 * yt * p_sq + xt * p_xy + cos_y * xt - cos_yy * yt
-                at = d_base + tile_rows * W + tile_cols
-                tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=in_tile)
-                tl.store(dy_ptr + at, dy.to(dy_ptr.dtype.element_ty), mask=in_tile)
+                grad_at = d_base + tile_rows * W + tile_cols
+                tl.store(dx_ptr + grad_at, dx.to(dx_ptr.dtype.element_ty), mask=in_tile)
+                tl.store(dy_ptr + grad_at, dy.to(dy_ptr.dtype.element_ty), mask=in_tile)
 
 
 @functools.lru_cache(maxsize=256)

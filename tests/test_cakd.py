@@ -1,7 +1,9 @@
-"""CAKD loss against independent references: the PCA and GL terms written out with F.interpolate, F.conv2d,
-explicit softmax matrices and per-position FCs; the discriminator schedule and its separation from the
-student optimizer; the multi-view input; real Taps on a timm ViT teacher and the edge_cnn student; and
-config validation through load_config."""
+"""CAKD loss against independent references written in the test from the paper's equations: the GL
+projector token by token with its group's FC (eq. 5), the PCA loss (eq. 4) with explicit exp-normalized
+attention and a fixed swap mask, eq. 8 and eq. 9 on discriminator logits; Algorithm 1's discriminator
+schedule and its separation from the student optimizer; the multi-view transforms against torch.rot90,
+F.interpolate and hand formulas; real Taps on a timm ViT teacher and the edge_cnn student; config
+validation through load_config."""
 
 from __future__ import annotations
 
@@ -13,9 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.cakd import CAKDLoss, partial_cross
-from kdfast.config import CONFIG_DIR, CAKDConfig, KDConfig, LossConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.cakd import (
+    CAKDConfig,
+    CAKDLoss,
+    GLProjector,
+    crop_and_rotate,
+    discriminator_loss,
+    generator_loss,
+    jitter_colours,
+    mask_patches,
+    pca_loss,
+    swap_masks,
+)
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.kd import KDConfig
 from kdfast.models import build_model
 from kdfast.taps import QKV, Taps
 
@@ -27,15 +42,17 @@ TEACHER_TAPS = {"ta": TapConfig(path="b", kind="attention"), "tt": TapConfig(pat
 CONFIG = CONFIG_DIR / "cakd_digits.yaml"
 
 
+def _section(**cakd) -> CAKDConfig:
+    return CAKDConfig(**{"student": "s", "teacher_attention": "ta", "teacher_tokens": "tt", **cakd})
+
+
 def _loss(**cakd) -> CAKDLoss:
-    settings = {"student": "s", "teacher_attention": "ta", "teacher_tokens": "tt", **cakd}
-    cfg = LossConfig(method="cakd", kd=KDConfig(alpha=ALPHA, temperature=TAU), cakd=CAKDConfig(**settings))
-    return CAKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    return CAKDLoss(_section(**cakd), STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
-def _taps(seed: int = 0, batch: int = B, channels: int = C):
+def _taps(seed: int = 0, batch: int = B, channels: int = C, side: int = SIDE):
     g = torch.Generator().manual_seed(seed)
-    student = {"s": torch.randn(batch, channels, 4, 4, generator=g)}
+    student = {"s": torch.randn(batch, channels, side, side, generator=g)}
     qkv = QKV(*(torch.randn(batch, HEADS, TOKENS, D_HEAD, generator=g) for _ in range(3)))
     return student, {"ta": qkv, "tt": torch.randn(batch, TOKENS, DIM, generator=g)}
 
@@ -51,110 +68,194 @@ def _built(**cakd) -> CAKDLoss:
     return loss
 
 
-def _explicit_pca(loss: CAKDLoss, feature: torch.Tensor, teacher: QKV) -> torch.Tensor:
-    """Eq. 2 by hand: bilinear resize to the patch grid, each conv, heads cut from consecutive channel
-    blocks, full softmax matrices, CLS row and column of the teacher dropped."""
-    grid = F.interpolate(feature, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
-
-    def project(conv: nn.Conv2d) -> torch.Tensor:
-        x = F.conv2d(grid, conv.weight, conv.bias, padding=1)
-        heads = [x[:, h * D_HEAD : (h + 1) * D_HEAD].flatten(2).transpose(1, 2) for h in range(HEADS)]
-        return torch.stack(heads, dim=1)
-
-    q, k, v = (project(conv) for conv in (loss.pca.q, loss.pca.k, loss.pca.v))
-    qt, kt, vt = (x[:, :, 1:] for x in teacher)
-
-    def attn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(a @ b.transpose(-1, -2) / math.sqrt(D_HEAD), dim=-1)
-
-    values = (v @ v.transpose(-1, -2) - vt @ vt.transpose(-1, -2)) / math.sqrt(D_HEAD)
-    return (attn(q, k) - attn(qt, kt)).square().mean() + values.square().mean()
+def _trained_like(module: nn.Module, seed: int) -> nn.Module:
+    """Weights and biases drawn away from their initialization (non-zero biases), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module
 
 
-def _explicit_gl(loss: CAKDLoss, feature: torch.Tensor) -> torch.Tensor:
-    """Eq. 3 by hand: the map at 4x the patch grid; token (y, x) = sum over the 16 positions (i, j) of its
-    4x4 neighbourhood of FC_ij applied to that pixel, plus the bias."""
-    big = F.interpolate(feature, size=(4 * SIDE, 4 * SIDE), mode="bilinear", align_corners=False)
-    tokens = []
-    for y in range(SIDE):
-        for x in range(SIDE):
-            token = loss.gl.fcs.bias.expand(feature.shape[0], -1)
-            for i in range(4):
-                for j in range(4):
-                    token = token + F.linear(big[:, :, 4 * y + i, 4 * x + j], loss.gl.fc(i, j))
-            tokens.append(token)
-    return torch.stack(tokens, dim=1)
+def _group(y: int, x: int, side: int) -> int:
+    """The paper's grouping written out: the 4x4 block of neighbouring pixels (y, x) lies in, row-major
+    over the ceil(side / 4) blocks per row."""
+    per_row = -(-side // 4)
+    return (y // 4) * per_row + (x // 4)
 
 
-def test_forward_parts_match_explicit_terms():
-    loss = _built(replace_prob=0.0, dropout=0.0, pca_weight=0.7, gl_weight=1.3, adversarial_weight=0.2)
-    loss.train()
+@pytest.mark.parametrize(("side", "groups"), [(14, 16), (7, 4), (4, 1)])
+def test_gl_projector_token_n_is_fc_of_its_group_applied_to_pixel_n(side, groups):
+    projector = _trained_like(GLProjector(C, DIM, side, dropout=0.0), seed=side).eval()
+    assert projector.weight.shape == (groups, DIM, C) and projector.bias.shape == (groups, DIM)
+    feature = torch.randn(B, C, side, side, generator=torch.Generator().manual_seed(1))
+    tokens = projector(feature)
+    assert tokens.shape == (B, side * side, DIM)
+    for y in range(side):
+        for x in range(side):
+            g = _group(y, x, side)
+            expected = feature[:, :, y, x] @ projector.weight[g].T + projector.bias[g]
+            torch.testing.assert_close(tokens[:, y * side + x], expected, rtol=1e-5, atol=1e-6)
+    poked = feature.clone()
+    poked[1, :, side - 1, 0] += 1.0  # one pixel of one sample: exactly one token of that sample moves
+    moved = (projector(poked) - tokens).abs().amax(-1) > 0
+    expected = torch.zeros(B, side * side, dtype=torch.bool)
+    expected[1, (side - 1) * side] = True
+    assert torch.equal(moved, expected)
+
+
+def test_gl_projector_resizes_the_student_map_to_the_teacher_grid_first():
+    loss = _loss(dropout=0.0)
+    student, teacher = _taps(side=SIDE + 2)  # a 5x5 student map, a 3x3 teacher patch grid
+    loss.check(student, teacher)
+    projected = loss.projections(student, teacher)[2]
+    grid = F.interpolate(student["s"], size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(projected, loss.gl(grid))
+
+
+def _softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _eq4_by_hand(student: QKV, teacher: QKV, swap: QKV) -> torch.Tensor:
+    """Eq. 4 head by head: Attn_T with the teacher's CLS key and value in its softmax and sum (patch query
+    rows only), PCAttn_S on the element-wise mix of eq. 3, the value relation on the student's own V."""
+    d = student.q.shape[-1]
+    attn_sq, vr_sq, count_attn, count_vr = 0.0, 0.0, 0, 0
+    for b in range(student.q.shape[0]):
+        for h in range(student.q.shape[1]):
+            qt, kt, vt = (x[b, h] for x in teacher)  # (1 + N, d): row 0 is CLS
+            qs, ks, vs = (x[b, h] for x in student)
+            attn_t = _softmax_rows(qt[1:] @ kt.T / math.sqrt(d)) @ vt
+            pairs = zip((qs, ks, vs), teacher, swap, strict=True)
+            g = [torch.where(m[b, h], t[b, h, 1:], s) for s, t, m in pairs]
+            attn_s = _softmax_rows(g[0] @ g[1].T / math.sqrt(d)) @ g[2]
+            vr_t = vt[1:] @ vt[1:].T / math.sqrt(d)
+            vr_s = vs @ vs.T / math.sqrt(d)
+            attn_sq += (attn_t - attn_s).square().sum()
+            vr_sq += (vr_t - vr_s).square().sum()
+            count_attn += attn_t.numel()
+            count_vr += vr_t.numel()
+    return attn_sq / count_attn + vr_sq / count_vr
+
+
+def test_pca_loss_equals_eq4_by_hand_with_a_fixed_swap_mask():
+    g = torch.Generator().manual_seed(3)
+    n = SIDE * SIDE
+    student = QKV(*(torch.randn(B, HEADS, n, D_HEAD, generator=g) for _ in range(3)))
+    teacher = QKV(*(2 * torch.randn(B, HEADS, n + 1, D_HEAD, generator=g) for _ in range(3)))
+    swap = QKV(*(torch.rand(B, HEADS, n, D_HEAD, generator=g) < 0.5 for _ in range(3)))
+    torch.testing.assert_close(pca_loss(student, teacher, swap), _eq4_by_hand(student, teacher, swap))
+    none = QKV(*(torch.zeros_like(m) for m in swap))
+    torch.testing.assert_close(pca_loss(student, teacher), _eq4_by_hand(student, teacher, none))
+    every = QKV(*(torch.ones_like(m) for m in swap))
+    swapped = pca_loss(student, teacher, every)
+    torch.testing.assert_close(swapped, _eq4_by_hand(student, teacher, every))
+    # fully swapped, the student attends with the teacher's patch tokens but has no CLS key: were the CLS
+    # key dropped from the teacher's softmax too, the attention term would vanish
+    relation = lambda v: v @ v.transpose(-1, -2) / math.sqrt(D_HEAD)
+    attention_term = swapped - F.mse_loss(relation(student.v), relation(teacher.v[:, :, 1:]))
+    assert attention_term > 1e-3
+
+
+def test_swap_masks_draw_each_element_with_probability_p():
+    torch.manual_seed(0)
+    like = QKV(*(torch.zeros(4, 2, 50, 50) for _ in range(3)))
+    for m in swap_masks(like, 0.3):
+        assert m.dtype == torch.bool and abs(m.float().mean().item() - 0.3) < 0.01  # 20k draws: std 0.0032
+
+
+def test_generator_and_discriminator_losses_are_eq9_and_eq8():
+    z_fake, z_real = torch.tensor([[-1.5], [0.2], [2.0]]), torch.tensor([[0.7], [-0.3], [1.1]])
+    d_fake, d_real = torch.sigmoid(z_fake), torch.sigmoid(z_real)
+    torch.testing.assert_close(generator_loss(z_fake, "minimax"), torch.log(1 - d_fake).mean())
+    torch.testing.assert_close(generator_loss(z_fake, "non_saturating"), -torch.log(d_fake).mean())
+    torch.testing.assert_close(
+        discriminator_loss(z_real, z_fake), -(torch.log(d_real).mean() + torch.log(1 - d_fake).mean())
+    )
+    assert CAKDConfig().adversarial == "minimax"
+
+
+def test_forward_parts_match_explicit_terms_and_compose_with_kd():
+    # [kd, cakd] with ce = 1 - alpha and kd.weight = alpha: alpha tau^2 KL + (1 - alpha) CE + eq. 10
+    section = _section(replace_prob=0.0, dropout=0.0, pca_weight=0.7, gl_weight=1.3, adversarial_weight=0.2)
+    cfg = LossConfig(
+        method=["kd", "cakd"],
+        ce=1 - ALPHA,
+        sections={"kd": KDConfig(weight=ALPHA, temperature=TAU), "cakd": section},
+    )
+    composite = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    composite.check(*_taps())
+    composite.train()
     student, teacher = _taps(seed=4)
     logits = _logits()
-    total, parts = loss(*logits, student, teacher)
+    total, parts = composite(*logits, student, teacher)
 
+    loss = composite.members["cakd"]
     s_logits, t_logits, targets = logits
     kl = F.kl_div(F.log_softmax(s_logits / TAU, 1), F.softmax(t_logits / TAU, 1), reduction="batchmean")
-    projected = _explicit_gl(loss, student["s"])
-    fooled = loss.discriminator(projected)
+    convs = (loss.pca.q, loss.pca.k, loss.pca.v)
+    qkv = QKV(
+        *(
+            F.conv2d(student["s"], c.weight, c.bias, padding=1).view(B, HEADS, D_HEAD, -1).transpose(-1, -2)
+            for c in convs
+        )
+    )
+    projected = torch.stack(
+        [
+            student["s"][:, :, y, x] @ loss.gl.weight[_group(y, x, SIDE)].T + loss.gl.bias[_group(y, x, SIDE)]
+            for y in range(SIDE)
+            for x in range(SIDE)
+        ],
+        dim=1,
+    )
+    fooled = loss.discriminator(projected.flatten(1))
+    no_swap = QKV(*(torch.zeros(B, HEADS, SIDE * SIDE, D_HEAD, dtype=torch.bool) for _ in range(3)))
     expected = {
-        "kd": ALPHA * TAU**2 * kl,
-        "ce": (1 - ALPHA) * F.cross_entropy(s_logits, targets),
-        "pca": 0.7 * _explicit_pca(loss, student["s"], teacher["ta"]),
+        "pca": 0.7 * _eq4_by_hand(qkv, teacher["ta"], no_swap),
         "gl": 1.3 * (projected - teacher["tt"][:, 1:]).square().mean(),
-        "adv": 0.2 * -torch.log(torch.sigmoid(fooled)).mean(),
+        "adv": 0.2 * torch.log(1 - torch.sigmoid(fooled)).mean(),
     }
-    assert set(parts) == set(expected)
+    assert set(parts) == {"ce", "kd", "cakd", "cakd/pca", "cakd/gl", "cakd/adv"}
     for key, value in expected.items():
-        torch.testing.assert_close(parts[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    torch.testing.assert_close(total, sum(expected.values()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(parts[f"cakd/{key}"], value, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(parts["cakd"], sum(expected.values()), rtol=1e-5, atol=1e-6)
+    ce = F.cross_entropy(s_logits, targets)
+    reference = ALPHA * TAU**2 * kl + (1 - ALPHA) * ce + sum(expected.values())
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_full_replacement_leaves_no_pca_loss():
+def test_swap_only_in_training():
     loss = _built(replace_prob=1.0)
+    student, teacher = _taps(seed=2)
     loss.train()
-    _, parts = loss(*_logits(), *_taps(seed=2))
-    assert parts["pca"] == 0
-    loss.eval()  # no replacement at evaluation: the student's own Q, K, V
-    _, parts = loss(*_logits(), *_taps(seed=2))
-    assert parts["pca"] > 0
-
-
-def test_partial_cross_replaces_each_element_with_probability_p():
-    torch.manual_seed(0)
-    student = QKV(*(torch.zeros(4, 2, 50, 50) for _ in range(3)))
-    teacher = QKV(*(torch.ones(4, 2, 50, 50) for _ in range(3)))
-    for x in partial_cross(student, teacher, 0.3):
-        assert set(x.unique().tolist()) == {0.0, 1.0}
-        assert abs(x.mean().item() - 0.3) < 0.01  # 20k Bernoulli(0.3) draws: std 0.0032
-
-
-def test_gl_projector_shapes_and_each_fc_touches_only_its_position():
-    loss = _built()
+    _, trained = loss(*_logits(), student, teacher)
     loss.eval()
-    assert loss.projections(*_taps())[2].shape == (B, SIDE * SIDE, DIM)
-    g = torch.Generator().manual_seed(5)
-    big = torch.randn(1, C, 4 * SIDE, 4 * SIDE, generator=g)
-    base = loss.gl(big)
-    delta = torch.randn(C, generator=g)
-    changes = {}
-    for y, x in [(0, 0), (5, 6), (4 * SIDE - 1, 2), (7, 4 * SIDE - 1)]:
-        poked = big.clone()
-        poked[0, :, y, x] += delta
-        change = loss.gl(poked) - base
-        token = (y // 4) * SIDE + x // 4
-        others = torch.cat([change[0, :token], change[0, token + 1 :]])
-        assert others.abs().max() == 0, (y, x)
-        torch.testing.assert_close(change[0, token], F.linear(delta, loss.gl.fc(y % 4, x % 4)))
-        changes[y % 4, x % 4] = change[0, token]
-    assert len({tuple(v.tolist()) for v in changes.values()}) == len(changes)  # 16 different FCs
+    _, evaluated = loss(*_logits(), student, teacher)
+    qkv = loss.projections(student, teacher)[0]
+    every = QKV(*(torch.ones_like(x, dtype=torch.bool) for x in qkv))
+    torch.testing.assert_close(trained["pca"], pca_loss(qkv, teacher["ta"], every))
+    torch.testing.assert_close(evaluated["pca"], pca_loss(qkv, teacher["ta"]))
+
+
+def test_discriminator_scores_a_whole_sample():
+    loss = _built(discriminator_width=16)
+    first = loss.discriminator[1]
+    assert first.in_features == SIDE * SIDE * DIM and loss.discriminator[-1].out_features == 1
+    projected = torch.randn(B, SIDE * SIDE, DIM)
+    base = loss.discriminator(projected)
+    poked = projected.clone()
+    poked[0, SIDE * SIDE - 1] += 1.0  # the last token of sample 0 moves sample 0's score only
+    moved = loss.discriminator(poked) - base
+    assert moved[0].abs() > 0 and moved[1].abs() == 0
 
 
 def _disc_params(loss: CAKDLoss) -> list[torch.Tensor]:
     return [p.detach().clone() for p in loss.discriminator.parameters()]
 
 
-def test_discriminator_updates_every_kth_step_and_is_not_in_the_student_optimizer():
+def test_discriminator_trains_when_step_mod_k_is_zero_and_is_not_in_the_student_optimizer():
     torch.manual_seed(0)
     loss = _built(discriminator_every=3, discriminator_lr=1e-2)
     loss.train()
@@ -164,7 +265,7 @@ def test_discriminator_updates_every_kth_step_and_is_not_in_the_student_optimize
     assert set(student_params) == set(loss.pca.parameters()) | set(loss.gl.parameters())
     optimizer = torch.optim.SGD(student_params, lr=0.1)
     updated = []
-    for step in range(1, 8):
+    for step in range(7):
         before = _disc_params(loss)
         total, _ = loss(*_logits(), *_taps(seed=step))
         optimizer.zero_grad()
@@ -175,10 +276,10 @@ def test_discriminator_updates_every_kth_step_and_is_not_in_the_student_optimize
         loss.after_step()
         if not all(torch.equal(a, b) for a, b in zip(before, _disc_params(loss), strict=True)):
             updated.append(step)
-    assert updated == [3, 6]
+    assert updated == [0, 3, 6]  # Algorithm 1: step % 3 == 0, steps counted from 0
 
 
-def _bce(loss: CAKDLoss) -> torch.Tensor:
+def _eq8(loss: CAKDLoss) -> torch.Tensor:
     teacher, student = loss._stash
     real, fake = loss.discriminator(teacher), loss.discriminator(student)
     return -(torch.log(torch.sigmoid(real)).mean() + torch.log(1 - torch.sigmoid(fake)).mean())
@@ -189,10 +290,10 @@ def test_discriminator_step_lowers_its_loss_and_resume_restores_it(tmp_path):
     loss = _built(discriminator_every=1, discriminator_lr=1e-2)
     loss.train()
     loss(*_logits(), *_taps(seed=3))
-    before = _bce(loss)
+    before = _eq8(loss)
     loss.after_step()
     torch.testing.assert_close(loss.last_disc_loss, before)
-    assert _bce(loss) < before
+    assert _eq8(loss) < before
 
     torch.save(loss.state_dict(), tmp_path / "extra.pt")
     resumed = _built(discriminator_every=1, discriminator_lr=1e-2)
@@ -208,6 +309,16 @@ def test_discriminator_step_lowers_its_loss_and_resume_restores_it(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_each_view_is_drawn_independently_with_probability_p():
+    torch.manual_seed(0)
+    draws = _loss(view_prob=0.5)._draw_views(20_000, torch.device("cpu")).float()
+    assert draws.shape == (4, 20_000)
+    torch.testing.assert_close(draws.mean(1), torch.full((4,), 0.5), atol=0.015, rtol=0)  # std 0.0035
+    both = (draws[:, None] * draws[None]).mean(-1)  # pairwise: 0.25 when independent
+    off_diagonal = both[~torch.eye(4, dtype=torch.bool)]
+    torch.testing.assert_close(off_diagonal, torch.full_like(off_diagonal, 0.25), atol=0.015, rtol=0)
+
+
 def test_student_view_identity_and_every_sample_changed():
     torch.manual_seed(0)
     images = torch.randn(16, 3, 16, 16)
@@ -215,36 +326,44 @@ def test_student_view_identity_and_every_sample_changed():
     always = _loss(view_prob=1.0)
     assert torch.equal(always.eval().student_view(images), images)
     always.train()
-    for _ in range(3):
-        viewed = always.student_view(images)
-        assert viewed.shape == images.shape
-        assert ((viewed - images).flatten(1).abs().amax(1) > 0).all()
+    viewed = always.student_view(images)
+    assert viewed.shape == images.shape
+    assert ((viewed - images).flatten(1).abs().amax(1) > 0).all()
 
 
-def _shift(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """``image`` moved right by dx and down by dy, zeros shifted in."""
-    out = torch.zeros_like(image)
-    h, w = image.shape[-2:]
-    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
-        :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
-    ]
-    return out
+def test_rotation_by_a_right_angle_is_rot90_and_a_central_crop_is_an_upsampling():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 8, 8, generator=g)
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    rotated = crop_and_rotate(images, ones, torch.zeros(2, 2), torch.full((2,), math.pi / 2))
+    torch.testing.assert_close(rotated, torch.rot90(images, k=1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(crop_and_rotate(images, ones, torch.zeros(2, 2), zeros), images)
+    cropped = crop_and_rotate(images, torch.full((2,), 0.5), torch.zeros(2, 2), zeros)
+    upsampled = F.interpolate(images[:, :, 2:6, 2:6], size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(cropped[:, :, 1:7, 1:7], upsampled[:, :, 1:7, 1:7])  # border: clamped there
 
 
-def test_shift_view_is_an_integer_shift_with_optional_flip():
-    torch.manual_seed(1)
-    images = torch.randn(8, 3, 16, 16)
-    shifted = CAKDLoss._shifted(images)
-    reach = 16 // 8
-    for image, out in zip(images, shifted, strict=True):
-        candidates = [
-            _shift(source, dx, dy)
-            for source in (image, image.flip(-1))
-            for dx in range(-reach, reach + 1)
-            for dy in range(-reach, reach + 1)
-            if (dx, dy) != (0, 0)
-        ]
-        assert any(torch.equal(out, c) for c in candidates)
+def test_colour_jitter_and_patch_masking_by_hand():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 4, 4, generator=g)
+    brightness, contrast = torch.tensor([1.2, 0.8]), torch.tensor([0.7, 1.3])
+    saturation = torch.tensor([1.1, 0.6])
+    out = jitter_colours(images, brightness, contrast, saturation)
+    for b in range(2):
+        x = images[b]
+        x = (x - x.mean()) * contrast[b] + x.mean()
+        grey = x.mean(0, keepdim=True)
+        x = grey + saturation[b] * (x - grey) + (brightness[b] - 1)
+        torch.testing.assert_close(out[b], x)
+    torch.testing.assert_close(jitter_colours(images, *[torch.ones(2)] * 3), images)
+    keep = torch.tensor([[[True, False], [False, True]], [[False, False], [True, True]]])
+    masked = mask_patches(images, keep)
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                block = masked[b, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
+                expected = images[b, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2] * keep[b, i, j]
+                assert torch.equal(block, expected)
 
 
 def test_gradients_reach_student_and_projectors_not_teacher():
@@ -253,7 +372,7 @@ def test_gradients_reach_student_and_projectors_not_teacher():
     loss.train()
     student_conv = nn.Conv2d(3, C, 3, padding=1)
     teacher_proj = nn.Linear(5, 3 * HEADS * D_HEAD + DIM)
-    feature = student_conv(torch.randn(B, 3, 4, 4))
+    feature = student_conv(torch.randn(B, 3, SIDE, SIDE))
     mixed = teacher_proj(torch.randn(B, TOKENS, 5))
     q, k, v, tokens = mixed.split([HEADS * D_HEAD] * 3 + [DIM], dim=-1)
     heads = lambda x: x.reshape(B, TOKENS, HEADS, D_HEAD).transpose(1, 2)
@@ -278,36 +397,42 @@ def test_check_rejects_taps_that_cannot_be_matched():
     student, teacher = _taps()
     with pytest.raises(UsageError, match="teacher tap 'ta' gave Tensor"):
         _loss().check(student, {**teacher, "ta": teacher["tt"]})
-    with pytest.raises(UsageError, match="teacher_tokens: tap 'tt' has shape \\(2, 6, 4, 4\\)"):
+    with pytest.raises(UsageError, match="teacher_tokens: tap 'tt' has shape \\(2, 6, 3, 3\\)"):
         _loss().check(student, {**teacher, "tt": student["s"]})
     with pytest.raises(UsageError, match="batch sizes 3, 2, 2"):
         _loss().check(_taps(batch=3)[0], teacher)
     with pytest.raises(UsageError, match="expected \\(B, C, H, W\\)"):
         _loss().check({"s": torch.zeros(B, C)}, teacher)
+    with pytest.raises(UsageError, match="attention tap has 9 patch tokens and the token tap 16"):
+        _loss().check(student, {**teacher, "tt": torch.zeros(B, 17, DIM)})
     loss = _built()
     with pytest.raises(
-        UsageError, match="built for .* \\(6, 2, 4, 8\\), but these taps give \\(7, 2, 4, 8\\)"
+        UsageError, match="built for .* \\(6, 2, 4, 9, 8\\), but these taps give \\(7, 2, 4, 9, 8\\)"
     ):
         loss.check(*_taps(channels=7))
     with pytest.raises(UsageError, match="call check\\(\\) on a real batch first"):
         _loss()(*_logits(), *_taps())
-    with pytest.raises(UsageError, match="loss.cakd.teacher_tokens names tap 'ta': it must be a feature tap"):
+    with pytest.raises(
+        ConfigError, match="loss.cakd.teacher_tokens: teacher tap 'ta' must have kind 'feature'"
+    ):
         _loss(teacher_tokens="ta")
 
 
 def test_cakd_digits_config_loads_and_its_models_match():
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "cakd" and cfg.loss.cakd.replace_prob == 0.5
+    cakd = cfg.loss.sections["cakd"]
+    assert cfg.loss.method == ["kd", "cakd"] and cakd.replace_prob == 0.5 and cakd.adversarial == "minimax"
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
-    loss = CAKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss = CAKDLoss(cakd, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
     student_logits, student_out = student(images)
     loss.check(student_out, teacher_out)
-    assert student_out["mid"].shape[-2:] == (8, 8) and teacher_out["attn"].q.shape[2] == 17
-    assert loss.gl.fcs.out_channels == 128 and loss.pca.heads == 4
+    # the student's tap and the teacher's patch grid agree (4x4), as in the paper's pairs: no resize
+    assert student_out["mid"].shape[-2:] == (4, 4) and teacher_out["attn"].q.shape[2] == 17
+    assert loss.gl.weight.shape[:2] == (1, 128) and loss.pca.heads == 4
     total, _ = loss(student_logits, teacher_logits, torch.tensor([1, 7]), student_out, teacher_out)
     assert torch.isfinite(total)
 
@@ -315,10 +440,15 @@ def test_cakd_digits_config_loads_and_its_models_match():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("loss.cakd.student=nope", "loss.cakd.student names no tap 'nope'"),
-        ("teacher.taps.attn.kind=feature", "teacher_attention: tap 'attn' must have kind 'attention'"),
-        ("loss.cakd.replace_prob=1.5", "replace_prob' is a probability"),
+        ("loss.cakd.student=nope", "loss.cakd.student names no student tap 'nope'"),
+        (
+            "teacher.taps.attn.kind=feature",
+            "teacher_attention: teacher tap 'attn' must have kind 'attention'",
+        ),
+        ("loss.cakd.replace_prob=1.5", "replace_prob' must be in \\[0, 1\\]"),
         ("loss.cakd.discriminator_every=0", "discriminator_every' must be > 0"),
+        ("loss.cakd.discriminator_width=0", "discriminator_width' must be > 0"),
+        ("loss.cakd.adversarial=wgan", "adversarial"),
     ],
 )
 def test_cakd_config_validation(override, message):
@@ -338,12 +468,7 @@ def test_cakd_end_to_end_timm_vit_teacher_edge_cnn_student():
     )
     teacher = Taps(vit, teacher_taps).eval()
     student = Taps(build_model({"source": "kdfast", "name": "edge_cnn"}, num_classes=3), student_taps)
-    cfg = LossConfig(
-        method="cakd",
-        cakd=CAKDConfig(
-            student="mid", teacher_attention="attn", teacher_tokens="tokens", discriminator_every=1
-        ),
-    )
+    cfg = CAKDConfig(student="mid", teacher_attention="attn", teacher_tokens="tokens", discriminator_every=1)
     loss = CAKDLoss(cfg, student_taps, teacher_taps, kernels_impl="reference")
     images, targets = torch.randn(B, 3, 16, 16), torch.tensor([0, 2])
     with torch.no_grad():
@@ -356,7 +481,7 @@ def test_cakd_end_to_end_timm_vit_teacher_edge_cnn_student():
     disc_before = _disc_params(loss)
     student_logits, student_out = student(loss.student_view(images))
     total, parts = loss(student_logits, teacher_logits, targets, student_out, teacher_out)
-    assert torch.isfinite(total) and all(parts[k] > 0 for k in ("pca", "gl", "adv"))
+    assert torch.isfinite(total) and parts["pca"] > 0 and parts["gl"] > 0 and parts["adv"] < 0
     total.backward()
     assert student.model.blocks[2].block[0][0].weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in [*loss.pca.parameters(), *loss.gl.parameters()])
@@ -367,3 +492,40 @@ def test_cakd_end_to_end_timm_vit_teacher_edge_cnn_student():
     ((student_map, teacher_map),) = loss.maps(student_out, teacher_out)
     assert student_map.shape == teacher_map.shape == (B, 4, 4)
     torch.testing.assert_close(teacher_map.flatten(1).norm(dim=1), torch.ones(B))
+
+
+PAPER_CONFIGS = {
+    "cakd_vitb16_resnet50_cifar100.yaml": ("resnet50", 200, [100, 150], 64),
+    "cakd_vitb16_effb0_imagenet.yaml": ("efficientnet_b0", 120, [30, 60, 90], 256),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_hold_the_papers_setting_and_need_local_weights(name, tmp_path):
+    student, epochs, milestones, batch = PAPER_CONFIGS[name]
+    with pytest.raises(ConfigError, match="teacher.weights: file not found"):
+        load_config(CONFIG_DIR / name, [f"data.root={tmp_path}"])
+    weights = tmp_path / "vit_b_16.pth"
+    weights.touch()
+    cfg = load_config(CONFIG_DIR / name, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
+    assert cfg.teacher.arch.name == "vit_b_16" and cfg.student.arch.name == student
+    train = cfg.student.train
+    assert (train.epochs, train.schedule.name, train.schedule.milestones, train.schedule.gamma) == (
+        epochs,
+        "multistep",
+        milestones,
+        0.1,
+    )
+    assert (train.optimizer.name, train.optimizer.lr, train.optimizer.momentum) == ("sgd", 0.1, 0.9)
+    assert (
+        train.optimizer.weight_decay == 1e-4 and cfg.data.batch_size == batch and cfg.data.image_size == 224
+    )
+    # eq. 10 beside the CE, nothing kdfast adds: no logit KD, eq. 9's minimax term, Algorithm 1's period
+    cakd = cfg.loss.sections["cakd"]
+    assert cfg.loss.method == ["cakd"] and cfg.loss.ce_weight() == 1.0
+    assert (cakd.adversarial, cakd.discriminator_every, cakd.replace_prob, cakd.view_prob) == (
+        "minimax",
+        5,
+        0.5,
+        0.5,
+    )

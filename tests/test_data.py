@@ -1,4 +1,5 @@
-"""kdfast.data against independent references: sklearn's own split, hand-made images, F.cross_entropy."""
+"""kdfast.data against independent references: sklearn's own split, hand-made images, F.cross_entropy, the
+torchvision policies composed by hand, Mixup's lam recovered from the mixed pixels and a Beta KS test."""
 
 import pickle
 from collections import Counter
@@ -6,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torchvision.transforms import v2
 
-from kdfast.config import AugmentConfig, DataConfig
+from kdfast.config import AugmentConfig, DataConfig, RandAugmentConfig
 from kdfast.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -20,8 +23,9 @@ from kdfast.data import (
     CIFAR100_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    CutMix,
+    BatchMix,
     build_datasets,
+    build_transform,
     dataset_from_record,
 )
 from kdfast.errors import UsageError
@@ -233,7 +237,7 @@ def _labelled_batch(batch=6, classes=5, size=(9, 13)):
 
 def test_cutmix_targets_equal_kept_pixel_fraction():
     images, labels = _labelled_batch()
-    cutmix = CutMix(num_classes=5, prob=1.0, beta=1.0)
+    cutmix = BatchMix(5, cutmix=1.0, cutmix_beta=1.0)
     mixed_any = False
     for seed in range(20):
         mixed, targets = cutmix(images, labels, generator=torch.Generator().manual_seed(seed))
@@ -250,11 +254,11 @@ def test_cutmix_targets_equal_kept_pixel_fraction():
 
 def test_cutmix_is_deterministic_and_prob_zero_is_identity():
     images, labels = _labelled_batch()
-    cutmix = CutMix(num_classes=5, prob=1.0, beta=0.5)
+    cutmix = BatchMix(5, cutmix=1.0, cutmix_beta=0.5)
     a = cutmix(images, labels, generator=torch.Generator().manual_seed(11))
     b = cutmix(images, labels, generator=torch.Generator().manual_seed(11))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    identity = CutMix(num_classes=5, prob=0.0)
+    identity = BatchMix(5)
     same, targets = identity(images, labels, generator=torch.Generator().manual_seed(0))
     assert torch.equal(same, images) and torch.equal(targets, F.one_hot(labels, 5).float())
     with pytest.raises(UsageError, match="labels"):
@@ -263,10 +267,101 @@ def test_cutmix_is_deterministic_and_prob_zero_is_identity():
 
 def test_cutmix_targets_feed_cross_entropy():
     images, labels = _labelled_batch()
-    _, targets = CutMix(num_classes=5, prob=1.0)(images, labels, generator=torch.Generator().manual_seed(3))
+    _, targets = BatchMix(5, cutmix=1.0)(images, labels, generator=torch.Generator().manual_seed(3))
     logits = torch.randn(6, 5, requires_grad=True)
     loss = F.cross_entropy(logits, targets)
     expected = -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert logits.grad is not None
+
+
+def test_mixup_targets_are_lam_weighted_labels_with_lam_from_the_pixels():
+    images, labels = _labelled_batch()  # image i holds the constant value i, so the pixels give lam away
+    mixup = BatchMix(5, mixup=1.0, mixup_alpha=0.4)
+    lams = []
+    for seed in range(200):
+        mixed, targets = mixup(images, labels, generator=torch.Generator().manual_seed(seed))
+        partner = images.roll(1, dims=0)
+        lam = ((mixed - partner) / (images - partner))[:, 0, 0, 0]  # x = lam x_i + (1 - lam) x_partner
+        torch.testing.assert_close(lam, lam[:1].expand(6))  # one lam per batch
+        torch.testing.assert_close(mixed, lam[0] * images + (1 - lam[0]) * partner)
+        onehot, rolled = F.one_hot(labels, 5).float(), F.one_hot(labels.roll(1), 5).float()
+        torch.testing.assert_close(targets, lam[0] * onehot + (1 - lam[0]) * rolled)
+        torch.testing.assert_close(targets.sum(1), torch.ones(6))
+        lams.append(lam[0].item())
+    # lam ~ Beta(0.4, 0.4): a Kolmogorov-Smirnov test against scipy's Beta CDF
+    assert scipy.stats.kstest(lams, scipy.stats.beta(0.4, 0.4).cdf).pvalue > 0.01
+
+
+def test_cutmix_and_mixup_share_the_batches_by_their_probabilities():
+    images, labels = _labelled_batch()
+    mix = BatchMix(5, cutmix=0.3, cutmix_beta=1.0, mixup=0.5, mixup_alpha=1.0)
+    counts = Counter()
+    draws = 600
+    for seed in range(draws):
+        mixed, targets = mix(images, labels, generator=torch.Generator().manual_seed(seed))
+        pixels = torch.isin(mixed, images)  # CutMix only moves pixels; Mixup blends them
+        if torch.equal(targets, F.one_hot(labels, 5).float()) and torch.equal(mixed, images):
+            counts["none"] += 1
+        elif pixels.all():
+            counts["cutmix"] += 1
+        else:
+            counts["mixup"] += 1
+    for kind, p in (("cutmix", 0.3), ("mixup", 0.5), ("none", 0.2)):
+        sd = (p * (1 - p) / draws) ** 0.5
+        assert abs(counts[kind] / draws - p) < 4 * sd, (kind, counts)
+
+
+@pytest.mark.parametrize(
+    ("augment", "policy", "params"),
+    [
+        (AugmentConfig(auto_augment="cifar10"), v2.AutoAugment, {"policy": v2.AutoAugmentPolicy.CIFAR10}),
+        (AugmentConfig(auto_augment="imagenet"), v2.AutoAugment, {"policy": v2.AutoAugmentPolicy.IMAGENET}),
+        (
+            AugmentConfig(rand_augment=RandAugmentConfig(num_ops=3, magnitude=14)),
+            v2.RandAugment,
+            {"num_ops": 3, "magnitude": 14},
+        ),
+        (AugmentConfig(trivial_augment=True), v2.TrivialAugmentWide, {}),
+    ],
+)
+def test_the_configured_policy_is_torchvisions_on_uint8_before_normalization(augment, policy, params):
+    augment.crop_padding, augment.hflip = 2, True
+    transform = build_transform("cifar10", 32, CIFAR10_MEAN, CIFAR10_STD, augment)
+    kinds = [type(t) for t in transform.transforms]
+    assert kinds == [
+        v2.ToDtype,
+        v2.Resize,
+        v2.RandomCrop,
+        v2.RandomHorizontalFlip,
+        policy,
+        v2.ToDtype,
+        v2.Normalize,
+    ]
+    chosen = transform.transforms[4]
+    assert all(getattr(chosen, key) == value for key, value in params.items())
+    assert transform.transforms[0].dtype == torch.uint8 and transform.transforms[5].dtype == torch.float32
+    # the same draws through torchvision's own transforms composed by hand give the same image
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = transform(image)
+        torch.manual_seed(seed)
+        by_hand = v2.RandomHorizontalFlip()(v2.RandomCrop(32, padding=2)(image))
+        by_hand = type(chosen)(**({"policy": chosen.policy} if policy is v2.AutoAugment else params))(by_hand)
+        expected = _normalize(by_hand.float() / 255, CIFAR10_MEAN, CIFAR10_STD)
+        torch.testing.assert_close(out, expected)
+
+
+def test_a_policy_on_float_digits_and_the_record_rebuilds_it(tmp_path):
+    cfg = DataConfig(name="digits", image_size=16, augment=AugmentConfig(auto_augment="svhn"))
+    train, _, info = build_datasets(cfg, seed=0)
+    image, _ = train[3]
+    assert image.dtype == torch.float32 and image.shape == (3, 16, 16)
+    torch.save({"data": info.record}, tmp_path / "record.pt")
+    record = torch.load(tmp_path / "record.pt", weights_only=True)["data"]
+    rebuilt = dataset_from_record(record, split="train", augment=True)
+    (policy,) = [t for t in rebuilt.transform.transforms if isinstance(t, v2.AutoAugment)]
+    assert policy.policy == v2.AutoAugmentPolicy.SVHN

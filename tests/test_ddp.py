@@ -41,4 +41,4 @@ def test_two_process_gloo_run_completes(tmp_path: Path) -> None:
     _, top1, top5, _ = recompute_metrics(ckpt, expect_images=48)
     assert ckpt["metrics"]["top1"] == pytest.approx(top1, abs=1e-6)
     assert ckpt["metrics"]["top5"] == pytest.approx(top5, abs=1e-6)
-    assert result.stdout.count("| distilled student (AGKD) |") == 1
+    assert result.stdout.count("| distilled student (KD + AGKD) |") == 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
 
 from kernels.attention_map import attention_map, attention_map_reference, resize, resize_reference
 
@@ -68,7 +69,9 @@ def test_reference_gradients_float64():
 
 
 def _compare(features, size, *, p=2, normalize=True):
-    """Triton vs the reference evaluated in fp32 on the same input values: maps and feature gradients."""
+    """Triton vs the reference evaluated in fp32 on the same input values: maps and feature gradients, on
+    the kernel test device (``to`` keeps the memory format)."""
+    features = features.to(KERNEL_DEVICE)
     x = features.detach().clone().requires_grad_(True)
     ref_x = features.detach().float().clone().requires_grad_(True)
     out = attention_map(x, size, p=p, normalize=normalize, impl="triton")
@@ -119,9 +122,9 @@ def test_triton_unnormalized_and_channels_last():
 
 
 def test_all_zero_features_give_zero_map_and_finite_grad():
-    x = torch.zeros(2, 3, 6, 6, requires_grad=True)
+    x = torch.zeros(2, 3, 6, 6, device=KERNEL_DEVICE, requires_grad=True)
     out = attention_map(x, (3, 3), impl="triton")
-    assert torch.equal(out, torch.zeros(2, 3, 3))
+    assert torch.equal(out, torch.zeros(2, 3, 3, device=KERNEL_DEVICE))
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and torch.equal(x.grad, torch.zeros_like(x))
 
@@ -137,7 +140,7 @@ def test_all_zero_features_give_zero_map_and_finite_grad():
     ],
 )
 def test_resize_matches_interpolate(shape, size, dtype):
-    maps = torch.randn(shape, dtype=dtype, requires_grad=True)
+    maps = torch.randn(shape, dtype=dtype, device=KERNEL_DEVICE, requires_grad=True)
     ref_maps = maps.detach().float().requires_grad_(True)
     out = resize(maps, size, impl="triton")
     ref = F.interpolate(ref_maps, size=size, mode="bilinear", align_corners=False)
@@ -151,7 +154,7 @@ def test_resize_matches_interpolate(shape, size, dtype):
 
 
 def test_resize_channels_last_input():
-    maps = torch.randn(2, 3, 8, 6).to(memory_format=torch.channels_last)
+    maps = torch.randn(2, 3, 8, 6, device=KERNEL_DEVICE).to(memory_format=torch.channels_last)
     ref = F.interpolate(maps, size=(5, 9), mode="bilinear", align_corners=False)
     torch.testing.assert_close(resize(maps, (5, 9), impl="triton"), ref, **MAP_TOL)
 
@@ -166,7 +169,12 @@ def test_resize_channels_last_input():
         (lambda: resize(torch.randn(1, 2, 4, 4), (2.0, 3)), "size must be"),
         (lambda: attention_map(torch.randn(1, 2, 4, 4), p=0), "p must be"),
         (lambda: attention_map(torch.ones(1, 2, 4, 4, dtype=torch.int64)), "dtype"),
-        (lambda: attention_map(torch.randn(1, 2, 4, 4, dtype=torch.float64), impl="triton"), "dtype"),
+        (
+            lambda: attention_map(
+                torch.randn(1, 2, 4, 4, dtype=torch.float64, device=KERNEL_DEVICE), impl="triton"
+            ),
+            "dtype",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, message):
@@ -175,15 +183,16 @@ def test_bad_input_raises_value_error(call, message):
 
 
 def test_opcheck_and_compile_without_graph_break():
-    features = torch.randn(2, 3, 6, 5, requires_grad=True)
+    features = torch.randn(2, 3, 6, 5, device=KERNEL_DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.kdfast.attention_map.default, (features, 4, 3, 2.0, True))
     out, norm = torch.ops.kdfast.attention_map(features.detach(), 4, 3, 2.0, True)
-    grad = torch.randn(2, 4, 3)
+    grad = torch.randn(2, 4, 3, device=KERNEL_DEVICE)
     args = (grad, features.detach(), out, norm, 2.0, True)
     torch.library.opcheck(torch.ops.kdfast.attention_map_backward.default, args)
-    maps = torch.randn(1, 2, 5, 4, requires_grad=True)
+    maps = torch.randn(1, 2, 5, 4, device=KERNEL_DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.kdfast.resize.default, (maps, 3, 6))
-    torch.library.opcheck(torch.ops.kdfast.resize_backward.default, (torch.randn(1, 2, 3, 6), 5, 4))
+    grad_maps = torch.randn(1, 2, 3, 6, device=KERNEL_DEVICE)
+    torch.library.opcheck(torch.ops.kdfast.resize_backward.default, (grad_maps, 5, 4))
 
     def loss(f):
         return resize(attention_map(f, (4, 4), impl="triton")[:, None], (3, 3), impl="triton").square().sum()

@@ -4,9 +4,9 @@ the Triton kernels (CPU interpreter here) against the reference, forward and gra
 import warnings
 
 import pytest
-import pytorch_msssim
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICE
 
 from kernels.ssim import (
     _ssim_bwd,
@@ -19,15 +19,17 @@ from kernels.ssim import (
 
 
 def _pair(shape, dtype=torch.float32, noise=0.2, seed=0):
-    """A map and a noisy copy of it, in [0, 1]: SSIM well inside (0, 1) and structure to compare."""
+    """A map and a noisy copy of it, in [0, 1], on the kernel test device: SSIM well inside (0, 1) and
+    structure to compare."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(shape, generator=gen, dtype=torch.float64)
     y = (x + noise * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    return x.to(dtype), y.to(dtype)
+    return x.to(KERNEL_DEVICE, dtype), y.to(KERNEL_DEVICE, dtype)
 
 
 def _msssim(x, y, **kw):
     """pytorch_msssim per sample; it builds its window in fp32, so it agrees with ours to ~1e-7."""
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pytorch_msssim warns when it skips smoothing a short side
         return pytorch_msssim.ssim(x, y, size_average=False, **kw)
@@ -141,7 +143,7 @@ def test_triton_tiled_both_sides_and_student_only_gradient():
 
 def test_triton_per_sample_ssim_gradient():
     x, y = _pair((3, 2, 12, 17))
-    g = torch.randn(3, dtype=torch.float64)
+    g = torch.randn(3, dtype=torch.float64, device=KERNEL_DEVICE)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
     (ssim(xs, ys, window_size=5, impl="triton") * g.float()).sum().backward()
     xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
@@ -198,7 +200,8 @@ def test_opcheck():
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), 3, 1.5, 1.0, 0.01, 0.03, True, 0.5, 0.5)
     torch.library.opcheck(_ssim_fwd, args)
     stats = _ssim_fwd(x, y, *args[2:])[2]
-    torch.library.opcheck(_ssim_bwd, (torch.tensor(1.0), torch.randn(2), x, y, stats, *args[2:]))
+    grads = (torch.tensor(1.0, device=KERNEL_DEVICE), torch.randn(2, device=KERNEL_DEVICE))
+    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:]))
 
 
 def test_compile_fullgraph_has_no_graph_break():
@@ -233,18 +236,23 @@ def test_compile_fullgraph_has_no_graph_break():
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_bad_input_raises_value_error(x_shape, y_shape, kw, match, impl):
     with pytest.raises(ValueError, match=match):
-        ssim_cosine_loss(torch.rand(x_shape), torch.rand(y_shape), impl=impl, **kw)
+        ssim_cosine_loss(
+            torch.rand(x_shape, device=KERNEL_DEVICE),
+            torch.rand(y_shape, device=KERNEL_DEVICE),
+            impl=impl,
+            **kw,
+        )
 
 
 def test_triton_window_limit_on_tiled_sides():
-    x = torch.rand(1, 1, 80, 8)
+    x = torch.rand(1, 1, 80, 8, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="window_size <= 33"):
         ssim(x, x, window_size=35, impl="triton")
     assert ssim(x, x, window_size=35, impl="reference").shape == (1,)
 
 
 def test_bad_dtype_raises_value_error():
-    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         ssim(x, x, impl="triton")
     with pytest.raises(ValueError, match="dtype"):

@@ -1,5 +1,6 @@
 """MTD loss against independent references: full softmax matrices + F.kl_div, hand reshapes, the weighting
-formulas written out, real Taps on small timm ViTs, and config validation through load_config."""
+formulas written out (task 0 the CE alone, uniform weights all 1), real Taps on small timm ViTs, the
+optimizer's no-decay group, and config validation through load_config."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.config import CONFIG_DIR, KDConfig, LossConfig, MTDConfig, MTDPairConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, OptimizerConfig, StageConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.kd import KDConfig
+from kdfast.methods.mtd import MTDConfig, MTDLoss, MTDPairConfig, relation_heads
 from kdfast.models import build_model
-from kdfast.mtd import MTDLoss, relation_heads
 from kdfast.taps import QKV, Taps
+from kdfast.train import make_optimizer, param_groups
 
 B, N, CLASSES = 2, 5, 4
-ALPHA, TAU = 0.3, 2.0
 STUDENT_TAPS = {"s0": TapConfig(path="a", kind="attention"), "s1": TapConfig(path="b", kind="attention")}
 TEACHER_TAPS = {"t0": TapConfig(path="c", kind="attention"), "t1": TapConfig(path="d", kind="attention")}
 PAIRS = [MTDPairConfig(student="s0", teacher="t0"), MTDPairConfig(student="s1", teacher="t1")]
@@ -26,9 +29,7 @@ CONFIG = CONFIG_DIR / "mtd_digits.yaml"
 
 
 def _loss(impl: str = "reference", pairs=PAIRS, **mtd) -> MTDLoss:
-    cfg = LossConfig(
-        method="mtd", kd=KDConfig(alpha=ALPHA, temperature=TAU), mtd=MTDConfig(pairs=pairs, **mtd)
-    )
+    cfg = MTDConfig(pairs=pairs, **mtd)
     return MTDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl=impl)
 
 
@@ -74,11 +75,9 @@ def _logits(seed: int = 1):
     return torch.randn(B, CLASSES, generator=g), torch.randn(B, CLASSES, generator=g), torch.tensor([0, 3])
 
 
-def _supervised(student_logits, teacher_logits, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    kl = F.kl_div(
-        F.log_softmax(student_logits / TAU, 1), F.softmax(teacher_logits / TAU, 1), reduction="batchmean"
-    )
-    return ALPHA * TAU**2 * kl, (1 - ALPHA) * F.cross_entropy(student_logits, targets)
+def _task_loss(student_logits, targets) -> torch.Tensor:
+    """MTD's supervised task L_0: the task loss alone, -mean_b log softmax(z_b)[y_b]."""
+    return -torch.log_softmax(student_logits, 1)[torch.arange(len(targets)), targets].mean()
 
 
 @pytest.mark.parametrize("direction", ["student_teacher", "teacher_student"])
@@ -132,15 +131,15 @@ def test_weighting_total_matches_formula(weighting, granularity):
     logits = _logits()
     total, parts = loss(*logits, student, teacher)
 
-    kd, ce = _supervised(*logits)
+    ce = _task_loss(logits[0], logits[2])
     tasks = _task_losses(student, teacher, granularity)
-    every = torch.cat([(kd + ce).reshape(1), tasks])
+    every = torch.cat([ce.reshape(1), tasks])
     if weighting == "uniform":
-        coefficients = torch.tensor([1.0] + [1 / count] * count)
-        expected = kd + ce + tasks.mean()
+        coefficients = torch.ones(count + 1)
+        expected = ce + tasks.sum()
     elif weighting == "manual":
         coefficients = torch.tensor([1.0, *manual])
-        expected = kd + ce + (torch.tensor(manual) * tasks).sum()
+        expected = ce + (torch.tensor(manual) * tasks).sum()
     elif weighting == "learnable":
         coefficients = torch.exp(set_to) / torch.exp(set_to).sum()
         expected = (coefficients * every).sum()
@@ -148,12 +147,12 @@ def test_weighting_total_matches_formula(weighting, granularity):
         coefficients = 1 / (2 * set_to**2)
         expected = (every / (2 * set_to**2) + torch.log(1 + set_to**2)).sum()
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(parts["kd"], kd, rtol=1e-5, atol=1e-6)
+    assert "kd" not in parts
     torch.testing.assert_close(parts["ce"], ce, rtol=1e-5, atol=1e-6)
     cads, vrs = zip(*(_explicit_terms(student[p.student], teacher[p.teacher]) for p in PAIRS), strict=True)
     torch.testing.assert_close(parts["cad"], sum(cads), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts["vr"], sum(vrs), rtol=1e-5, atol=1e-6)
-    supervised_share = coefficients[0] * (kd + ce)
+    supervised_share = coefficients[0] * ce
     if weighting == "uncertainty":
         supervised_share = supervised_share + math.log(1 + set_to[0].item() ** 2)
     torch.testing.assert_close(parts["total_distill"], expected - supervised_share, rtol=1e-5, atol=1e-6)
@@ -216,9 +215,9 @@ def test_check_rejects_taps_that_cannot_be_matched():
 
 
 def test_constructor_rejects_bad_pairs_and_manual_weights():
-    with pytest.raises(UsageError, match="manual_weights needs 4 values"):
+    with pytest.raises(ConfigError, match="loss.mtd.manual_weights with 4 values"):
         _loss(weighting="manual", manual_weights=[1.0])
-    with pytest.raises(UsageError, match="teacher tap 'nope'"):
+    with pytest.raises(ConfigError, match="loss.mtd.pairs\\[0\\].teacher names no teacher tap 'nope'"):
         _loss(pairs=[MTDPairConfig(student="s0", teacher="nope")])
 
 
@@ -246,8 +245,9 @@ def test_mtd_loss_end_to_end_on_timm_vits():
     }
     teacher = Taps(_tiny_vit(3, 48, 3), teacher_taps).eval()
     student = Taps(_tiny_vit(2, 32, 2), student_taps)
-    cfg = LossConfig(method="mtd", mtd=MTDConfig(pairs=PAIRS, relation_heads=4))
-    loss = MTDLoss(cfg, student_taps, teacher_taps, kernels_impl="reference")
+    loss = MTDLoss(
+        MTDConfig(pairs=PAIRS, relation_heads=4), student_taps, teacher_taps, kernels_impl="reference"
+    )
     images, targets = torch.randn(B, 3, 16, 16), torch.tensor([0, 2])
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
@@ -265,18 +265,99 @@ def test_mtd_loss_end_to_end_on_timm_vits():
 
 def test_mtd_digits_config_loads_and_its_models_match():
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "mtd" and cfg.loss.mtd.weighting == "uncertainty"
+    section = cfg.loss.sections["mtd"]
+    assert (
+        cfg.loss.method == ["mtd"] and section.weighting == "uncertainty" and section.relation_heads is None
+    )
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
-    assert teacher.model.blocks[0].attn.num_heads != student.model.blocks[0].attn.num_heads
-    loss = MTDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    # each model's own attention: the same head count, different head widths (32 and 24)
+    assert teacher.model.blocks[0].attn.num_heads == student.model.blocks[0].attn.num_heads == 4
+    loss = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
     student_logits, student_out = student(images)
     loss.check(student_out, teacher_out)
-    total, _ = loss(student_logits, teacher_logits, torch.tensor([1, 7]), student_out, teacher_out)
-    assert torch.isfinite(total)
+    labels = torch.tensor([1, 7])
+    total, parts = loss(student_logits, teacher_logits, labels, student_out, teacher_out)
+    # uncertainty weighting with w = 1 at the start over L_0 = CE and CAD, VR of both layer pairs
+    relations = [
+        term
+        for s, t in (("s0", "t1"), ("s1", "t3"))
+        for term in _explicit_terms(student_out[s], teacher_out[t])
+    ]
+    expected = sum(task / 2 + math.log(2) for task in [_task_loss(student_logits, labels), *relations])
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    assert "ce" not in parts  # MTD computes the supervised term; the run adds none
+    torch.testing.assert_close(parts["mtd"], total)
+
+
+def test_uniform_weighting_gives_every_task_weight_one():
+    loss = _loss(weighting="uniform")
+    student, teacher = _taps()
+    logits = _logits()
+    total, parts = loss(*logits, student, teacher)
+    weights = [parts["w_supervised"], *(parts[f"w_{name}"] for name in loss.tasks)]
+    assert len(weights) == 5 and all(w.item() == 1.0 for w in weights)
+    cad_vr = [term for p in PAIRS for term in _explicit_terms(student[p.student], teacher[p.teacher])]
+    torch.testing.assert_close(total, _task_loss(logits[0], logits[2]) + sum(cad_vr), rtol=1e-5, atol=1e-6)
+
+
+def test_logit_kd_is_a_separate_composable_term():
+    """[kd, mtd]: kd's weight * tau^2 KL beside MTD's weighted tasks (uniform: CE + CAD + VR), not in L_0."""
+    cfg = LossConfig(
+        method=["kd", "mtd"],
+        sections={
+            "kd": KDConfig(weight=0.5, temperature=2.0),
+            "mtd": MTDConfig(pairs=PAIRS, weighting="uniform"),
+        },
+    )
+    loss = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
+    student, teacher = _taps()
+    student_logits, teacher_logits, targets = _logits()
+    total, parts = loss(student_logits, teacher_logits, targets, student, teacher)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / 2, 1), F.softmax(teacher_logits / 2, 1), reduction="batchmean"
+    )
+    cad_vr = [term for p in PAIRS for term in _explicit_terms(student[p.student], teacher[p.teacher])]
+    mtd = _task_loss(student_logits, targets) + sum(cad_vr)
+    torch.testing.assert_close(parts["kd"], 0.5 * 4.0 * kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, 0.5 * 4.0 * kl + mtd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weighting", "name"), [("uncertainty", "task_w"), ("learnable", "task_logits")])
+def test_the_no_decay_group_holds_exactly_the_task_weights(weighting, name):
+    cfg = LossConfig(method=["mtd"], sections={"mtd": MTDConfig(pairs=PAIRS, weighting=weighting)})
+    loss = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    stage = StageConfig(optimizer=OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5))
+    optimizer = make_optimizer(param_groups(model, loss), stage, torch.device("cpu"))
+    decayed, free = optimizer.param_groups
+    task_weights = getattr(loss.members["mtd"], name)
+    assert free["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.5
+    assert [id(p) for p in free["params"]] == [id(task_weights)]
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in model.parameters()}
+    # a step with zero gradients: AdamW decays the model's weights by lr * wd and leaves the task weights
+    before = task_weights.detach().clone(), model[0].weight.detach().clone()
+    for p in [*model.parameters(), task_weights]:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(task_weights.detach(), before[0])
+    torch.testing.assert_close(model[0].weight.detach(), before[1] * (1 - 0.1 * 0.5))
+
+
+def test_fixed_weightings_leave_one_optimizer_group():
+    loss = CompositeLoss(
+        LossConfig(
+            method=["mtd"],
+            sections={"mtd": MTDConfig(pairs=PAIRS, weighting="manual", manual_weights=[1.0] * 4)},
+        ),
+        STUDENT_TAPS,
+        TEACHER_TAPS,
+    )
+    assert loss.no_weight_decay() == set()
+    assert len(param_groups(nn.Linear(2, 2), loss)) == 1
 
 
 @pytest.mark.parametrize(
@@ -291,6 +372,7 @@ def test_mtd_digits_config_loads_and_its_models_match():
         ("loss.mtd.weighting=manual", "manual_weights with 4 values"),
         ("loss.mtd.relation_heads=0", "relation_heads' must be > 0"),
         ("loss.mtd.granularity=block", "loss.mtd.granularity"),
+        ("loss.mtd.alpha=0.5", "unknown config key 'loss.mtd.alpha'"),
     ],
 )
 def test_mtd_config_validation(override, message):
@@ -302,4 +384,26 @@ def test_manual_weights_per_layer_count_through_config():
     cfg = load_config(
         CONFIG, ["loss.mtd.weighting=manual", "loss.mtd.granularity=layer", "loss.mtd.manual_weights=[1, 2]"]
     )
-    assert cfg.loss.mtd.manual_weights == [1.0, 2.0]
+    assert cfg.loss.sections["mtd"].manual_weights == [1.0, 2.0]
+
+
+def test_deit_paper_config_distills_every_block_as_25_tasks_on_the_teachers_own_heads(tmp_path):
+    weights = tmp_path / "deit_b.pth"
+    weights.write_bytes(b"stand-in: load_config only checks that the file exists")
+    cfg = load_config(
+        CONFIG_DIR / "mtd_deit_b_to_deit_s_imagenet.yaml",
+        [f"data.root={tmp_path}", f"teacher.weights={weights}"],
+    )
+    section = cfg.loss.sections["mtd"]
+    assert cfg.loss.method == ["mtd"] and section.weighting == "uncertainty"
+    assert [(p.student, p.teacher) for p in section.pairs] == [(f"s{i}", f"t{i}") for i in range(12)]
+    loss = MTDLoss(section, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    assert len(loss.tasks) + 1 == 25 and loss.task_w.shape == (25,)  # the paper's "25D"
+    # DeiT-B's Q (12 heads x 64) re-split into 12 relation heads is DeiT-B's own heads; DeiT-S's 6 x 64
+    # becomes 12 slices of 32
+    q_teacher, q_student = torch.randn(2, 12, 197, 64), torch.randn(2, 6, 197, 64)
+    assert torch.equal(relation_heads(q_teacher, section.relation_heads), q_teacher)
+    assert relation_heads(q_student, section.relation_heads).shape == (2, 12, 197, 32)
+    assert (
+        cfg.data.augment.rand_augment is not None and cfg.data.augment.cutmix + cfg.data.augment.mixup == 1.0
+    )

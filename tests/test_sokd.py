@@ -1,7 +1,9 @@
-"""SoKD loss against independent references: each DAFA operation and the sampling written out by hand, the
-consistency, DAM and masked losses computed with explicit loops and torch.nn.functional, the search / frozen
-schedule of DAFA and its separation from the student optimizer, gradient flow, check() errors, config
-validation through load_config, and real Taps on hybrid_teacher_small and edge_cnn."""
+"""SoKD loss against independent references written in the test from the paper's equations: each DAFA
+operation and eq. 10's straight-through rule by hand, DAM's decoded areas (eq. 13) from a known heatmap,
+size and offset against boxes decoded by hand, L_D (eq. 12) and L_DA (eq. 14) with explicit loops and
+torch.nn.functional, the target s(F^t) during and after the search, the search length, DAFA's training
+and its separation from the student optimizer, gradient flow, check() errors, config validation through
+load_config, and real Taps on hybrid_teacher_small and edge_cnn."""
 
 from __future__ import annotations
 
@@ -9,24 +11,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfast.config import CONFIG_DIR, KDConfig, LossConfig, SoKDConfig, TapConfig, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
-from kdfast.models import build_model
-from kdfast.sokd import (
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.kd import KDConfig
+from kdfast.methods.sokd import (
     DAFA,
     OPS,
+    SoKDConfig,
     SoKDLoss,
+    area_feature_loss,
     blur_op,
     channel_drop_op,
     consistency_loss,
+    dam_alignment,
+    decode_areas,
     hard_relaxed_bernoulli,
-    masked_feature_loss,
-    mutual_interest_mask,
     noise_op,
     scale_op,
+    search_length,
     shift_op,
-    straight_through_magnitude,
+    straight_through_op,
 )
+from kdfast.models import build_model
 from kdfast.taps import Taps
 
 B, CS, CT, CLASSES = 2, 3, 5, 4
@@ -36,12 +43,9 @@ CONFIG = CONFIG_DIR / "sokd_digits.yaml"
 
 
 def _loss(**sokd) -> SoKDLoss:
-    cfg = LossConfig(
-        method="sokd",
-        kd=KDConfig(alpha=0.5, temperature=2.0),
-        sokd=SoKDConfig(student="s", teacher="t", **sokd),
+    return SoKDLoss(
+        SoKDConfig(student="s", teacher="t", **sokd), STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference"
     )
-    return SoKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
 def _taps(seed: int = 0, batch: int = B, student_channels: int = CS, teacher_side: int = 4):
@@ -63,11 +67,11 @@ def test_each_operation_against_hand_computation():
     assert torch.allclose(scale_op(x, m, z), x * 1.3)
     assert torch.allclose(noise_op(x, m, z), x + 0.6)
     u = torch.ones_like(x)
-    u[0, 1], u[1, 0] = 0.2, 0.4  # channel 1 of sample 0 and channel 0 of sample 1 are attenuated
+    u[0, 1], u[1, 0] = 0.2, 0.25  # below m = 0.3: channel 1 of sample 0 and channel 0 of sample 1 are masked
     expected = x.clone()
-    expected[0, 1] *= 0.7
-    expected[1, 0] *= 0.7
-    assert torch.allclose(channel_drop_op(x, m, u), expected)
+    expected[0, 1] = 0
+    expected[1, 0] = 0
+    assert torch.equal(channel_drop_op(x, m, u), expected)
     blurred = torch.empty_like(x)
     for y in range(3):
         for xx in range(3):
@@ -81,20 +85,20 @@ def test_each_operation_against_hand_computation():
     assert torch.allclose(shift_op(x, m, u), 0.7 * x + 0.3 * shifted)
 
 
-def test_every_operation_gives_its_magnitude_a_gradient():
-    x = torch.randn(2, 3, 4, 4)
-    for op in OPS:
-        m = torch.tensor(0.4, requires_grad=True)
-        op(x, m, torch.rand_like(x) * 0.9 + 0.05).square().sum().backward()
-        assert m.grad is not None and m.grad.abs() > 0, op.__name__
-
-
-def test_straight_through_magnitude_rounds_forward_and_passes_gradient():
-    raw = torch.tensor([0.234, 0.96, 1.7, -0.2], requires_grad=True)
-    m = straight_through_magnitude(raw)
-    assert torch.allclose(m, torch.tensor([0.2, 1.0, 1.0, 0.0]))
-    (m * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
-    assert torch.allclose(raw.grad, torch.tensor([1.0, 2.0, 0.0, 0.0]))  # clamp blocks outside [0, 1]
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.__name__)
+def test_straight_through_op_has_the_ops_value_and_df_dm_one(op):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    draw = torch.rand(2, 3, 4, 4, generator=g)
+    upstream = torch.randn(2, 3, 4, 4, generator=g)
+    m = torch.tensor(0.4, requires_grad=True)
+    out = straight_through_op(op, x, m, draw)
+    torch.testing.assert_close(out, op(x.detach(), torch.tensor(0.4), draw))
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(m.grad, upstream.sum())  # eq. 10: dF/dm = 1 for every element
+    x_ref = x.detach().clone().requires_grad_(True)
+    (op(x_ref, torch.tensor(0.4), draw) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)  # the operation's own gradient with respect to x
 
 
 def test_relaxed_bernoulli_is_hard_forward_with_the_soft_gradient():
@@ -107,7 +111,7 @@ def test_relaxed_bernoulli_is_hard_forward_with_the_soft_gradient():
     assert torch.allclose(logits.grad, soft * (1 - soft) / 0.5)
 
 
-def test_dafa_sample_applies_one_policy_and_reaches_all_logits_and_magnitudes():
+def test_dafa_search_sample_applies_one_policy_and_reaches_all_logits_and_magnitudes():
     torch.manual_seed(0)
     dafa = DAFA(sub_policies=4, ops_per_policy=2, temperature=0.5)
     assert sorted({i for ops in dafa.policy_ops for i in ops}) == list(range(len(OPS)))
@@ -116,11 +120,10 @@ def test_dafa_sample_applies_one_policy_and_reaches_all_logits_and_magnitudes():
         dafa.magnitudes.fill_(0.5)
     x = torch.randn(2, 3, 4, 4)
     torch.manual_seed(3)
-    out = dafa.train()(x)
+    out = dafa.train()(x, True)
     torch.manual_seed(3)
-    policy = int(F.gumbel_softmax(dafa.policy_logits.detach(), tau=0.5, hard=True).argmax())
-    torch.rand(4, 2)  # the gate uniforms: consumed in forward's order so the draws below are the same
     draws = [torch.randn_like(x) if op is noise_op else torch.rand_like(x) for op in OPS]
+    policy = int(F.gumbel_softmax(dafa.policy_logits.detach(), tau=0.5, hard=True).argmax())
     expected = x
     for op_index in dafa.policy_ops[policy]:
         expected = OPS[op_index](expected, torch.tensor(0.5), draws[op_index])
@@ -128,7 +131,41 @@ def test_dafa_sample_applies_one_policy_and_reaches_all_logits_and_magnitudes():
     out.square().sum().backward()
     assert (dafa.policy_logits.grad != 0).all()
     assert dafa.magnitudes.grad[policy].abs().min() > 0 and dafa.magnitudes.grad.sum(1).count_nonzero() == 1
-    assert torch.equal(dafa.eval()(x), x)
+    assert torch.equal(dafa.eval()(x, True), x)
+
+
+def _searched(dafa: DAFA) -> DAFA:
+    """Policy 2 (shift, then scale) the argmax, its first gate always open and its second never."""
+    with torch.no_grad():
+        dafa.policy_logits.copy_(torch.tensor([0.4, -0.2, 0.9, 0.1]))
+        dafa.op_logits[2] = torch.tensor([30.0, -30.0])
+        dafa.magnitudes[2] = torch.tensor([0.3, 0.8])
+    return dafa
+
+
+def test_dafa_after_search_applies_the_argmax_policy_with_its_learned_probabilities():
+    dafa = _searched(DAFA(sub_policies=4, ops_per_policy=2, temperature=0.5)).train()
+    assert dafa.policy_ops[2] == (4, 0)  # shift, scale
+    x = torch.randn(2, 3, 4, 4)
+    expected = 0.7 * x + 0.3 * torch.roll(x, shifts=(1, 1), dims=(2, 3))  # shift at 0.3; scale's gate shut
+    for seed in range(5):  # no sub-policy is sampled: the same output whatever the random state
+        torch.manual_seed(seed)
+        torch.testing.assert_close(dafa(x, False), expected)
+    with torch.no_grad():
+        dafa.op_logits[2] = torch.tensor([0.0, 0.0])  # each gate open with probability 0.5
+    torch.manual_seed(0)
+    open_first = torch.stack([(dafa(x, False) - x).abs().sum() > 0 for _ in range(400)]).float().mean()
+    assert abs(open_first.item() - 0.75) < 0.07  # at least one of two p = 0.5 gates open: 0.75, std 0.022
+
+
+def test_search_length_is_the_papers_20_of_240_scaled_to_the_run():
+    assert search_length(None, 240) == 20
+    assert search_length(None, 120) == 10 and search_length(None, 200) == 17
+    assert search_length(None, 10) == 1 and search_length(None, 3) == 1  # at least one epoch
+    assert search_length(5, 240) == 5 and search_length(0, 240) == 0
+    loss = _loss()
+    loss.check(*_taps())
+    assert [loss.start_epoch(e, 24) or loss.searching for e in range(4)] == [True, True, False, False]
 
 
 def test_consistency_loss_formula():
@@ -136,59 +173,129 @@ def test_consistency_loss_formula():
     assert torch.isclose(consistency_loss(a, b), torch.tensor(0.5 * (1 + 4 + 4 + 16) / 4))
 
 
-def test_mask_and_masked_loss_against_hand_computation():
-    student_heat = torch.tensor([[[[4.0, -4.0], [0.0, 4.0]]]])
-    teacher_heat = torch.tensor([[[[4.0, 4.0], [0.0, -4.0]]]])
-    mask = mutual_interest_mask(student_heat, teacher_heat)  # k = 1 of 4: only (0, 0) is hot in both
-    assert torch.equal(mask, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
-    target, student = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
-    student[0, :, 0, 0] = torch.tensor([3.0, 5.0])
-    assert torch.isclose(masked_feature_loss(target, student, mask), torch.tensor((9 + 25) / (2 * 2 * 1)))
+def _cones(height: int, width: int, tips: list[tuple[int, int, float]]) -> torch.Tensor:
+    """A (1, 1, H, W) heatmap of logits max over tips of (top - distance to the tip): its only local maxima
+    are the tips."""
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    cones = [top - ((ys - y) ** 2 + (xs - x) ** 2).sqrt() for y, x, top in tips]
+    return torch.stack(cones).amax(0)[None, None]
 
 
-def test_forward_parts_match_explicit_terms_and_head_shapes():
+def test_dam_decodes_the_areas_of_a_known_heatmap_size_and_offset():
+    heatmap = _cones(6, 7, [(1, 1, 4.0), (4, 5, 3.0)])
+    size, offset = torch.zeros(1, 2, 6, 7), torch.zeros(1, 2, 6, 7)
+    size[0, :, 1, 1], offset[0, :, 1, 1] = torch.tensor([2.0, 3.0]), torch.tensor([0.5, 0.25])
+    size[0, :, 4, 5], offset[0, :, 4, 5] = torch.tensor([1.0, 0.5]), torch.tensor([-0.5, 0.0])
+    masks = decode_areas(heatmap, size, offset, areas=3)
+    assert masks.shape == (1, 3, 6, 7)
+    # by hand: peak (1, 1), the higher: centre (1.5, 1.25); x in [0.5, 2.5], y in [-0.25, 2.75] clipped
+    # to [0, 2.75]: columns 0..2, rows 0..2
+    first = torch.zeros(6, 7)
+    first[0:3, 0:3] = 1
+    # peak (4, 5): centre (4.5, 4.0); x in [4.0, 5.0], y in [3.75, 4.25]: columns 4..5, rows 3..4
+    second = torch.zeros(6, 7)
+    second[3:5, 4:6] = 1
+    assert torch.equal(masks[0, 0], first) and torch.equal(masks[0, 1], second)
+    assert masks[0, 2].sum() == 0  # two peaks only: the third area is empty
+    size[0, :, 4, 5] = torch.tensor([-3.0, 40.0])  # negative width: one column; huge height: clipped
+    masks = decode_areas(heatmap, size, offset, areas=2)
+    second = torch.zeros(6, 7)
+    second[:, 4] = 1
+    assert torch.equal(masks[0, 1], second)
+    assert decode_areas(heatmap, size, offset, areas=1).sum() == first.sum()  # the highest peak only
+
+
+def test_l_d_and_l_da_by_hand():
+    g = torch.Generator().manual_seed(0)
+    student = tuple(torch.randn(2, c, 3, 3, generator=g) for c in (1, 2, 2))
+    teacher = tuple(torch.randn(2, c, 3, 3, generator=g) for c in (1, 2, 2))
+    by_hand = sum(((s - t) ** 2).sum() / s.numel() for s, t in zip(student, teacher, strict=True))
+    torch.testing.assert_close(dam_alignment(student, teacher), by_hand)
+    target, feature = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    masks = torch.zeros(2, 2, 3, 3)
+    masks[0, 0, 0:2, 0:2] = 1
+    masks[0, 1, 1:3, 1:3] = 1  # overlaps the first at (1, 1): counted twice
+    masks[1, 0, 2, :] = 1
+    total = 0.0
+    for b in range(2):
+        for p in range(2):
+            total += ((masks[b, p] * feature[b] - masks[b, p] * target[b]) ** 2).sum()
+    torch.testing.assert_close(area_feature_loss(target, feature, masks), total / feature.numel())
+
+
+def test_forward_parts_match_explicit_terms_and_compose_with_kd():
+    # [kd, sokd] with ce = 0.5 and kd.weight = 0.5: 0.5 tau^2 KL + 0.5 CE + alpha L_D + beta L_DA
     torch.manual_seed(0)
-    loss = _loss(alpha=0.7, beta=0.3)
+    cfg = LossConfig(
+        method=["kd", "sokd"],
+        ce=0.5,
+        sections={
+            "kd": KDConfig(weight=0.5, temperature=2.0),
+            "sokd": SoKDConfig(student="s", teacher="t", alpha=0.7, beta=0.3, areas=3),
+        },
+    )
+    composite = CompositeLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
     student_taps, teacher_taps = _taps(teacher_side=8)
-    loss.check(student_taps, teacher_taps)
-    loss.eval()  # DAFA is the identity in eval, so the target is the resized teacher feature
+    composite.check(student_taps, teacher_taps)
+    composite.eval()  # DAFA is the identity in eval, so the target is the resized teacher feature
+    loss = composite.members["sokd"]
     student_logits, teacher_logits = _logits()
     targets = torch.tensor([0, 3])
-    total, parts = loss(student_logits, teacher_logits, targets, student_taps, teacher_taps)
+    total, parts = composite(student_logits, teacher_logits, targets, student_taps, teacher_taps)
     f_s = F.conv2d(student_taps["s"], loss.adapter.weight, loss.adapter.bias)
     f_t = F.interpolate(teacher_taps["t"], size=(4, 4), mode="bilinear", align_corners=False)
     heads_s, heads_t = loss.head(f_s), loss.head(f_t)
     assert [h.shape for h in heads_s] == [(B, 1, 4, 4), (B, 2, 4, 4), (B, 2, 4, 4)]
-    l_d = (
-        F.mse_loss(heads_s[0].sigmoid(), heads_t[0].sigmoid())
-        + (heads_s[1] - heads_t[1]).abs().mean()
-        + (heads_s[2] - heads_t[2]).abs().mean()
-    )
-    score = (heads_s[0].sigmoid() * heads_t[0].sigmoid()).flatten(1)
-    l_da = 0.0
-    for b in range(B):
-        top = score[b].argsort(descending=True)[:4]  # a quarter of 16
-        diff = (f_t[b] - f_s[b]).flatten(1)[:, top]
-        l_da = l_da + diff.square().sum()
-    l_da = l_da / (2 * CT * 4 * B)
+    l_d = sum(F.mse_loss(s, t) for s, t in zip(heads_s, heads_t, strict=True))
+    masks = decode_areas(*heads_s, areas=3)
+    l_da = sum(((masks[:, p : p + 1] * (f_s - f_t)) ** 2).sum() for p in range(3)) / f_s.numel()
     kd = F.kl_div(
         F.log_softmax(student_logits / 2, 1), F.softmax(teacher_logits / 2, 1), reduction="batchmean"
     )
-    assert torch.isclose(parts["kd"], 0.5 * 4 * kd, atol=1e-6)
-    assert torch.isclose(parts["ce"], 0.5 * F.cross_entropy(student_logits, targets))
-    assert torch.isclose(parts["feat"], 0.5 * F.mse_loss(f_s, f_t))
-    assert torch.isclose(parts["dam"], 0.7 * l_d + 0.3 * l_da, atol=1e-6)
-    assert torch.isclose(parts["dafa"], parts["feat"])
-    assert torch.isclose(total, parts["kd"] + parts["ce"] + parts["feat"] + parts["dam"])
+    assert set(parts) == {"ce", "kd", "sokd", "sokd/dam", "sokd/areas", "sokd/aug"}
+    torch.testing.assert_close(parts["sokd/dam"], 0.7 * l_d)
+    torch.testing.assert_close(parts["sokd/areas"], 0.3 * l_da)
+    torch.testing.assert_close(parts["sokd/aug"], 0.5 * F.mse_loss(f_s, f_t))
+    torch.testing.assert_close(parts["sokd"], 0.7 * l_d + 0.3 * l_da)
+    reference = 0.5 * 4 * kd + 0.5 * F.cross_entropy(student_logits, targets) + 0.7 * l_d + 0.3 * l_da
+    torch.testing.assert_close(total, reference)
     ((student_map, teacher_map),) = loss.maps(student_taps, teacher_taps)
     assert torch.allclose(student_map, heads_s[0].sigmoid()[:, 0]) and teacher_map.shape == (B, 4, 4)
 
 
+@pytest.mark.parametrize("searching", [True, False])
+def test_the_student_and_the_teacher_branch_see_s_of_f_t_during_and_after_the_search(searching):
+    loss = _loss(alpha=0.6, beta=1.7, areas=2, feature_weight=0.4, search_epochs=1, sub_policies=4)
+    student_taps, teacher_taps = _taps()
+    loss.check(student_taps, teacher_taps)
+    dafa = _searched(loss.dafa)
+    if searching:  # the Gumbel sample picks policy 2 whatever the noise
+        with torch.no_grad():
+            dafa.policy_logits[2] = 200.0
+            dafa.op_logits[2, 1] = -200.0
+    loss.train()
+    loss.start_epoch(0 if searching else 1, 10)
+    assert loss.searching is searching
+    _, parts = loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
+    with torch.no_grad():
+        f_s = F.conv2d(student_taps["s"], loss.adapter.weight, loss.adapter.bias)
+        f_t = teacher_taps["t"]
+        target = 0.7 * f_t + 0.3 * torch.roll(f_t, shifts=(1, 1), dims=(2, 3))  # s(F^t), policy 2
+        heads_s, heads_t = loss.head(f_s), loss.head(target)
+    l_d = sum(F.mse_loss(s, t) for s, t in zip(heads_s, heads_t, strict=True))
+    masks = decode_areas(*heads_s, areas=2)
+    l_da = sum(((masks[:, p : p + 1] * (f_s - target)) ** 2).sum() for p in range(2)) / f_s.numel()
+    torch.testing.assert_close(parts["dam"], 0.6 * l_d)
+    torch.testing.assert_close(parts["areas"], 1.7 * l_da)
+    torch.testing.assert_close(parts["feat"], 0.4 * 0.5 * F.mse_loss(f_s, target))  # kdfast's option
+
+
 def test_gradients_reach_student_adapter_and_head_not_teacher_or_dafa():
-    loss = _loss()
+    loss = _loss(feature_weight=1.0)
     student_taps, teacher_taps = _taps()
     loss.check(student_taps, teacher_taps)
     loss.train()
+    loss.start_epoch(0, 10)
     total, _ = loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
     total.backward()
     assert student_taps["s"].grad.abs().sum() > 0 and loss.adapter.weight.grad.abs().sum() > 0
@@ -209,22 +316,17 @@ def test_dafa_trains_in_search_epochs_and_is_frozen_after():
     loss.train()
     student_params = [p for p in loss.parameters() if p.requires_grad]
     assert not any(p is q for p in loss.dafa.parameters() for q in student_params)
-    loss.start_epoch(0)
+    loss.start_epoch(0, 5)
     before = _dafa_params(loss)
-    _, parts = loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
-    with torch.no_grad():
-        f_s = F.conv2d(student_taps["s"], loss.adapter.weight, loss.adapter.bias)
-    assert torch.isclose(parts["feat"], 0.5 * F.mse_loss(f_s, teacher_taps["t"]))  # searching: target f_t
+    loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
     loss.after_step()
     searched = _dafa_params(loss)
     assert not torch.equal(before, searched)
-    loss.start_epoch(1)
+    loss.start_epoch(1, 5)
     for _ in range(2):
-        _, parts = loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
+        loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
         loss.after_step()
     assert torch.equal(_dafa_params(loss), searched)
-    # frozen: the feature target is the augmented teacher feature, so feat equals the consistency loss
-    assert torch.isclose(parts["feat"], parts["dafa"])
     restored = _loss(search_epochs=1, search_lr=0.05)
     restored.check(student_taps, teacher_taps)
     restored.load_state_dict(loss.state_dict())
@@ -246,19 +348,22 @@ def test_check_rejects_taps_that_cannot_be_matched():
         loss.check(*_taps(student_channels=CS + 1))
     with pytest.raises(UsageError, match="teacher tap 't' gave nothing"):
         loss.check(_taps()[0], {})
-    with pytest.raises(UsageError, match="must be a feature tap"):
-        SoKDLoss(
-            LossConfig(method="sokd", sokd=SoKDConfig(student="x", teacher="t")), STUDENT_TAPS, TEACHER_TAPS
-        )
+    with pytest.raises(
+        ConfigError, match="loss.sokd.student names no student tap 'x': valid student taps: s"
+    ):
+        SoKDLoss(SoKDConfig(student="x", teacher="t"), STUDENT_TAPS, TEACHER_TAPS)
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("loss.sokd.student=nope", "loss.sokd.student names no student tap 'nope'"),
-        ("teacher.taps.vgg.kind=attention", "loss.sokd.teacher: tap 'vgg' must have kind 'feature'"),
+        ("teacher.taps.vgg.kind=attention", "loss.sokd.teacher: teacher tap 'vgg' must have kind 'feature'"),
         ("loss.sokd.sub_policies=0", "sub_policies"),
         ("loss.sokd.temperature=-1", "temperature"),
+        ("loss.sokd.areas=0", "areas"),
+        ("loss.sokd.search_epochs=-1", "search_epochs"),
+        ("loss.sokd.feature_weight=-0.5", "feature_weight"),
     ],
 )
 def test_sokd_config_validation(override, message):
@@ -269,10 +374,11 @@ def test_sokd_config_validation(override, message):
 def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
     torch.manual_seed(0)
     cfg = load_config(CONFIG)
-    assert cfg.loss.method == "sokd" and cfg.loss.sokd.search_epochs == 1
+    sokd = cfg.loss.sections["sokd"]
+    assert cfg.loss.method == ["kd", "sokd"] and sokd.search_epochs is None and sokd.feature_weight == 0
     teacher = Taps(build_model(cfg.teacher.arch, num_classes=10), cfg.teacher.taps).eval()
     student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)
-    loss = SoKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     images, targets = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
@@ -283,10 +389,11 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
     params = [p for m in (student, loss) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     for epoch in range(2):
-        loss.start_epoch(epoch)
+        loss.start_epoch(epoch, cfg.student.train.epochs)
         student_logits, student_out = student(images)
         total, parts = loss(student_logits, teacher_logits, targets, student_out, teacher_out)
-        assert torch.isfinite(total) and set(parts) == {"kd", "ce", "feat", "dam", "dafa"}
+        assert torch.isfinite(total)
+        assert set(parts) == {"ce", "kd", "sokd", "sokd/dam", "sokd/areas", "sokd/aug"}
         optimizer.zero_grad()
         total.backward()
         assert all(p.grad is None for p in teacher.parameters())
@@ -294,3 +401,16 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
         loss.after_step()
     maps = loss.maps(student_out, teacher_out)
     assert maps[0][0].shape == maps[0][1].shape == (2, 8, 8)
+
+
+def test_benchmark_config_is_the_papers_plug_in_setting_with_its_stand_in_base(tmp_path):
+    path = CONFIG_DIR / "benchmarks" / "cifar100" / "sokd" / "resnet32x4_resnet8x4.yaml"
+    weights = tmp_path / "resnet32x4.pth"
+    weights.touch()
+    cfg = load_config(path, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
+    sokd = cfg.loss.sections["sokd"]
+    assert cfg.loss.method == ["sokd"] and cfg.loss.ce_weight() == 1.0
+    assert (cfg.teacher.arch.name, cfg.student.arch.name) == ("resnet32x4", "resnet8x4")
+    assert cfg.teacher.taps["hint"].path == cfg.student.taps["hint"].path == "layer2"
+    assert search_length(sokd.search_epochs, cfg.student.train.epochs) == 20  # the paper's 20 of 240
+    assert sokd.feature_weight == 200.0  # FitNet's hint (100 x MSE) until a base method is registered

@@ -9,7 +9,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from kdfast.config import CONFIG_DIR, TapConfig, load_config
 from kdfast.errors import ConfigError
-from kdfast.losses import AGKDLoss
+from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
 from kdfast.taps import QKV, Taps
 
@@ -171,12 +171,12 @@ def test_shipped_config_taps_fit_their_models(config, size, shapes, tmp_path):
         _, student = Taps(build_model(cfg.student.arch, num_classes=10), cfg.student.taps)(
             torch.empty(2, 3, size, size)
         )
-        loss_fn = AGKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
+        loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
         loss_fn.check(student, teacher)
         maps = loss_fn.maps(student, teacher)
     got = {"vgg": teacher["vgg"].shape, "vit": teacher["vit"].q.shape, "mid": student["mid"].shape}
     assert got == shapes
-    grid = cfg.loss.attention.grid
+    grid = cfg.loss.sections["agkd"].grid
     assert [(s.shape, t.shape) for s, t in maps] == [((2, grid, grid), (2, grid, grid))]
 
 

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import torchvision
 
 from export.onnx_export import INPUT_NAME, export_onnx
-from kdfast.config import CONFIG_DIR, LossConfig, TITNConfig, load_config
+from kdfast.config import CONFIG_DIR, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.titn import TITNConfig, TITNLoss
 from kdfast.models import build_model
 from kdfast.models.tnt import TNTDistilled
 from kdfast.taps import Taps
-from kdfast.titn import TITNLoss
 from kdfast.train import distill_step
 
 CLASSES = 10
@@ -36,7 +37,7 @@ def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 def _loss(alpha: float = 0.5) -> TITNLoss:
-    return TITNLoss(LossConfig(method="titn", titn=TITNConfig(alpha=alpha)), {}, {})
+    return TITNLoss(TITNConfig(alpha=alpha))
 
 
 def test_forward_shapes_and_registered_sizes():
@@ -244,7 +245,7 @@ def test_eval_model_exports_to_onnx_and_matches_onnx_runtime(tmp_path):
 
 def test_bundled_config_loads_and_builds_the_student_and_the_loss():
     cfg = load_config(CONFIG_DIR / "titn_digits.yaml")
-    assert cfg.loss.method == "titn" and cfg.loss.titn.alpha == 0.5
+    assert cfg.loss.method == ["titn"] and cfg.loss.sections["titn"].alpha == 0.5
     assert (cfg.data.name, cfg.data.image_size) == ("digits", 32)
     assert cfg.data.augment.cutmix == 1.0 and cfg.data.augment.cutmix_beta == 0.5
     teacher = build_model(cfg.teacher.arch, num_classes=10)
@@ -253,9 +254,115 @@ def test_bundled_config_loads_and_builds_the_student_and_the_loss():
     trunk = teacher.features.state_dict()
     assert {k: v.shape for k, v in trunk.items()} == {k: v.shape for k, v in reference.items()}
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert cfg.student.taps == {} and cfg.teacher.taps == {} and cfg.loss.attention.pairs == []
+    assert cfg.student.taps == {} and cfg.teacher.taps == {}
     student = build_model(cfg.student.arch, num_classes=10)
     assert isinstance(student, TNTDistilled) and student.img_size == cfg.data.image_size
-    loss_fn = TITNLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
+    loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps)
     loss_fn.prepare_student(student)
     assert student.distilled_training
+    # what the config computed before methods became composable, and no run-level CE beside it:
+    # 0.5 CE(class head, CutMix targets) + 0.5 CE(distillation head, argmax teacher)
+    student.train()
+    torch.manual_seed(0)
+    logits, distill = student(_images(3))
+    teacher_logits = torch.randn(3, 10)
+    soft = torch.softmax(torch.randn(3, 10), 1)
+    total, parts = loss_fn((logits, distill), teacher_logits, soft, {}, {})
+    expected = 0.5 * F.cross_entropy(logits, soft) + 0.5 * F.cross_entropy(distill, teacher_logits.argmax(1))
+    torch.testing.assert_close(total, expected)
+    assert set(parts) == {"titn", "titn/cls", "titn/distill"}
+
+
+def _tnt_parameters(*, classes, img, patch, sub, outer, inner, depth) -> int:
+    """TNT with two prefix tokens and two heads, counted from its equations (Han et al. 2021, Sec. 2.2; DeiT
+    Sec. 4): a transformer block of width d (qkv without bias, MLP ratio 4, two LayerNorms) has
+    3d^2 + (d^2 + d) + (4d^2 + 4d) + (4d^2 + d) + 4d = 12 d^2 + 10 d parameters."""
+    words, patches = (patch // sub) ** 2, (img // patch) ** 2
+
+    def block(d: int) -> int:
+        return 12 * d * d + 10 * d
+
+    word_embed = 3 * inner * sub * sub + inner + words * inner  # sub-patch projection + word positions
+    patch_embed = 2 * words * inner + words * inner * outer + outer + 2 * outer  # LN, FC, LN (eq. 5)
+    tokens = 2 * outer + (2 + patches) * outer  # class and distillation tokens, positions
+    per_layer = block(inner) + 2 * inner + words * inner * outer + outer + block(outer)  # eq. 2-4
+    heads = 2 * (outer * classes + classes)
+    return word_embed + patch_embed + tokens + depth * per_layer + 2 * outer + heads
+
+
+def test_tnt_ti_student_has_the_papers_parameter_count():
+    ti = {"source": "kdfast", "name": "tnt_distilled_ti"}
+    cifar = {**ti, "kwargs": {"img_size": 32, "patch_size": 4, "sub_patch": 1}}
+    shape = {"img": 32, "patch": 4, "sub": 1, "outer": 192, "inner": 12, "depth": 12}
+    for classes in (10, 100):
+        model = build_model(cifar, num_classes=classes)
+        count = sum(p.numel() for p in model.parameters())
+        assert count == _tnt_parameters(classes=classes, **shape)
+    # TITN's 5.85M student: this shape counted with 10 classes' heads (5,853,956); 5,888,696 at 100
+    assert round(_tnt_parameters(classes=10, **shape) / 1e6, 2) == 5.85
+    assert _tnt_parameters(classes=100, **shape) == 5_888_696
+    # at its native 224x224 with 16x16 patches of 4x4 words and one 1000-class head it is TNT-Ti's 6.1M
+    native = sum(p.numel() for p in build_model(ti, num_classes=1000).parameters())
+    one_head = native - (192 * 1000 + 1000)
+    assert native == _tnt_parameters(classes=1000, img=224, patch=16, sub=4, outer=192, inner=12, depth=12)
+    assert round(one_head / 1e6, 1) == 6.1
+
+
+def test_head_fusion_max_gives_the_top1_of_the_concatenated_heads():
+    model = _tiny(head_fusion="max")
+    x = _images(4)
+    model.train().set_distilled_training(True)
+    with torch.no_grad():
+        logits, distill = model(x)
+        fused = model.eval()(x)
+    torch.testing.assert_close(fused, torch.maximum(logits, distill))
+    concatenated = torch.cat([logits, distill], dim=1)  # (B, 2K), Algorithm 1's concatenation of the heads
+    assert torch.equal(fused.argmax(1), concatenated.argmax(1) % CLASSES)
+    with pytest.raises(ConfigError, match="head_fusion of the TNT student must be one of mean, max"):
+        _tiny(head_fusion="concat")
+
+
+@pytest.mark.slow
+def test_a_max_fused_student_exports_what_it_computes(tmp_path):
+    model = _tiny(head_fusion="max").eval()
+    path = export_onnx(model, _images(2), tmp_path / "tnt_max.onnx", max_batch=4, metadata={})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _images(3, seed=5)
+    (got,) = session.run(None, {INPUT_NAME: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_kd_beside_titn_is_refused_in_one_line():
+    with pytest.raises(
+        ConfigError,
+        match="combines titn, whose student returns \\(class, distillation\\) logits, "
+        "with kd, which reads one logit tensor: drop kd$",
+    ):
+        load_config(CONFIG_DIR / "titn_digits.yaml", ["loss.method=[kd, titn]"])
+
+
+def test_paper_config_has_the_papers_teacher_student_and_recipe(tmp_path):
+    cfg = load_config(CONFIG_DIR / "titn_vgg16bn_tnt_ti_cifar100.yaml", [f"data.root={tmp_path}"])
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.augment.auto_augment) == ("cifar100", 32, "cifar10")
+    assert cfg.data.augment.cutmix == 1.0 and cfg.data.augment.cutmix_beta == 0.5
+    assert cfg.loss.method == ["titn"] and cfg.loss.sections["titn"].alpha == 0.5
+    student = build_model(cfg.student.arch, num_classes=100)
+    assert sum(p.numel() for p in student.parameters()) == 5_888_696 and student.head_fusion == "mean"
+    teacher = build_model(cfg.teacher.arch, num_classes=100)
+    assert isinstance(teacher, torchvision.models.VGG) and (
+        cfg.teacher.arch.source,
+        cfg.teacher.arch.name,
+    ) == (
+        "torchvision",
+        "vgg16_bn",
+    )
+    # VGG16-BN (config "D") with torchvision's classifier 25088 -> 4096 -> 4096 -> 100, counted by hand
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    convs = sum(
+        9 * c_in * c_out + c_out + 2 * c_out for c_in, c_out in zip([3, *widths], widths, strict=False)
+    )
+    classifier = 25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 100 + 100
+    assert sum(p.numel() for p in teacher.parameters()) == convs + classifier == 134_678_692
+    with torch.no_grad():
+        assert teacher.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 100)

@@ -23,9 +23,23 @@ TINY = [
     "teacher.taps.vgg.path=vgg.features.13",
     "teacher.taps.vit.path=vit.encoder.layers.encoder_layer_3.self_attention",
     "student.taps.mid.path=blocks.2",
-    "loss.attention.grid=4",
+    "loss.agkd.grid=4",
     "teacher.train.epochs=1",
     "student.train.epochs=1",
+    "runtime.progress=false",
+    "runtime.tensorboard=false",
+]
+
+# A smaller budget for a ``configs/*_digits.yaml`` run at its own image size and taps: 64 training images, the
+# teacher left untrained (a pipeline check), one student epoch, no baseline.
+TINY_CONFIG = [
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.max_train_samples=64",
+    "data.max_val_samples=48",
+    "teacher.train.epochs=0",
+    "student.train.epochs=1",
+    "baseline=false",
     "runtime.progress=false",
     "runtime.tensorboard=false",
 ]
@@ -35,9 +49,11 @@ def set_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-def train(out: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+def train(out: Path, overrides: list[str], config: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m kdfast.train`` of ``config`` (the embedded default when None) into ``out``."""
+    chosen = ["--config", str(config)] if config is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "kdfast.train", "--out", str(out), *set_args(overrides)],
+        [sys.executable, "-m", "kdfast.train", *chosen, "--out", str(out), *set_args(overrides)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,19 +109,27 @@ def test_tiny_run_writes_a_student_that_reproduces_its_accuracy(tmp_path: Path) 
     assert ckpt["metrics"]["loss"] == pytest.approx(loss, rel=1e-5)
 
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["teacher", "baseline", "student"]
-    assert results["student"]["top1"] == ckpt["metrics"]["top1"]
-    assert results["student"]["params"] == sum(p.numel() for p in model.parameters())
+    assert results["top1_shown"] == "last" and results["method"] == ["kd", "agkd"]
+    assert list(results["models"]) == ["teacher", "baseline", "student"]
+    student = results["models"]["student"]
+    assert student["top1"] == ckpt["metrics"]["top1"]
+    assert student["params"] == sum(p.numel() for p in model.parameters())
     table = (out / "results.md").read_text()
-    assert f"| distilled student (AGKD) | edge_cnn | {results['student']['params']:,} | {top1:.2f} |" in table
+    assert f"| distilled student (KD + AGKD) | edge_cnn | {student['params']:,} | {top1:.2f} |" in table
     assert table.splitlines()[-1] in result.stdout
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if r["split"] == "val"]
     assert [r["stage"] for r in val_rows] == ["teacher", "baseline", "distill"]
     assert val_rows[-1]["top1"] == pytest.approx(top1, abs=1e-6)
+    # one epoch: the best epoch is the last; the throughput is that epoch's logged one
+    assert (student["best_top1"], student["best_epoch"]) == (student["top1"], 1)
+    distill_epoch = next(r for r in rows if r["stage"] == "distill" and r["scope"] == "epoch")
+    assert student["images_per_s"] == pytest.approx(distill_epoch["images_per_s"])
+    assert student["wall_s"] > 0
     distill_train = next(r for r in rows if r["stage"] == "distill" and r["split"] == "train")
-    assert set(distill_train["parts"]) == {"kd", "ce", "attention"}
+    assert set(distill_train["parts"]) == {"ce", "kd", "agkd"}
+    assert ckpt["config"]["loss"]["method"] == ["kd", "agkd"] and ckpt["config"]["loss"]["ce"] == 0.5
     teacher = torch.load(out / "teacher.pt", weights_only=True)
     assert teacher["format"] == "kdfast.teacher/1"
 
@@ -140,7 +164,7 @@ def test_schedule_after_warmup_matches_torch_schedulers(name: str) -> None:
 @pytest.mark.slow
 def test_compiled_distill_step_matches_eager() -> None:
     from kdfast.config import load_config
-    from kdfast.losses import AGKDLoss
+    from kdfast.methods.compose import CompositeLoss
     from kdfast.models import build_model
     from kdfast.taps import Taps
     from kdfast.train import distill_step
@@ -153,7 +177,7 @@ def test_compiled_distill_step_matches_eager() -> None:
     student = build_model({"source": "kdfast", "name": "edge_cnn"}, 10)
     teacher.eval().requires_grad_(False)
     student.eval()  # no dropout, BatchNorm on running statistics: both runs see the same function
-    loss_fn = AGKDLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
+    loss_fn = CompositeLoss(cfg.loss, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     step = distill_step(Taps(student, cfg.student.taps), Taps(teacher, cfg.teacher.taps), loss_fn)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 
@@ -196,3 +220,10 @@ def test_nan_loss_exits_1_and_keeps_the_last_good_state(tmp_path: Path) -> None:
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not (out / "student.pt").exists()
+
+
+def distill_epoch_row(out: Path) -> dict:
+    """The last training row of the distillation stage at epoch scope in ``out/metrics.jsonl``."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if (r["stage"], r["split"], r["scope"]) == ("distill", "train", "epoch")]
+    return epochs[-1]

@@ -81,6 +81,7 @@ def _small_input_vgg(features: nn.Sequential, width: int, num_classes: int, drop
 
 @register_model
 def vgg16_bn_cifar(num_classes: int = 10) -> VGG:
-    """VGG16-BN (torchvision's layer config "D" with batch norm) with the global-pool + linear head used on
-    CIFAR-sized inputs (TITN's teacher): the 13 conv layers of VGG16-BN, 14.7M parameters instead of 138M."""
+    """A small variant of TITN's teacher: the 13 conv layers of VGG16-BN (torchvision's layer config "D" with
+    batch norm) with the global-pool + linear head used on CIFAR-sized inputs, 14.7M parameters. The paper's
+    teacher is torchvision's ``vgg16_bn`` with its three-layer classifier (134.7M at 100 classes)."""
     return _small_input_vgg(make_layers(cfgs["D"], batch_norm=True), 512, num_classes, dropout=0.5)

@@ -22,10 +22,15 @@ from kdfast.errors import CheckpointError, ConfigError, UsageError
 _KDFAST_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a kdfast model builder under its function name (``source: kdfast, name: <fn name>``)."""
-    _KDFAST_MODELS[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None) -> Any:
+    """Register a kdfast model builder (``source: kdfast, name: ...``) under its function name, or under
+    ``name`` when given: ``@register_model`` or ``@register_model(name="ShuffleV2")``."""
+
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _KDFAST_MODELS[name or builder.__name__] = builder
+        return builder
+
+    return register if fn is None else register(fn)
 
 
 def kdfast_models() -> list[str]:
@@ -69,7 +74,8 @@ def _refuse_downloads(source: str, name: str, kwargs: Mapping[str, Any]) -> None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``path``: a raw state dict, or a kdfast checkpoint dict (its ``state_dict``)."""
+    """The state dict in ``path``: a raw state dict, a kdfast checkpoint dict (its ``state_dict``), or a
+    RepDistiller / mdistiller checkpoint (its ``model``: the teachers of ``cifar_teachers.tar``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -79,6 +85,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a loadable weights file ({exc.__class__.__name__})") from None
     if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("kdfast."):
         obj = obj.get("state_dict")
+    elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors)")
     return dict(obj)

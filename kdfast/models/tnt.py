@@ -8,8 +8,16 @@ Numbering used in the docstrings (TNT Sec. 2.2 and DeiT Sec. 4, in this module's
   (3) the words join their sentence: Z_{l-1}^i <- Z_{l-1}^i + FC(Vec(LN(Y_l^i))) for the n patch tokens
   (4) outer transformer: Z'_l = Z_{l-1} + MSA(LN(Z_{l-1})),  Z_l = Z'_l + MLP(LN(Z'_l))
   (5) Z_0 = [z_class, z_distill, LN(FC(Vec(LN(Y_0^i))))_i] + E_pos: the class and distillation tokens lead
-  (6) DeiT heads: class head on LN(Z_L)[0], distillation head on LN(Z_L)[1]; with distilled training on,
-      a training-mode forward returns both logits; otherwise the mean of the two (DeiT's inference rule).
+  (6) DeiT heads: class head Z_cls = W_cls LN(Z_L)[0] + b_cls, distillation head Z_dist = W_dist LN(Z_L)[1]
+      + b_dist; with distilled training on, a training-mode forward returns both logits; otherwise one
+      (B, K) tensor by ``head_fusion``:
+        mean  (Z_cls + Z_dist) / 2, DeiT's inference rule (the default)
+        max   max(Z_cls, Z_dist) per class: its argmax is the class of the argmax over the concatenation
+              [Z_cls, Z_dist] of the two heads' 2K logits
+      TITN's Algorithm 1 concatenates the two heads at inference. Read as the two heads' logits, that is
+      "max" (a (B, K) output, as ``student.pt`` promises, with the concatenation's top-1). Read as the two
+      tokens' embeddings under one linear classifier, W [z_cls; z_dist] + b with W = [W_cls | W_dist] is
+      Z_cls + Z_dist: twice "mean", the same ranking of the classes.
 Only Conv / Linear / LayerNorm / attention / reshape ops, so the model exports to plain ONNX.
 """
 
@@ -23,6 +31,7 @@ from kdfast.errors import ConfigError, UsageError
 from kdfast.models.registry import register_model
 
 PREFIX_TOKENS = 2  # class, distillation
+HEAD_FUSIONS = ("mean", "max")  # eq. 6: how an inference forward turns the two heads into one output
 
 
 class TNTBlock(nn.Module):
@@ -62,7 +71,8 @@ class TNTBlock(nn.Module):
 class TNTDistilled(nn.Module):
     """TNT with class and distillation tokens and two heads (eq. 1-6). ``set_distilled_training(True)``
     makes a training-mode forward return ``(class_logits, distill_logits)``, as timm's DeiT distilled
-    models do; in eval mode, or with it off, the forward returns their mean, one (B, num_classes) tensor."""
+    models do; in eval mode, or with it off, the forward returns one (B, num_classes) tensor, the two heads
+    fused by ``head_fusion`` (eq. 6: "mean" or "max"). The exported model computes the same."""
 
     def __init__(
         self,
@@ -81,8 +91,15 @@ class TNTDistilled(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        head_fusion: str = "mean",
     ) -> None:
         super().__init__()
+        if head_fusion not in HEAD_FUSIONS:
+            raise ConfigError(
+                f"arch.kwargs.head_fusion of the TNT student must be one of {', '.join(HEAD_FUSIONS)}, "
+                f"got {head_fusion!r}"
+            )
+        self.head_fusion = head_fusion
         for whole, part, names in (
             (img_size, patch_size, "img_size and patch_size"),
             (patch_size, sub_patch, "patch_size and sub_patch"),
@@ -129,7 +146,7 @@ class TNTDistilled(nn.Module):
         self.apply(_init_linear)
 
     def set_distilled_training(self, enable: bool = True) -> None:
-        """Switch the training-mode output between the (class, distillation) pair and their mean (eq. 6)."""
+        """Switch the training-mode output between the (class, distillation) pair and their fusion (eq. 6)."""
         self.distilled_training = enable
 
     def words(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +176,13 @@ class TNTDistilled(nn.Module):
         return self.norm(tokens)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 6: the class head on the class token, the distillation head on the distillation token."""
+        """Eq. 6: the class head on the class token, the distillation head on the distillation token; both,
+        or their fusion by ``head_fusion``."""
         logits, distill = self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
         if self.distilled_training and self.training:
             return logits, distill
+        if self.head_fusion == "max":
+            return torch.maximum(logits, distill)
         return (logits + distill) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +212,17 @@ def tnt_distilled_digits(num_classes: int = 10, **kwargs: object) -> TNTDistille
         "inner_heads": 2,
         **kwargs,
     }
+    return TNTDistilled(num_classes, **config)
+
+
+@register_model
+def tnt_distilled_ti(num_classes: int = 1000, **kwargs: object) -> TNTDistilled:
+    """TNT-Ti (Han et al. 2021, NeurIPS version, Table 1: 6.1M parameters at 1000 classes) with a
+    distillation token: outer 192 wide / 3 heads, inner 12 wide / 3 heads, depth 12, MLP ratio 4, 224x224
+    with 16x16 patches of 4x4 words. At 32x32 with 4x4 patches of single-pixel words (``img_size: 32,
+    patch_size: 4, sub_patch: 1``) it has 5,853,956 parameters at 10 classes and 5,888,696 at 100.
+    Kwargs override any of these."""
+    config = {"embed_dim": 192, "inner_dim": 12, "num_heads": 3, "inner_heads": 3, **kwargs}
     return TNTDistilled(num_classes, **config)
 
 

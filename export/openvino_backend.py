@@ -1,0 +1,136 @@
+"""The OpenVINO seam: the only module that imports ``openvino`` (OpenVINO 2024-2026 Python API, CPU plugin).
+
+OpenVINO reads the ONNX files the command already wrote (fp32, fp16, and the Q/DQ INT8 file, whose
+quantized ops its low-precision transformations run in int8), bounds the batch to 1..max_batch, and saves
+the IR (``.xml`` + ``.bin``) beside them. Compilation sets the inference precision explicitly: the CPU
+plugin's default is bf16 on every CPU with AVX512-BF16 or AMX ("CPU Device", Supported Model Precision),
+so an fp32 row compiled with defaults would be a bf16 row on such a machine.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.runner import Runner, check_precision, import_failure
+from kdfast.atomic import atomic_write
+
+NAME = "openvino"
+PRECISIONS = ("fp32", "fp16", "int8")
+DYNAMIC_BATCH = True
+# The kdfast precision is stored in the IR's rt_info, so load() compiles the file the way it was meant.
+_RT_KEY = ["kdfast", "precision"]
+# Ops whose runtime precision tells whether the int8 path was taken.
+_COMPUTE_OPS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why no OpenVINO model can be built here (one line), or None when ``openvino`` imports."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return import_failure("OpenVINO", "openvino", "openvino", e)
+    return None
+
+
+def inference_precision(precision: str, capabilities: list[str]) -> str:
+    """The CPU plugin's ``INFERENCE_PRECISION_HINT`` for a ``precision`` file: f32 for fp32 and for int8 (the
+    quantized ops run in int8 whatever the hint; the rest must stay f32, not drift to bf16), f16 for fp16
+    where the CPU lists FP16 among its ``OPTIMIZATION_CAPABILITIES``, else f32 (fp16 weights, f32 math)."""
+    check_precision("OpenVINO", precision, PRECISIONS)
+    return "f16" if precision == "fp16" and "FP16" in capabilities else "f32"
+
+
+def convert(
+    model: nn.Module,
+    onnx_path: Path,
+    example: torch.Tensor,
+    out: Path,
+    *,
+    precision: str,
+    max_batch: int,
+    calibration: np.ndarray | None = None,
+) -> Path:
+    """Read ``onnx_path`` (the ONNX file written for ``precision``), bound its batch to 1..``max_batch``, save
+    the IR as ``out/<onnx stem>.xml`` + ``.bin`` with the weights as they are (no fp16 compression of an
+    fp32 file). ``model`` and ``calibration`` are unused: the ONNX file already holds the weights and the Q/DQ
+    ranges. Returns the ``.xml`` path."""
+    check_precision("OpenVINO", precision, PRECISIONS)
+    import openvino as ov
+
+    ov_model = ov.Core().read_model(str(onnx_path))
+    ov_model.reshape({0: ov.PartialShape([ov.Dimension(1, max_batch), *example.shape[1:]])})
+    ov_model.set_rt_info(precision, _RT_KEY)
+    xml = out / onnx_path.with_suffix(".xml").name
+    staging = out / f".{xml.stem}.staging"
+    staging.mkdir(exist_ok=True)
+    try:
+        ov.save_model(ov_model, str(staging / xml.name), compress_to_fp16=False)
+        # The .bin first, the .xml (which finds its weights by stem) last: a new .xml is never seen before
+        # its .bin is complete.
+        for suffix in (".bin", ".xml"):
+            staged = staging / xml.with_suffix(suffix).name
+            atomic_write(xml.with_suffix(suffix), staged.read_bytes())
+            staged.unlink()
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return xml
+
+
+def runtime_precisions(compiled: object) -> dict[str, int]:
+    """How many compute ops (convolutions, fully connected, matmuls) of a compiled model run in each
+    precision, from the executable graph's ``runtimePrecision`` (e.g. ``{"u8": 16, "i8": 1}``)."""
+    counts = Counter(
+        str(op.get_rt_info()["runtimePrecision"].astype(str))
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if str(op.get_rt_info()["layerType"].astype(str)) in _COMPUTE_OPS
+    )
+    return dict(counts)
+
+
+def load(path: Path, *, threads: int) -> Runner:
+    """Compile the IR at ``path`` for the CPU with ``threads`` inference threads, one stream, the latency
+    hint and the inference precision of :func:`inference_precision`; ``info`` records the precision the
+    compiled model reports back and the precision of each compute op."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    core = ov.Core()
+    ov_model = core.read_model(str(path))
+    precision = str(ov_model.get_rt_info(_RT_KEY).astype(str)) if ov_model.has_rt_info(_RT_KEY) else "fp32"
+    hint = inference_precision(precision, core.get_property("CPU", props.device.capabilities))
+    compiled = core.compile_model(
+        ov_model,
+        "CPU",
+        {
+            hints.inference_precision: getattr(ov.Type, hint),
+            props.inference_num_threads: threads,
+            props.num_streams: 1,
+            hints.performance_mode: hints.PerformanceMode.LATENCY,
+        },
+    )
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        # The output tensor is the request's own buffer, overwritten by the next call.
+        return request.get_output_tensor(0).data.copy()
+
+    info = {
+        "runtime": f"openvino {ov.__version__.split('-')[0]}",
+        "precision": precision,
+        "inference_precision": compiled.get_property(hints.inference_precision).to_string(),
+        "threads": int(compiled.get_property(props.inference_num_threads)),
+        "batch": str(ov_model.inputs[0].partial_shape[0]),
+        "compute_ops": runtime_precisions(compiled),
+    }
+    return Runner(run, info)

@@ -1,0 +1,109 @@
+"""What every distillation method shares: the :class:`DistillationLoss` interface the training loop drives,
+the supervised cross-entropy, the one-step trainer of side networks (:func:`step_aside`) and the tap check
+of the validators (:func:`require_tap`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from kdfast.config import TapConfig
+from kdfast.errors import ConfigError
+from kdfast.schema import closest
+
+NO_TAPS: Mapping[str, TapConfig] = MappingProxyType({})
+
+
+def supervised_ce(
+    student_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """CE(y, p_S) for integer labels (B,) or soft target probabilities (B, K) (CutMix), batch mean."""
+    targets = targets.float() if targets.is_floating_point() else targets
+    return F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def step_aside(
+    module: nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[Callable[..., Any]], torch.Tensor]
+) -> torch.Tensor:
+    """One ``optimizer`` step of a sub-network that the student's optimizer must not see (its parameters keep
+    ``requires_grad=False``): ``loss_of(net)`` computes the loss with ``net(*inputs)``, which runs ``module``
+    on detached aliases of its parameters (``functional_call``), so no flag is ever toggled. CAKD's
+    discriminator and SoKD's augmentation search train this way. Returns the detached loss."""
+    params = dict(module.named_parameters())
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        loss = loss_of(lambda *inputs: functional_call(module, leaves, inputs))
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    for p, grad in zip(params.values(), grads, strict=True):
+        p.grad = grad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def require_tap(
+    taps: Mapping[str, TapConfig], name: str, *, role: str, where: str, kind: str | None = None
+) -> None:
+    """ConfigError unless ``name`` is one of the ``role`` model's taps (of ``kind``, when given); ``where``
+    is the config key that names it. The validators of the methods check their tap names with this."""
+    if name not in taps:
+        raise ConfigError(f"{where} names no {role} tap {name!r}: {closest(name, taps, what=f'{role} taps')}")
+    if kind is not None and taps[name].kind != kind:
+        raise ConfigError(f"{where}: {role} tap {name!r} must have kind {kind!r}")
+
+
+class DistillationLoss(nn.Module):
+    """What the training loop asks of a distillation method: a loss module.
+
+    ``forward(student_logits, teacher_logits, targets, student_taps, teacher_taps) -> (term, parts)``: the
+    method's term, before its config ``weight``, and a mapping of named tensors to log (the pieces of the
+    term, task weights); :class:`kdfast.methods.compose.CompositeLoss` weighs and sums the terms of a run.
+    ``check(student_taps, teacher_taps)`` raises UsageError on the taps of a real batch whose shapes cannot
+    be matched (and may size sub-networks); ``maps(student_taps, teacher_taps)`` gives (student, teacher)
+    attention maps (B, h, w) for pictures. Trainable parameters (projectors, task weights) are optimized and
+    checkpointed with the student and dropped at inference; those ``no_weight_decay()`` names get no weight
+    decay. ``impl`` picks the kernels; ``label_smoothing``
+    is the stage's, for a method that computes the supervised term. Every method's constructor takes
+    ``(section, student_taps, teacher_taps, *, kernels_impl, label_smoothing)`` and first runs its
+    validator. The defaults below check nothing, draw nothing and do nothing at the hooks.
+    """
+
+    def __init__(self, kernels_impl: str = "auto", label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.impl = kernels_impl
+        self.label_smoothing = label_smoothing
+
+    def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
+        """Raise UsageError when the taps of a real batch cannot be matched (nothing to check here)."""
+
+    def maps(
+        self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student, teacher) attention maps (B, h, w) to draw; none here."""
+        return []
+
+    def prepare_student(self, student: nn.Module) -> None:
+        """Called once before the distillation stage (TITN switches on the distillation head here)."""
+
+    def student_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's input for this batch; the teacher always sees ``images`` (CAKD's multi-view)."""
+        return images
+
+    def after_step(self) -> None:
+        """Called after each optimizer step of the student (CAKD trains its discriminator here)."""
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called at the start of each training epoch, counted from 0, of a stage of ``epochs`` epochs (SoKD
+        ends its search phase here)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of this module's parameters that the optimizer must not decay,
+        as timm's models declare theirs: MTD's task weights, which weight decay would pull towards 0 and so
+        towards ever larger task coefficients 1 / (2 w^2). None here."""
+        return set()

@@ -1,0 +1,129 @@
+"""Typed config sections: a YAML mapping checked against a dataclass, one :class:`ConfigError` line per bad
+value.
+
+``build(cls, raw, where)`` turns a mapping into the dataclass ``cls``, checking every key against its fields
+and every value against its type hint (nested dataclasses, lists, mappings, ``Literal`` choices, unions);
+``where`` is the dotted key path that errors name (``loss.agkd.pairs[0].student``). The run schema
+(``kdfast.config``) and every method's section (``kdfast.methods``) are read this way, so all config errors
+look alike: an unknown key names the closest valid ones, a wrong type names the expected one. ``positive``
+and ``unit_interval`` are the range checks the validators share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any, Literal, Union
+
+from kdfast.errors import ConfigError
+
+
+def closest(key: str, valid: Iterable[str], what: str = "keys") -> str:
+    """'did you mean ...?' with up to three close names, else the list of every valid one."""
+    valid = sorted(valid)
+    if not valid:
+        return "none are defined"
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if near:
+        return f"did you mean {' or '.join(repr(n) for n in near)}?"
+    return f"valid {what}: {', '.join(valid)}"
+
+
+def type_name(tp: Any) -> str:
+    """How an error names the type hint ``tp`` ("int", "'mse' | 'ssim'", "a list of float", ...)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the type hint ``tp`` and build dataclasses; raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(value, arg, where)
+            except ConfigError:
+                if len([a for a in args if a is not type(None)]) == 1:
+                    raise
+        raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise ConfigError(f"config key '{where}' must be one of {type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): convert(v, item, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a folder named 2024 reads as a number in YAML
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+
+
+def build(cls: type, raw: Any, where: str = "") -> Any:
+    """The dataclass ``cls`` from the mapping ``raw`` (None: every default); ``where`` prefixes error keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where or '<top>'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}': {closest(str(key), names)}")
+        kwargs[key] = convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def positive(value: float | int, where: str, allow_zero: bool = False) -> None:
+    """ConfigError unless ``value`` is finite and > 0 (>= 0 with ``allow_zero``)."""
+    if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):
+        raise ConfigError(f"config key '{where}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def unit_interval(value: float, where: str) -> None:
+    """ConfigError unless 0 <= ``value`` <= 1 (a probability or a mixing weight)."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"config key '{where}' must be in [0, 1], got {value}")
