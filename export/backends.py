@@ -3,21 +3,30 @@
 a runner; the command verifies every runner with the same gates and times it with the same protocol.
 
 Adding a runtime is one :class:`Backend` entry here and one module that is the only importer of that
-runtime (as ``export/tensorrt_backend.py`` is for TensorRT).
+runtime (as ``export/tensorrt_backend.py`` is for TensorRT). The on-device runtimes (OpenVINO, LiteRT,
+ExecuTorch) share one module interface (``export/runner.py``) and enter the table through
+:func:`runtime_backend`.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import nn
 
-from export import ort_backend, tensorrt_backend
+from export import (
+    executorch_backend,
+    litert_backend,
+    openvino_backend,
+    ort_backend,
+    tensorrt_backend,
+)
 
 Runner = Callable[[np.ndarray], np.ndarray]  # NCHW float32 images -> float32 logits, host to host
 
@@ -32,6 +41,7 @@ class Sources:
     model: nn.Module  # the PyTorch student, eval mode, on CPU
     onnx: dict[str, Path]  # ONNX file per precision ("fp32", "fp16", "int8", "int8-ort")
     example: torch.Tensor  # an input with batch 2 (keeps the batch dimension dynamic)
+    calibration: np.ndarray  # (N, C, H, W) float32 training images for converters that quantize themselves
     out: Path  # the folder to write artifacts in
     earlier: Path  # the output folder of earlier runs (TensorRT reuses their timing caches)
     chw: tuple[int, int, int]
@@ -43,6 +53,7 @@ class Sources:
 class Loaded:
     run: Runner  # end to end, host to host
     compute_step: Callable[[np.ndarray], Callable[[], float]] | None = None  # x -> one device-only timing
+    info: dict[str, object] = field(default_factory=dict)  # what actually runs (version, precision, threads)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Backend:
     load: Callable[[Path, int], Loaded]  # (artifact, threads)
     device: str = "cpu"  # where its reference logits are computed
     needs_onnx: bool = True  # converts an ONNX file of each precision (else the PyTorch student)
+    artifacts: Callable[[Path], list[Path]] = lambda path: [path]  # every file load(path) reads
 
 
 def batched(fn: Runner, images: np.ndarray, batch: int) -> np.ndarray:
@@ -116,6 +128,40 @@ def _trt_load(path: Path, threads: int) -> Loaded:
     return Loaded(engine, engine.compute_step)
 
 
+def runtime_backend(module: ModuleType, *, needs_onnx: bool) -> Backend:
+    """A table entry for a module of the ``export/runner.py`` interface (``NAME``, ``PRECISIONS``,
+    ``unavailable_reason``, ``convert``, ``load``, ``artifacts``). One that converts the PyTorch student
+    names its artifacts after the ONNX file of the same precision (``student.<precision>``) whether or not
+    that file exists."""
+
+    def convert(src: Sources, precision: str) -> Path:
+        onnx_path = src.onnx.get(precision, src.out / f"student.{precision}.onnx")
+        return module.convert(
+            src.model,
+            onnx_path,
+            src.example,
+            src.out,
+            precision=precision,
+            max_batch=src.max_batch,
+            calibration=src.calibration,
+        )
+
+    def load(path: Path, threads: int) -> Loaded:
+        runner = module.load(path, threads=threads)
+        return Loaded(runner.run, info=runner.info)
+
+    return Backend(
+        key=module.NAME,
+        label=module.NAME,
+        precisions=module.PRECISIONS,
+        unavailable_reason=module.unavailable_reason,
+        convert=convert,
+        load=load,
+        needs_onnx=needs_onnx,
+        artifacts=module.artifacts,
+    )
+
+
 BACKENDS: dict[str, Backend] = {
     b.key: b
     for b in (
@@ -145,5 +191,8 @@ BACKENDS: dict[str, Backend] = {
             load=_trt_load,
             device="cuda",
         ),
+        runtime_backend(openvino_backend, needs_onnx=True),
+        runtime_backend(litert_backend, needs_onnx=False),
+        runtime_backend(executorch_backend, needs_onnx=False),
     )
 }

@@ -31,13 +31,18 @@ def _plain_log_axis(axis: matplotlib.axis.Axis) -> None:
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def _color(i: int) -> tuple[float, ...]:
+    """The i-th series' colour: 20 distinct ones (a run with every runtime has more than 10 series)."""
+    return plt.get_cmap("tab20")(i % 20)
+
+
 def latency_accuracy_chart(points: list[tuple[str, float, float]], path: Path) -> Path:
     """(label, batch-1 p50 ms, top-1 accuracy %) per backend and precision, one marker each."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     # Backends often tie on accuracy, so points are told apart by marker and a legend outside the axes
     # rather than by labels that would pile up on each other.
     for i, (label, latency, accuracy) in enumerate(points):
-        ax.scatter(latency, accuracy, marker=_MARKERS[i % len(_MARKERS)], s=60, label=label)
+        ax.scatter(latency, accuracy, marker=_MARKERS[i % len(_MARKERS)], color=_color(i), s=60, label=label)
     if points:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         ax.set_xscale("log")
@@ -55,9 +60,9 @@ def latency_batch_chart(curves: dict[str, list[tuple[int, float, float]]], path:
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, (label, points) in enumerate(curves.items()):
         batches = [p[0] for p in points]
-        marker = _MARKERS[i % len(_MARKERS)]
-        lat.plot(batches, [p[1] for p in points], marker=marker, label=label)
-        thr.plot(batches, [p[2] for p in points], marker=marker, label=label)
+        style = {"marker": _MARKERS[i % len(_MARKERS)], "color": _color(i), "label": label}
+        lat.plot(batches, [p[1] for p in points], **style)
+        thr.plot(batches, [p[2] for p in points], **style)
     for ax, ylabel in ((lat, "p50 latency per call (ms, log)"), (thr, "throughput (images/s, log)")):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))

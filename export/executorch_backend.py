@@ -38,6 +38,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def artifacts(path: Path) -> list[Path]:
+    """The one ``.pte`` (every batch size)."""
+    return [path]
+
+
 def _quantizer() -> object:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,

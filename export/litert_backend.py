@@ -65,6 +65,11 @@ def batch_files(path: Path) -> dict[int, Path]:
     return found
 
 
+def artifacts(path: Path) -> list[Path]:
+    """Every static-batch file ``load(path)`` reads, by batch size."""
+    return [p for _, p in sorted(batch_files(path).items())]
+
+
 def _quantizer() -> object:
     from litert_torch.quantize import pt2e_quantizer
 

@@ -42,6 +42,8 @@ def series(row: dict, kind: str = "end_to_end") -> list[dict]:
 def _gates_cell(row: dict) -> str:
     if row.get("error"):
         return f"ERROR: {row['error']}"
+    if row.get("unavailable"):
+        return f"not run: {row['unavailable']}"
     gates = row.get("gates") or []
     if not gates:
         return "reference"
@@ -123,6 +125,15 @@ def _files_section(files: dict) -> list[str]:
     return _markdown(("file", "nodes", "size", "TensorRT parser and Q/DQ rules (export/qdq_rules.py)"), rows)
 
 
+def _runtime_section(rows: list[dict]) -> list[str]:
+    """What each runtime says actually ran (e.g. OpenVINO's inference precision per compute op)."""
+    return [
+        f"- {r['backend']} {precision_label(r)}: " + "; ".join(f"{k} {v}" for k, v in r["runtime"].items())
+        for r in rows
+        if r.get("runtime")
+    ]
+
+
 def _int8_section(int8: dict) -> list[str]:
     lines = []
     for name, info in int8.items():
@@ -182,6 +193,7 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     ]
     machine = report["machine"]
     protocol = report["protocol"]
+    runtimes = _runtime_section(report["rows"])
     md = [
         f"# Export report: {report['model']}",
         "",
@@ -196,6 +208,7 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
         "",
         *(["## What failed", "", *failed, ""] if failed else []),
         *(["## ONNX files", "", *_files_section(report["files"]), ""] if report["files"] else []),
+        *(["## What each runtime ran", "", *runtimes, ""] if runtimes else []),
         *(["## INT8", "", *_int8_section(report["int8"]), ""] if report["int8"] else []),
         *(
             ["## Not available here", "", *[f"- {k}: {v}" for k, v in report["unavailable"].items()], ""]

@@ -5,7 +5,8 @@ fills in the same way, so the export command can hold them in one table:
   size, or one file per batch size;
 - ``unavailable_reason() -> str | None``: one line saying what to install, or None when the runtime imports;
 - ``convert(model, onnx_path, example, out, *, precision, max_batch, calibration=None) -> Path``;
-- ``load(path, *, threads) -> Runner``.
+- ``load(path, *, threads) -> Runner``;
+- ``artifacts(path) -> list[Path]``: every file ``load(path)`` reads (what ships, and what its size is).
 
 Each module is the only one that imports its runtime, lazily, so importing it never fails.
 """

@@ -233,11 +233,11 @@ def _data(args: argparse.Namespace, ckpt: dict) -> _Data:
 
 
 def _select_backends(args: argparse.Namespace) -> tuple[list[Backend], dict[str, str], list[str]]:
-    """(backends to run, why each unavailable one cannot run, the requested ones that cannot)."""
+    """(backends asked for, in table order; why each one that cannot run here cannot; the ones asked for by
+    name that cannot)."""
     keys = args.backends or list(BACKENDS)
     reasons = {k: r for k in keys if (r := BACKENDS[k].unavailable_reason()) is not None}
-    runnable = [BACKENDS[k] for k in keys if k not in reasons]
-    return runnable, reasons, [k for k in reasons if args.backends]
+    return [BACKENDS[k] for k in keys], reasons, [k for k in reasons if args.backends]
 
 
 def _error_line(e: BaseException) -> str:
@@ -310,6 +310,8 @@ class _Export:
             "load_s": None,
             "peak_rss_mb": None,
             "error": None,
+            "unavailable": None,  # why this backend cannot run here (then nothing else is filled in)
+            "runtime": {},  # what the runtime reports actually ran: version, execution precision, threads
             **fields,
         }
         self.rows.append(row)
@@ -326,12 +328,14 @@ class _Export:
             t0 = time.perf_counter()
             loaded = load()
             row["load_s"] = time.perf_counter() - t0
+            row["runtime"] = loaded.info
             self.verify(row, batched(loaded.run, self.data.images, self.args.max_batch), precision, device)
             row["latency"] = self.latency(loaded)
         row["peak_rss_mb"] = memory.peak_bytes / 2**20
 
-    def file_fields(self, path: Path) -> dict:
-        return {"file": str(self.folder.final(path)), "size_bytes": path.stat().st_size}
+    def file_fields(self, files: list[Path]) -> dict:
+        """The artifact (the first of ``files``) and the bytes of every file it is loaded from."""
+        return {"file": str(self.folder.final(files[0])), "size_bytes": sum(f.stat().st_size for f in files)}
 
 
 def _baselines(run: _Export) -> None:
@@ -441,13 +445,18 @@ def _onnx(run: _Export, ckpt: dict, int8_report: dict) -> dict[str, Path]:
 
 
 def _backend(run: _Export, backend: Backend, sources: Sources) -> None:
-    for precision in (p for p in backend.precisions if p in sources.onnx or not backend.needs_onnx):
+    """Convert, load, verify and time every precision ``backend`` runs of those exported (ONNX backends) or
+    asked for (those converting the PyTorch student; fp32 always, as the ONNX fp32 file always is)."""
+    wanted = {"fp32", *run.args.precision}
+    for precision in backend.precisions:
+        if precision not in sources.onnx if backend.needs_onnx else precision not in wanted:
+            continue
         label = precision_label({"precision": precision, "variant": VARIANTS.get(precision)})
         row = run.row(backend.label, precision, device=backend.device)
         try:
             run.say(f"{backend.label} {label}: converting")
             path = backend.convert(sources, precision)
-            row.update(run.file_fields(path))
+            row.update(run.file_fields(backend.artifacts(path)))
             run.say(f"{backend.label} {label}: loading, verifying, timing")
             run.run_loaded(
                 row, lambda path=path: backend.load(path, run.args.threads), precision, backend.device
@@ -523,7 +532,7 @@ def export_student(args: argparse.Namespace) -> int:
         run = _Export(args, model, data, folder)
         run.say(
             f"verifying on {data.source}, {len(data.images)} images; backends: "
-            + ", ".join(b.label for b in backends)
+            + ", ".join(b.label for b in backends if b.key not in reasons)
         )
         _baselines(run)
         int8_report: dict = {}
@@ -532,6 +541,7 @@ def export_student(args: argparse.Namespace) -> int:
             model=model,
             onnx=files,
             example=torch.from_numpy(run.inputs[2].copy()),
+            calibration=data.calibration,
             out=folder.staging,
             earlier=out,
             chw=tuple(ckpt["input"]["size"]),
@@ -539,7 +549,10 @@ def export_student(args: argparse.Namespace) -> int:
             workspace_mb=args.workspace_mb,
         )
         for backend in backends:
-            _backend(run, backend, sources)
+            if backend.key in reasons:
+                run.row(backend.label, "-", device=backend.device, unavailable=reasons[backend.key])
+            else:
+                _backend(run, backend, sources)
         onnx_files = _files(run, files)
         status, code = _verdict(run, onnx_files, {k: reasons[k] for k in missing})
         load_end = load_average()
