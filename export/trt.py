@@ -10,6 +10,7 @@ kept); 2 bad usage or input (one line, nothing written); 3 a requested backend i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -447,20 +448,21 @@ def _onnx(run: _Export, ckpt: dict, int8_report: dict) -> dict[str, Path]:
 def _backend(run: _Export, backend: Backend, sources: Sources) -> None:
     """Convert, load, verify and time every precision ``backend`` runs of those exported (ONNX backends) or
     asked for (those converting the PyTorch student; fp32 always, as the ONNX fp32 file always is)."""
-    wanted = {"fp32", *run.args.precision}
-    for precision in backend.precisions:
-        if precision not in sources.onnx if backend.needs_onnx else precision not in wanted:
-            continue
+    available = sources.onnx if backend.needs_onnx else {"fp32", *run.args.precision}
+    for precision in (p for p in backend.precisions if p in available):
         label = precision_label({"precision": precision, "variant": VARIANTS.get(precision)})
         row = run.row(backend.label, precision, device=backend.device)
+        # Converters print their progress on stdout (litert-torch's stage log); the command's stdout is the
+        # table, so what a backend prints goes to stderr beside the command's own progress.
         try:
-            run.say(f"{backend.label} {label}: converting")
-            path = backend.convert(sources, precision)
-            row.update(run.file_fields(backend.artifacts(path)))
-            run.say(f"{backend.label} {label}: loading, verifying, timing")
-            run.run_loaded(
-                row, lambda path=path: backend.load(path, run.args.threads), precision, backend.device
-            )
+            with contextlib.redirect_stdout(sys.stderr):
+                run.say(f"{backend.label} {label}: converting")
+                path = backend.convert(sources, precision)
+                row.update(run.file_fields(backend.artifacts(path)))
+                run.say(f"{backend.label} {label}: loading, verifying, timing")
+                run.run_loaded(
+                    row, lambda path=path: backend.load(path, run.args.threads), precision, backend.device
+                )
         except Exception as e:  # noqa: BLE001 - every failure is kept in the report, the others go on
             row.update(error=_error_line(e), traceback=traceback.format_exc(limit=-4))
 

@@ -77,6 +77,13 @@ def _check_like_onnxruntime(report: dict, out, key: str) -> None:
         assert set(rows[("openvino", "int8")]["runtime"]["compute_ops"]) & {"u8", "i8"}
 
 
+def _stdout_is_the_table(capsys) -> None:
+    """What the converters print (litert-torch's stage log) goes to stderr: stdout is the table only."""
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("| ") or line.startswith("|---") for line in lines[:-1]), lines[:5]
+    assert lines[-1].startswith("report: ")
+
+
 def _installed(keys: list[str]) -> list[str]:
     present = [k for k in keys if RUNTIMES[k].unavailable_reason() is None]
     if not present:
@@ -84,18 +91,20 @@ def _installed(keys: list[str]) -> list[str]:
     return present
 
 
-def test_openvino_is_verified_and_timed_like_onnxruntime(trained_student, tmp_path):
+def test_openvino_is_verified_and_timed_like_onnxruntime(trained_student, tmp_path, capsys):
     keys = _installed(["openvino"])
     code, report = _export(trained_student[0], tmp_path / "out", ["ort", *keys])
     assert code == 0, report["status"]
+    _stdout_is_the_table(capsys)
     _check_like_onnxruntime(report, tmp_path / "out", "openvino")
 
 
 @pytest.mark.slow
-def test_litert_and_executorch_are_verified_and_timed_like_onnxruntime(trained_student, tmp_path):
+def test_litert_and_executorch_are_verified_and_timed_like_onnxruntime(trained_student, tmp_path, capsys):
     """Both convert the PyTorch student themselves (int8: PT2E, calibrated on the command's images)."""
     keys = _installed(["litert", "executorch"])
     code, report = _export(trained_student[0], tmp_path / "out", ["ort", *keys])
     assert code == 0, report["status"]
+    _stdout_is_the_table(capsys)
     for key in keys:
         _check_like_onnxruntime(report, tmp_path / "out", key)
