@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
-from export.onnx_export import INPUT_NAME
+from export.onnx_export import INPUT_NAME, finish, read_metadata
 from export.qdq_rules import WEIGHTED_OPS, weighted_layers
 
 CALIBRATION_METHODS = {
@@ -189,3 +190,15 @@ class Int8Quantizer:
             calibration_cache_path=str(self._cache),
         )
         return onnx.load(out)
+
+
+def quantize_file(
+    fp32: Path, dst: Path, calibration: np.ndarray, *, scheme: Scheme = TENSORRT, batch: int = 8
+) -> Path:
+    """Every layer ``scheme`` quantizes in INT8 (MinMax calibration on ``calibration``, no accuracy
+    control), written to ``dst`` clean and with ``fp32``'s metadata: an INT8 file for a runtime to consume
+    without the command's gates (the runtime tests and benchmarks)."""
+    with tempfile.TemporaryDirectory() as work:
+        quantizer = Int8Quantizer(fp32, calibration, method="minmax", batch=batch, workdir=Path(work))
+        proto = quantizer.quantize(scheme)
+    return finish(proto, dst, read_metadata(fp32))
