@@ -13,7 +13,9 @@ Each module is the only one that imports its runtime, lazily, so importing it ne
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +44,27 @@ def import_failure(runtime: str, package: str, extra: str, error: ImportError) -
         return f"{runtime} is not installed ({install} adds it)"
     detail = " ".join(str(error).split())
     return f"{runtime} is installed but does not import ({detail}); reinstall it with {install}"
+
+
+class _EnumConstantNotice(logging.Filter):
+    """Drops ``torch.utils._pytree``'s "<enum ...> is an Enum subclass and is now natively supported by
+    torch.compile ..." deprecation notice: torchao (which ExecuTorch and litert-torch import) triggers it at
+    import, and it asks nothing of whoever exports a student."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_torch_notices() -> Iterator[None]:
+    """Inside: imports that register Enum pytree constants (torchao) print nothing about it."""
+    logger = logging.getLogger("torch.utils._pytree")
+    notice = _EnumConstantNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def check_precision(runtime: str, precision: str, supported: tuple[str, ...]) -> None:

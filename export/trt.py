@@ -525,12 +525,13 @@ def export_student(args: argparse.Namespace) -> int:
     _check_args(args)
     ckpt, model = _load_student(args.model)
     data = _data(args, ckpt)
-    backends, reasons, missing = _select_backends(args)
     load_start = load_average()
     torch.set_num_threads(args.threads)
     import_cpp_extension_quietly()
     out = args.out or args.model.parent / "export"
     with OutputFolder(out) as folder:
+        # Probing a runtime imports it (seconds, and its own notices): only once every input is valid.
+        backends, reasons, missing = _select_backends(args)
         run = _Export(args, model, data, folder)
         run.say(
             f"verifying on {data.source}, {len(data.images)} images; backends: "
