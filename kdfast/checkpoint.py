@@ -232,12 +232,28 @@ def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.
 
 
 def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``."""
+    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``: all of
+    it, or a seeded random choice of ``limit`` items kept in split order (an image folder's split is sorted
+    by class, so its first items would be its first classes only)."""
+    import numpy as np
+
     from kdfast.data import dataset_from_record
 
     dataset = dataset_from_record(ckpt["data"], split)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n == 0:
+    if len(dataset) == 0:
         raise CheckpointError(f"the {split} split described by the checkpoint is empty")
-    images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
+    indices = range(len(dataset))
+    if limit is not None and limit < len(dataset):
+        indices = sorted(np.random.default_rng(0).choice(len(dataset), size=limit, replace=False).tolist())
+    images, labels = zip(*(dataset[i] for i in indices), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def preprocessing(ckpt: dict) -> dict:
+    """How an image must be prepared for the student in ``ckpt``: its data record's eval transform spelled
+    out (:func:`kdfast.data.preprocessing_contract`), with the checkpoint's own mean and std."""
+    from kdfast.data import preprocessing_contract
+
+    return preprocessing_contract(
+        {**ckpt["data"], "mean": ckpt["input"]["mean"], "std": ckpt["input"]["std"]}
+    )
