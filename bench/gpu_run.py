@@ -312,6 +312,10 @@ def export(run: Run, name: str) -> Step:
         argv += ["--verify-samples", "16", "--iters", "5"]
     else:
         argv += ["--backends", "ort", "aoti", "trt", "--verify-samples", "64", "--iters", "20"]
+        # The student is untrained: its INT8 top-1 agreement and drop say nothing about quantization (its
+        # near-uniform logits flip classes under any rounding), so those two gates are opened here; fp32 and
+        # fp16 parity keep their gates. This step checks the CUDA export path, not INT8 accuracy.
+        argv += ["--int8-min-agreement", "0", "--int8-max-drop", "100"]
     if not has_data:
         argv.append("--random-inputs")
     step = run.run_step(name, [(argv, "export.log", None)], ok=(0, 3))

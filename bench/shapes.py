@@ -27,7 +27,7 @@ SSIM_DRY = [(2, 1, 9, 9)]
 
 # Attention KL, (B, H, N, D): ViT-B/16 at 224 (N=197), 384 (577), a 1024-token sequence, and a long one.
 ATTENTION_KL = [(64, 12, 197, 64), (64, 12, 577, 64), (64, 12, 1024, 64), (8, 12, 4096, 64)]
-ATTENTION_KL_HEADLINE = [(64, 12, 197, 64), (8, 12, 4096, 64)]
+ATTENTION_KL_HEADLINE = [(64, 12, 197, 64), (64, 12, 1024, 64), (8, 12, 4096, 64)]
 ATTENTION_KL_DRY = [(1, 2, 19, 16)]
 
 # Attention maps, (B, C, H = W): EfficientNet-B0 stages at batch 128, resized to the 14x14 teacher grid.

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from export import executorch_backend, litert_backend, openvino_backend, ort_backend, precision
+from export import executorch_backend, litert_backend, openvino_backend, ort_backend
 from export.onnx_export import export_onnx
+from export.quantize import quantize_file
 from kdfast.models import build_model
 
 THREADS = (1, 2)
@@ -38,7 +39,7 @@ def student(tmp_path_factory):
     example = torch.from_numpy(calibration[:2].copy())
     fp32 = export_onnx(model, example, out / "student.fp32.onnx", max_batch=MAX_BATCH, metadata={})
     files = {"fp32": fp32}
-    files["int8"] = precision.to_int8_qdq(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH)
+    files["int8"] = quantize_file(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH)
     return {"model": model, "out": out, "example": example, "calibration": calibration, "onnx": files}
 
 

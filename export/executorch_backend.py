@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runner import Runner, check_precision, import_failure
+from export.runner import Runner, check_precision, import_failure, quiet_torch_notices
 from kdfast.atomic import atomic_write
 
 NAME = "executorch"
@@ -31,11 +31,17 @@ def unavailable_reason() -> str | None:
     """Why no ``.pte`` can be built or run here (one line), or None when the exporter and the runtime (with
     its native library) import."""
     try:
-        import executorch.exir  # noqa: F401
-        import executorch.runtime  # noqa: F401
+        with quiet_torch_notices():
+            import executorch.exir  # noqa: F401
+            import executorch.runtime  # noqa: F401
     except ImportError as e:
         return import_failure("ExecuTorch", "executorch", "executorch", e)
     return None
+
+
+def artifacts(path: Path) -> list[Path]:
+    """The one ``.pte`` (every batch size)."""
+    return [path]
 
 
 def _quantizer() -> object:

@@ -1,4 +1,11 @@
-"""Latency protocol: same preallocated inputs, warm-up, enough iterations, percentiles and throughput."""
+"""The latency protocol, the same for every backend (trtexec's and Olive's as the bar).
+
+Per backend and batch size: warm up until both ``warmup_iters`` iterations and ``warmup_s`` seconds have
+passed; then time one call per sample until both ``iters`` samples and ``min_s`` seconds are reached, so
+fast backends still cover enough wall time to see scheduler noise and slow ones still get ``iters``
+samples. There is no hidden cap: ``max_s`` is off unless asked for, and a series it cut short is marked
+with its sample count. Summaries give p50/p90/p95/p99 and the throughput of the median call.
+"""
 
 from __future__ import annotations
 
@@ -9,73 +16,69 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
+@dataclass(frozen=True)
 class Protocol:
-    """Warm up until ``warmup_iters`` iterations or ``warmup_s`` seconds, whichever comes first; then time
-    until ``iters`` iterations or ``min_s`` seconds, whichever comes last, so short runs still get samples
-    and fast ones still cover enough wall time to see scheduler noise."""
-
-    warmup_iters: int = 50
+    warmup_iters: int = 10
     warmup_s: float = 0.2
     iters: int = 100
-    min_s: float = 3.0
-    max_s: float = 30.0
+    min_s: float = 1.0
+    max_s: float | None = None
 
 
-def _warm(fn: Callable[[], object], protocol: Protocol, sync: Callable[[], None]) -> None:
-    start = time.perf_counter()
-    for _ in range(protocol.warmup_iters):
-        fn()
-        sync()
-        if time.perf_counter() - start >= protocol.warmup_s:
-            break
+@dataclass(frozen=True)
+class Samples:
+    ms: np.ndarray  # one entry per timed call
+    capped: bool  # max_s stopped the series before ``iters`` samples
 
 
-def time_cpu(fn: Callable[[], object], protocol: Protocol) -> np.ndarray:
-    """Per-iteration wall times in ms with ``time.perf_counter``."""
-    _warm(fn, protocol, lambda: None)
-    times = []
-    start = time.perf_counter()
-    while True:
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, ... and ``max_batch`` itself: the points of the latency-vs-batch curve."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, max_batch})
+
+
+def wall_clock(fn: Callable[[], object]) -> Callable[[], float]:
+    """A step that calls ``fn`` once and returns its wall time in ms (``time.perf_counter``)."""
+
+    def step() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-        if (len(times) >= protocol.iters and elapsed >= protocol.min_s) or elapsed >= protocol.max_s:
-            break
-    return np.asarray(times) * 1e3
+        return (time.perf_counter() - t0) * 1e3
+
+    return step
 
 
-def time_cuda(fn: Callable[[], object], protocol: Protocol, stream: object | None = None) -> np.ndarray:
-    """Per-iteration times in ms from CUDA events recorded on ``stream`` (default: the current stream)."""
-    import torch
-
-    stream = stream or torch.cuda.current_stream()
-    _warm(fn, protocol, torch.cuda.synchronize)
-    times = []
+def measure(step: Callable[[], float], protocol: Protocol) -> Samples:
+    """Run ``step`` (one timed call, returning its ms) under ``protocol``."""
+    start, done = time.perf_counter(), 0
+    while done < protocol.warmup_iters or time.perf_counter() - start < protocol.warmup_s:
+        step()
+        done += 1
+    times: list[float] = []
     start = time.perf_counter()
     while True:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
+        times.append(step())
         elapsed = time.perf_counter() - start
-        if (len(times) >= protocol.iters and elapsed >= protocol.min_s) or elapsed >= protocol.max_s:
-            break
-    return np.asarray(times)
+        if len(times) >= protocol.iters and elapsed >= protocol.min_s:
+            return Samples(np.asarray(times), capped=False)
+        if protocol.max_s is not None and elapsed >= protocol.max_s:
+            return Samples(np.asarray(times), capped=len(times) < protocol.iters)
 
 
-def summarize(batch1_ms: np.ndarray, batchn_ms: np.ndarray, batch: int) -> dict:
-    """p50/p90/p99 at batch 1 (ms) and throughput at batch ``batch`` (images/s from the median batch time)."""
-    p50, p90, p99 = np.percentile(batch1_ms, [50, 90, 99])
+def summarize(samples: Samples, batch: int, protocol: Protocol) -> dict:
+    """Percentiles (ms), throughput (images/s from the median call) and the sample count of one series."""
+    p50, p90, p95, p99 = np.percentile(samples.ms, [50, 90, 95, 99])
     return {
+        "batch": batch,
+        "samples": int(samples.ms.size),
+        "under_sampled": bool(samples.ms.size < protocol.iters),
+        "capped": samples.capped,
         "p50_ms": float(p50),
         "p90_ms": float(p90),
+        "p95_ms": float(p95),
         "p99_ms": float(p99),
-        "iters_batch1": int(batch1_ms.size),
-        "batch": batch,
-        "throughput_ips": float(batch / (np.median(batchn_ms) / 1e3)),
-        "iters_batchN": int(batchn_ms.size),
+        "mean_ms": float(samples.ms.mean()),
+        "throughput_ips": float(batch / (p50 / 1e3)),
     }

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.runner import Runner, check_precision, import_failure
+from export.runner import Runner, check_precision, import_failure, quiet_torch_notices
 from kdfast.atomic import atomic_write
 
 NAME = "litert"
@@ -37,7 +37,8 @@ def unavailable_reason() -> str | None:
     """Why no LiteRT file can be built or run here (one line), or None when the converter and the interpreter
     both import."""
     try:
-        import litert_torch  # noqa: F401
+        with quiet_torch_notices():
+            import litert_torch  # noqa: F401
     except ImportError as e:
         return import_failure("LiteRT's PyTorch converter (litert-torch)", "litert_torch", "litert", e)
     try:
@@ -63,6 +64,11 @@ def batch_files(path: Path) -> dict[int, Path]:
         if other is not None and other["stem"] == match["stem"]:
             found[int(other["batch"])] = sibling
     return found
+
+
+def artifacts(path: Path) -> list[Path]:
+    """Every static-batch file ``load(path)`` reads, by batch size."""
+    return [p for _, p in sorted(batch_files(path).items())]
 
 
 def _quantizer() -> object:

@@ -85,6 +85,11 @@ def convert(
     return xml
 
 
+def artifacts(path: Path) -> list[Path]:
+    """The IR ``path`` (``.xml``) and the weights it reads (``.bin`` of the same stem)."""
+    return [path, path.with_suffix(".bin")]
+
+
 def runtime_precisions(compiled: object) -> dict[str, int]:
     """How many compute ops (convolutions, fully connected, matmuls) of a compiled model run in each
     precision, from the executable graph's ``runtimePrecision`` (e.g. ``{"u8": 16, "i8": 1}``)."""

@@ -9,8 +9,11 @@ import numpy as np
 import onnxruntime as ort
 
 
-def make_session(path: Path, *, threads: int, providers: list[str] | None = None) -> ort.InferenceSession:
-    """A session on ``providers`` (default CPU) with ``threads`` intra-op threads and one inter-op thread.
+def make_session(
+    model: Path | bytes, *, threads: int, providers: list[str] | None = None
+) -> ort.InferenceSession:
+    """A session for an ONNX file (or its bytes) on ``providers`` (default CPU) with ``threads`` intra-op
+    threads and one inter-op thread, all graph optimizations on.
 
     Thread counts are fixed so latency numbers are reproducible and comparable with PyTorch's.
     """
@@ -19,9 +22,8 @@ def make_session(path: Path, *, threads: int, providers: list[str] | None = None
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(
-        str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
-    )
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=providers or ["CPUExecutionProvider"])
 
 
 def runner(session: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,22 +1,26 @@
-"""report.json, report.md and a latency-vs-accuracy chart; the same table is printed by the command."""
+"""report.md (one page a person reads first: verdict and table, then details), report.json (everything) and
+the charts; the same table is printed by the command."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from kdfast.atomic import atomic_path, atomic_write
+from export.charts import int8_layers_chart, latency_accuracy_chart, latency_batch_chart
+from kdfast.atomic import atomic_write
 
 _COLUMNS = (
     "backend",
     "precision",
     "size",
     "max abs err",
-    "top-1 agree",
-    "accuracy",
+    "top-1 agree %",
+    "accuracy %",
     "p50 b1 ms",
     "p99 b1 ms",
     "thr bN img/s",
+    "load s",
+    "peak MB",
     "gates",
 )
 
@@ -25,25 +29,45 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _gates_cell(row: dict) -> str:
-    gates = row.get("gates") or []
-    if row.get("error"):
-        return f"ERROR: {row['error']}"
-    if not gates:
-        return "reference"
-    failed = [g for g in gates if g["passed"] is False]
-    if not failed:
-        return "pass"
-    return "FAIL: " + "; ".join(f"{g['gate']} = {g['value']:.4g} vs {g['threshold']:.4g}" for g in failed)
-
-
 def precision_label(row: dict) -> str:
     """The precision, with the variant when one precision has several files (the two INT8 ONNX files)."""
     return f"{row['precision']} ({row['variant']})" if row.get("variant") else row["precision"]
 
 
+def series(row: dict, kind: str = "end_to_end") -> list[dict]:
+    """The per-batch latency summaries of ``row`` (empty when it was not timed)."""
+    return ((row.get("latency") or {}).get(kind)) or []
+
+
+def _gates_cell(row: dict) -> str:
+    if row.get("error"):
+        return f"ERROR: {row['error']}"
+    if row.get("unavailable"):
+        return f"not run: {row['unavailable']}"
+    gates = row.get("gates") or []
+    if not gates:
+        return "reference"
+    failed = [g for g in gates if g["passed"] is False]
+    if failed:
+        return "FAIL: " + "; ".join(f"{g['gate']} = {g['value']:.4g} vs {g['threshold']:.4g}" for g in failed)
+    unmeasured = [g["gate"] for g in gates if g["passed"] is None]
+    if unmeasured:
+        return "NOT MEASURED: " + ", ".join(unmeasured)
+    return "pass"
+
+
+def _sampled(summary: dict | None, key: str, spec: str) -> str:
+    """A latency figure, marked with its sample count when the series has fewer than asked for."""
+    if summary is None:
+        return "-"
+    text = format(summary[key], spec)
+    return f"{text} (n={summary['samples']}!)" if summary["under_sampled"] else text
+
+
 def _cells(row: dict) -> list[str]:
-    parity, lat = row.get("parity") or {}, row.get("latency") or {}
+    parity = row.get("parity") or {}
+    timed = series(row)
+    b1, bn = (timed[0], timed[-1]) if timed else (None, None)
     size = row.get("size_bytes")
     return [
         row["backend"],
@@ -52,95 +76,194 @@ def _cells(row: dict) -> list[str]:
         _fmt(parity.get("max_abs"), ".2e"),
         _fmt(None if "top1_agreement" not in parity else 100 * parity["top1_agreement"], ".2f"),
         _fmt(None if row.get("accuracy") is None else 100 * row["accuracy"], ".2f"),
-        _fmt(lat.get("p50_ms"), ".3f"),
-        _fmt(lat.get("p99_ms"), ".3f"),
-        _fmt(lat.get("throughput_ips"), ".1f"),
+        _sampled(b1, "p50_ms", ".3f"),
+        _sampled(b1, "p99_ms", ".3f"),
+        _sampled(bn, "throughput_ips", ".1f"),
+        _fmt(row.get("load_s"), ".2f"),
+        _fmt(row.get("peak_rss_mb"), ".1f"),
         _gates_cell(row),
+    ]
+
+
+def _markdown(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
     ]
 
 
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table (readable as plain text too)."""
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(_markdown(_COLUMNS, [_cells(r) for r in rows]))
 
 
-def write_chart(rows: list[dict], path: Path) -> Path:
-    """Scatter of batch-1 p50 latency against accuracy, one labelled point per backend and precision."""
-    import matplotlib
+def _latency_details(rows: list[dict]) -> list[str]:
+    header = ("backend", "precision", "timing", "batch", "n", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "img/s")
+    lines = []
+    for row in rows:
+        for kind in ("end_to_end", "compute_only"):
+            for s in series(row, kind):
+                flag = " (under-sampled)" if s["under_sampled"] else ""
+                figures = [f"{s[k]:.3f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms")]
+                lines.append(
+                    [row["backend"], precision_label(row), kind.replace("_", " "), str(s["batch"]),
+                     f"{s['samples']}{flag}", *figures, f"{s['throughput_ips']:.1f}"]
+                )  # fmt: skip
+    return _markdown(header, lines) if lines else ["(nothing was timed)"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    points = [
-        r
-        for r in rows
-        if (r.get("latency") or {}).get("p50_ms") is not None and r.get("accuracy") is not None
-    ]
-    # Backends often tie on accuracy, so points are told apart by marker and a legend outside the axes
-    # rather than by labels that would pile up on each other.
-    markers = "osD^vP*Xh<>"
-    for i, row in enumerate(points):
-        lat, acc = row["latency"]["p50_ms"], 100 * row["accuracy"]
-        ax.scatter(
-            lat, acc, marker=markers[i % len(markers)], s=60, label=f"{row['backend']} {precision_label(row)}"
+def _files_section(files: dict) -> list[str]:
+    rows = []
+    for info in files.values():
+        rules = info["tensorrt_violations"]
+        if not info["for_tensorrt"]:
+            check = f"not for TensorRT ({len(rules)} violations, expected)"
+        else:
+            check = "pass" if not rules else f"FAIL ({len(rules)}): {rules[0]}"
+        rows.append(
+            [f"`{Path(info['file']).name}`", str(info["nodes"]), f"{info['bytes'] / 1e6:.2f} MB", check]
         )
-    if points:
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    ax.margins(x=0.1, y=0.15)
-    ax.set_xscale("log")
-    # plain numbers on the log axis: matplotlib's default labels minor ticks as 3x10^-1 and they collide
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("batch-1 p50 latency (ms, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("latency vs accuracy per backend")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return _markdown(("file", "nodes", "size", "TensorRT parser and Q/DQ rules (export/qdq_rules.py)"), rows)
+
+
+def _runtime_section(rows: list[dict]) -> list[str]:
+    """What each runtime says actually ran (e.g. OpenVINO's inference precision per compute op)."""
+    return [
+        f"- {r['backend']} {precision_label(r)}: " + "; ".join(f"{k} {v}" for k, v in r["runtime"].items())
+        for r in rows
+        if r.get("runtime")
+    ]
+
+
+def _int8_section(int8: dict) -> list[str]:
+    lines = []
+    for name, info in int8.items():
+        file = Path(info["file"]).name
+        if name == "int8":
+            lines.append(
+                f"- `{file}` is laid out for TensorRT. ONNX Runtime runs it correctly but slowly on CPU (its "
+                "Q/DQ stay unfused); `--precision int8-ort` writes a U8S8 file for ONNX Runtime on CPU."
+            )
+        else:
+            lines.append(
+                f"- `{file}` is for ONNX Runtime on CPU only (uint8 activations: TensorRT refuses it)."
+            )
+        control = info["control"]
+        layers = [layer for layer in info["layers"] if layer["op"] != "logits"]
+        if control is None:
+            lines.append("  Accuracy control not run (no labelled images); every weighted layer is INT8.")
+        else:
+            first, last = control["initial"], control["final"]
+            lines.append(
+                f"  Calibration {info['calibration']}. Accuracy control on held-out validation images: "
+                f"all-INT8 agreement {100 * first['agreement']:.2f}%, drop {first['accuracy_drop']:.2f} "
+                "points; as written "
+                f"{100 * last['agreement']:.2f}%, {last['accuracy_drop']:.2f} points, with "
+                f"{len(info['keep_float'])} of {len(layers)} weighted layers kept in float"
+                + (f" ({', '.join(info['keep_float'])})" if info["keep_float"] else "")
+                + ("" if control["met"] else ": the gates were NOT met on the control images")
+                + "."
+            )
+        worst = sorted(
+            (x for x in layers if x.get("sqnr_all_int8_db") is not None), key=lambda x: x["sqnr_all_int8_db"]
+        )[:3]
+        if worst:
+            lines.append(
+                "  Lowest SQNR with every layer INT8: "
+                + ", ".join(f"{x['layer']} {x['sqnr_all_int8_db']:.1f} dB" for x in worst)
+                + " (per layer in report.json and `int8_layers.png`)."
+            )
+    return lines
 
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
-    """Write report.json, report.md and latency_accuracy.png under ``out``; returns their paths."""
-    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "latency_accuracy.png"}
+    """Write report.json, report.md and the charts under ``out``; returns their paths."""
+    paths = {
+        "json": out / "report.json",
+        "md": out / "report.md",
+        "latency_accuracy": out / "latency_accuracy.png",
+        "latency_batch": out / "latency_batch.png",
+    }
+    if report["int8"]:
+        paths["int8_layers"] = out / "int8_layers.png"
     atomic_write(paths["json"], json.dumps(report, indent=2, default=str))
     failed = [
         f"- {r['backend']} {precision_label(r)}: {_gates_cell(r)}"
         for r in report["rows"]
-        if _gates_cell(r).startswith(("FAIL", "ERROR"))
+        if _gates_cell(r).startswith(("FAIL", "ERROR", "NOT MEASURED"))
     ]
-    notes = [f"- {n}" for n in report.get("notes", [])]
+    machine = report["machine"]
+    protocol = report["protocol"]
+    runtimes = _runtime_section(report["rows"])
     md = [
         f"# Export report: {report['model']}",
         "",
-        f"Status: **{report['status']}**",
+        f"**{report['status']}** (exit code {report['exit_code']})",
         "",
+        *[f"> WARNING: {w}" for w in report["warnings"]],
+        *([""] if report["warnings"] else []),
         table(report["rows"]),
         "",
-        *(["## Failed gates", "", *failed, ""] if failed else []),
-        *(["## Notes", "", *notes, ""] if notes else []),
-        "## Settings",
+        f"Latency: {protocol['boundary']}; batch 1 and batch {protocol['batch_sizes'][-1]} (bN) shown, every "
+        "batch below. `(n=...!)`: fewer samples than asked for.",
         "",
-        "```json",
-        json.dumps(report["settings"], indent=1),
-        "```",
+        *(["## What failed", "", *failed, ""] if failed else []),
+        *(["## ONNX files", "", *_files_section(report["files"]), ""] if report["files"] else []),
+        *(["## What each runtime ran", "", *runtimes, ""] if runtimes else []),
+        *(["## INT8", "", *_int8_section(report["int8"]), ""] if report["int8"] else []),
+        *(
+            ["## Not available here", "", *[f"- {k}: {v}" for k, v in report["unavailable"].items()], ""]
+            if report["unavailable"]
+            else []
+        ),  # fmt: skip
+        "## Machine",
         "",
-        "## Machine and versions",
+        f"{machine['timestamp']}; {machine['cpu_model']} ({', '.join(machine['isa']) or 'ISA unknown'}); "
+        f"{machine['usable_cpus']} usable of {machine['cpu_count']} CPUs, {machine['threads']} thread(s); "
+        "load "
+        f"average {machine['load_average_start']} at the start, {machine['load_average_end']} at the end; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
         "",
-        "```json",
-        json.dumps(report["machine"], indent=1),
-        "```",
+        "## Latency per batch size",
         "",
-        f"![latency vs accuracy]({paths['png'].name})",
+        f"Warm-up: at least {protocol['warmup_iters']} calls and {protocol['warmup_s']} s; then at least "
+        f"{protocol['iters']} calls and {protocol['min_s']} s per batch size"
+        + (f", capped at {protocol['max_s']} s" if protocol["max_s"] else ", no cap")
+        + ".",
+        "",
+        *_latency_details(report["rows"]),
+        "",
+        "## Notes",
+        "",
+        *[f"- {n}" for n in report["notes"]],
+        "",
+        f"![latency vs accuracy]({paths['latency_accuracy'].name})",
+        f"![latency vs batch]({paths['latency_batch'].name})",
+        *([f"![INT8 SQNR per layer]({paths['int8_layers'].name})"] if "int8_layers" in paths else []),
+        "",
+        "Settings and every figure: `report.json`.",
         "",
     ]
     atomic_write(paths["md"], "\n".join(md))
-    write_chart(report["rows"], paths["png"])
+    timed = [r for r in report["rows"] if series(r)]
+    latency_accuracy_chart(
+        [
+            (f"{r['backend']} {precision_label(r)}", series(r)[0]["p50_ms"], 100 * r["accuracy"])
+            for r in timed
+            if r.get("accuracy") is not None
+        ],
+        paths["latency_accuracy"],
+    )
+    latency_batch_chart(
+        {
+            f"{r['backend']} {precision_label(r)}": [
+                (s["batch"], s["p50_ms"], s["throughput_ips"]) for s in series(r)
+            ]
+            for r in timed
+        },
+        paths["latency_batch"],
+    )
+    if "int8_layers" in paths:
+        int8_layers_chart(
+            {Path(i["file"]).name: i["layers"] for i in report["int8"].values()}, paths["int8_layers"]
+        )
     return paths

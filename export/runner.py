@@ -5,14 +5,17 @@ fills in the same way, so the export command can hold them in one table:
   size, or one file per batch size;
 - ``unavailable_reason() -> str | None``: one line saying what to install, or None when the runtime imports;
 - ``convert(model, onnx_path, example, out, *, precision, max_batch, calibration=None) -> Path``;
-- ``load(path, *, threads) -> Runner``.
+- ``load(path, *, threads) -> Runner``;
+- ``artifacts(path) -> list[Path]``: every file ``load(path)`` reads (what ships, and what its size is).
 
 Each module is the only one that imports its runtime, lazily, so importing it never fails.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +44,27 @@ def import_failure(runtime: str, package: str, extra: str, error: ImportError) -
         return f"{runtime} is not installed ({install} adds it)"
     detail = " ".join(str(error).split())
     return f"{runtime} is installed but does not import ({detail}); reinstall it with {install}"
+
+
+class _EnumConstantNotice(logging.Filter):
+    """Drops ``torch.utils._pytree``'s "<enum ...> is an Enum subclass and is now natively supported by
+    torch.compile ..." deprecation notice: torchao (which ExecuTorch and litert-torch import) triggers it at
+    import, and it asks nothing of whoever exports a student."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_torch_notices() -> Iterator[None]:
+    """Inside: imports that register Enum pytree constants (torchao) print nothing about it."""
+    logger = logging.getLogger("torch.utils._pytree")
+    notice = _EnumConstantNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def check_precision(runtime: str, precision: str, supported: tuple[str, ...]) -> None:

@@ -67,14 +67,33 @@ DEFAULT_GATES = {
     "fp32": Gates(atol=1e-4, rtol=1e-3, min_agreement=0.999, max_accuracy_drop=None, elementwise=True),
     "fp16": Gates(atol=2e-2, rtol=2e-2, min_agreement=0.99, max_accuracy_drop=None, elementwise=True),
     "int8": Gates(
-        atol=float("inf"), rtol=float("inf"), min_agreement=None, max_accuracy_drop=1.0, elementwise=False
+        atol=float("inf"), rtol=float("inf"), min_agreement=0.99, max_accuracy_drop=1.0, elementwise=False
     ),
 }
 
+NOT_MEASURED = "not measured: no labelled images (random inputs)"
+
+
+def _not_measured(name: str, threshold: float) -> dict:
+    return {
+        "gate": name,
+        "value": None,
+        "threshold": threshold,
+        "passed": None,
+        "miss": None,
+        "note": NOT_MEASURED,
+    }
+
 
 def check_gates(p: Parity, gates: Gates) -> list[dict]:
-    """One entry per gate: name, measured value, threshold, passed, and the margin by which it missed."""
+    """One entry per gate: name, measured value, threshold, passed, and the margin by which it missed.
+
+    Top-1 agreement and accuracy drop are accuracy gates, measured on real labelled images only: without
+    labels (random inputs) they are "not measured" (``passed`` None), and a run with an unmeasured gate
+    cannot pass. The element-wise parity gate is measured on any input.
+    """
     results = []
+    labelled = p.accuracy is not None and p.accuracy_ref is not None
     if gates.elementwise:
         results.append(
             _gate(
@@ -85,26 +104,20 @@ def check_gates(p: Parity, gates: Gates) -> list[dict]:
             )
         )
     if gates.min_agreement is not None:
-        results.append(
-            _gate(
-                "top-1 agreement",
-                p.top1_agreement,
-                gates.min_agreement,
-                p.top1_agreement >= gates.min_agreement,
-            )
-        )
-    if gates.max_accuracy_drop is not None:
-        if p.accuracy is None or p.accuracy_ref is None:
+        if not labelled:
+            results.append(_not_measured("top-1 agreement", gates.min_agreement))
+        else:
             results.append(
-                {
-                    "gate": "accuracy drop (points)",
-                    "value": None,
-                    "threshold": gates.max_accuracy_drop,
-                    "passed": None,
-                    "miss": None,
-                    "note": "no labels: not measured",
-                }
+                _gate(
+                    "top-1 agreement",
+                    p.top1_agreement,
+                    gates.min_agreement,
+                    p.top1_agreement >= gates.min_agreement,
+                )
             )
+    if gates.max_accuracy_drop is not None:
+        if not labelled:
+            results.append(_not_measured("accuracy drop (points)", gates.max_accuracy_drop))
         else:
             drop = 100.0 * (p.accuracy_ref - p.accuracy)
             results.append(
@@ -126,5 +139,10 @@ def _gate(name: str, value: float, threshold: float, passed: bool) -> dict:
 
 
 def failed_gates(results: list[dict]) -> list[dict]:
-    """The gates that were measured and failed (a gate that could not be measured is not a failure)."""
+    """The gates that were measured and failed."""
     return [g for g in results if g["passed"] is False]
+
+
+def unmeasured_gates(results: list[dict]) -> list[dict]:
+    """The gates that could not be measured: not a failure, but not a pass either."""
+    return [g for g in results if g["passed"] is None]

@@ -12,6 +12,7 @@ import os
 import pickle
 import platform
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,28 +159,43 @@ def _validate(ckpt: Any, path: Path, expect: str | None) -> dict:
     return ckpt
 
 
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, every failure one CheckpointError line naming the file:
+    missing, empty, truncated, not a ``torch.save`` file, or a pickle that would load code (refused, never
+    run). ``what`` names the file's role in the message ("checkpoint", "state file", "weights file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is not a readable torch checkpoint: it is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable checkpoint"
+        # torch words the refusal differently across versions; the offending global follows "GLOBAL".
+        refused = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            raise CheckpointError(
+                f"{what} {path} was refused: it would load {refused.group(1)}, which a plain kdfast "
+                "file never contains (weights_only=True); it was not loaded"
+            ) from None
+        if "central directory" in str(e):
+            raise CheckpointError(
+                f"{what} {path} is not a readable torch checkpoint: it is truncated (a copy or a write did "
+                "not finish)"
+            ) from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch checkpoint (not a file written by torch.save)"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike, *, expect: str | None = STUDENT_FORMAT) -> dict:
     """Read and validate a checkpoint with ``torch.load(weights_only=True)``; never executes pickled code.
 
     ``expect`` is the required ``format`` (None accepts any kdfast format).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means "not a readable checkpoint"
-        if not isinstance(e, pickle.UnpicklingError):
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {_first_line(e)}") from None
-        # torch words the refusal differently across versions; the offending global follows "GLOBAL".
-        refused = re.search(r"GLOBAL (\S+)", str(e))
-        if refused:
-            raise CheckpointError(
-                f"{path} was refused: it would load {refused.group(1)}, which a plain kdfast "
-                "checkpoint never contains (weights_only=True)"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (not a torch.save file)") from None
-    return _validate(ckpt, path, expect)
+    return _validate(read_torch_file(path), Path(path), expect)
 
 
 def _first_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
@@ -216,12 +232,28 @@ def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.
 
 
 def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``."""
+    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``: all of
+    it, or a seeded random choice of ``limit`` items kept in split order (an image folder's split is sorted
+    by class, so its first items would be its first classes only)."""
+    import numpy as np
+
     from kdfast.data import dataset_from_record
 
     dataset = dataset_from_record(ckpt["data"], split)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n == 0:
+    if len(dataset) == 0:
         raise CheckpointError(f"the {split} split described by the checkpoint is empty")
-    images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
+    indices = range(len(dataset))
+    if limit is not None and limit < len(dataset):
+        indices = sorted(np.random.default_rng(0).choice(len(dataset), size=limit, replace=False).tolist())
+    images, labels = zip(*(dataset[i] for i in indices), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def preprocessing(ckpt: dict) -> dict:
+    """How an image must be prepared for the student in ``ckpt``: its data record's eval transform spelled
+    out (:func:`kdfast.data.preprocessing_contract`), with the checkpoint's own mean and std."""
+    from kdfast.data import preprocessing_contract
+
+    return preprocessing_contract(
+        {**ckpt["data"], "mean": ckpt["input"]["mean"], "std": ckpt["input"]["std"]}
+    )

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from kdfast.atomic import atomic_path, atomic_write
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_OK, UsageError
 from kdfast.results import fmt, read_results
+from kdfast.train.rundir import check_writable
 
 COLUMNS = (
     "run",
@@ -143,6 +144,7 @@ def compare(folders: Sequence[Path], out: Path) -> str:
     """Read every run, then write ``out/compare.md`` and ``out/compare.png``; returns the table."""
     runs = {name: read_results(folder) for name, folder in zip(_names(folders), folders, strict=True)}
     text = table(runs)
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     listed = "\n".join(f"- {name}: `{folder}`" for name, folder in zip(runs, folders, strict=True))
     atomic_write(out / "compare.md", f"# kdfast comparison\n\n{text}\n\n![top-1](compare.png)\n\n{listed}\n")
@@ -166,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(args.runs, args.out))
     except UsageError as exc:
         print(f"kdfast.compare: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a full disk, a folder that became unwritable
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"kdfast.compare: error: cannot write{where}: {exc.strerror or exc}; choose another --out",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     return EXIT_OK
 

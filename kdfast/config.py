@@ -23,11 +23,18 @@ import yaml
 from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError
 from kdfast.methods.registry import method, methods
-from kdfast.schema import build, closest, convert, positive
+from kdfast.schema import at_most, build, closest, convert, positive
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
+# Upper bounds past which a value is a typo rather than a plan: they would not end, fill any memory, or
+# overflow the seeds derived from them.
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIZE = 4096
+MAX_WORKERS = 64
+MAX_THREADS = 1024
+SEED_LIMIT = 2**32
 BASE_KEY = "base"  # a config file's parent file, whose values it overrides
 
 
@@ -271,6 +278,7 @@ class RuntimeConfig:
     log_every: int = 10
     progress: bool = True
     tensorboard: Literal["auto", True, False] = "auto"
+    threads: Literal["auto"] | int = "auto"
 
 
 @dataclass
@@ -321,12 +329,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text: give a YAML run config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {path} is not valid YAML{at}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"config file {path} is empty: give a YAML run config (e.g. configs/default.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return raw
@@ -397,12 +407,20 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Checks across keys and on the file system; the schema already checked keys and types."""
+    """Checks across keys, ranges and the file system; the schema already checked keys, types and that every
+    number is finite and >= 0."""
+    if not cfg.out.strip():
+        raise ConfigError("config key 'out' is empty: name the output folder (e.g. runs/my-run)")
+    if cfg.seed >= SEED_LIMIT:
+        raise ConfigError(f"config key 'seed' must be < 2**32, got {cfg.seed}")
     if cfg.seeds is not None and (
-        not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0
+        not cfg.seeds
+        or len(set(cfg.seeds)) != len(cfg.seeds)
+        or min(cfg.seeds) < 0
+        or max(cfg.seeds) >= SEED_LIMIT
     ):
         raise ConfigError(
-            f"config key 'seeds' must list distinct seeds >= 0 (e.g. [0, 1, 2]), got {cfg.seeds}"
+            f"config key 'seeds' must list distinct seeds >= 0 and < 2**32 (e.g. [0, 1, 2]), got {cfg.seeds}"
         )
     data = cfg.data
     if data.name != "digits":
@@ -412,10 +430,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.root does not exist or is not a folder: {data.root}")
     for key in ("image_size", "batch_size", "eval_batch_size"):
         positive(getattr(data, key), f"data.{key}")
+    at_most(data.image_size, MAX_IMAGE_SIZE, "data.image_size", "images that large would fill any memory")
+    at_most(data.num_workers, MAX_WORKERS, "data.num_workers", "each worker is a process holding a data copy")
     for key in ("max_train_samples", "max_val_samples"):
         if getattr(data, key) is not None:
             positive(getattr(data, key), f"data.{key}")
     _check_augment(data.augment)
+    at_most(
+        data.augment.crop_padding,
+        data.image_size,
+        "data.augment.crop_padding",
+        "pad by at most the image size",
+    )
     if not 0.0 < data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be between 0 and 1, got {data.val_fraction}")
     for key in ("mean", "std"):
@@ -424,20 +450,57 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"config key 'data.{key}' must list 3 values (one per RGB channel), got {value}"
             )
+    for i, value in enumerate(data.std or []):
+        positive(value, f"data.std[{i}]")
     for role in ("teacher", "student"):
         model: ModelConfig = getattr(cfg, role)
         if model.weights is not None and not Path(model.weights).is_file():
             raise ConfigError(f"{role}.weights: file not found: {model.weights}")
-        positive(model.train.epochs, f"{role}.train.epochs", allow_zero=True)
-        positive(model.train.optimizer.lr, f"{role}.train.optimizer.lr")
+        _validate_stage(model.train, f"{role}.train")
         _check_recipe(model.train, f"{role}.train")
         for name, tap in model.taps.items():
             if not tap.path:
                 raise ConfigError(
                     f"config key '{role}.taps.{name}.path' is empty: give the module path to tap"
                 )
+            if tap.heads is not None:
+                positive(tap.heads, f"{role}.taps.{name}.heads")
+    runtime = cfg.runtime
+    positive(runtime.log_every, "runtime.log_every")
+    if runtime.grad_clip is not None:
+        positive(runtime.grad_clip, "runtime.grad_clip")
+    if runtime.threads != "auto":
+        positive(runtime.threads, "runtime.threads")
+        at_most(runtime.threads, MAX_THREADS, "runtime.threads", "use at most one thread per core")
     for name in cfg.loss.method:
         method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
+
+
+def _validate_stage(stage: StageConfig, where: str) -> None:
+    """One training stage: its length, optimizer and schedule."""
+    at_most(stage.epochs, MAX_EPOCHS, f"{where}.epochs", "a run that long would not end")
+    unit = f"{where}.label_smoothing"
+    if not stage.label_smoothing < 1.0:
+        raise ConfigError(f"config key '{unit}' must be in [0, 1), got {stage.label_smoothing}")
+    opt, at = stage.optimizer, f"{where}.optimizer"
+    positive(opt.lr, f"{at}.lr")
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        raise ConfigError(
+            f"config key '{at}.betas' must be two values in [0, 1) (Adam's beta1, beta2), got {opt.betas}"
+        )
+    if not opt.momentum < 1.0:
+        raise ConfigError(f"config key '{at}.momentum' must be in [0, 1), got {opt.momentum}")
+    schedule, at = stage.schedule, f"{where}.schedule"
+    at_most(
+        schedule.min_lr, opt.lr, f"{at}.min_lr", f"the schedule decays from {where}.optimizer.lr down to it"
+    )
+    positive(schedule.step_size, f"{at}.step_size")
+    positive(schedule.gamma, f"{at}.gamma")
+
+
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def _check_augment(augment: AugmentConfig) -> None:
@@ -498,4 +561,4 @@ def _check_recipe(stage: StageConfig, where: str) -> None:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what ``--resume`` and ``student.pt`` record)."""
-    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, config_text(cfg))

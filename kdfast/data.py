@@ -320,6 +320,39 @@ def build_transform(
     return v2.Compose(steps)
 
 
+# How each data source's pixels reach [0, 1] before the eval transform (``_digits``, ``_cifar_batch``,
+# ``_read_image``).
+_PIXEL_SOURCES = {
+    "digits": "scikit-learn digits: 8x8 gray levels 0..16 divided by 16, gray repeated as R, G, B",
+    "cifar10": "8-bit RGB divided by 255",
+    "cifar100": "8-bit RGB divided by 255",
+    "imagefolder": "the image decoded by PIL, converted to 8-bit RGB, divided by 255",
+}
+
+
+def preprocessing_contract(record: dict[str, Any]) -> dict[str, Any]:
+    """The eval transform of :func:`build_transform` (``augment=None``) for a data ``record``, spelled out
+    for a deployment that reimplements it without kdfast: pixel source and scale, channel order, resize
+    geometry and interpolation, normalization, layout."""
+    size = int(record["image_size"])
+    if record["name"] == "imagefolder":
+        resize = {"shorter_side_to": round(size * EVAL_RESIZE_RATIO), "then_center_crop": [size, size]}
+    else:
+        resize = {"to": [size, size]}
+    return {
+        "pixels": _PIXEL_SOURCES.get(record["name"], "values in [0, 1]"),
+        "channel_order": "RGB",
+        "pixel_range": [0.0, 1.0],
+        "resize": resize,
+        "interpolation": "bilinear, antialiased (torchvision v2.Resize(antialias=True))",
+        "normalize": "(x - mean) / std per channel, after the resize",
+        "mean": list(record["mean"]),
+        "std": list(record["std"]),
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
 def augment_policy(augment: AugmentConfig) -> v2.Transform | None:
     """The configured torchvision policy: ``v2.AutoAugment`` with its learned CIFAR-10 / ImageNet / SVHN
     policy (Cubuk et al. 2019), ``v2.RandAugment(num_ops, magnitude)`` (Cubuk et al. 2020) or

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -22,3 +23,8 @@ class CheckpointError(UsageError):
 
 class TrainingDiverged(Exception):
     """A NaN or infinite loss: the run stops, the last good checkpoint is kept; the command exits 1."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during a run: the last finished epoch is kept and ``--resume`` continues; the command exits 130
+    (128 + SIGINT, as a shell reports a process stopped by Ctrl-C)."""

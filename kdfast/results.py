@@ -136,11 +136,13 @@ def results_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, results: Mapping[str, Any]) -> str:
-    """Write ``results.json`` and ``results.md`` in ``out`` (atomically); returns the table."""
+def write_results(out: Path, results: Mapping[str, Any], notes: str = "") -> str:
+    """Write ``results.json`` and ``results.md`` in ``out`` (atomically), ``notes`` (Markdown) below the
+    table in ``results.md``; returns the table."""
     table = results_table(results)
+    extra = f"\n\n{notes}" if notes else ""
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write(out / "results.md", f"# kdfast results ({results['data']})\n\n{table}\n")
+    atomic_write(out / "results.md", f"# kdfast results ({results['data']})\n\n{table}{extra}\n")
     return table
 
 

@@ -5,8 +5,10 @@ value.
 and every value against its type hint (nested dataclasses, lists, mappings, ``Literal`` choices, unions);
 ``where`` is the dotted key path that errors name (``loss.agkd.pairs[0].student``). The run schema
 (``kdfast.config``) and every method's section (``kdfast.methods``) are read this way, so all config errors
-look alike: an unknown key names the closest valid ones, a wrong type names the expected one. ``positive``
-and ``unit_interval`` are the range checks the validators share.
+look alike: an unknown key names the closest valid ones, a wrong type names the expected one. Every number
+a config holds is finite and >= 0 (no setting of the run or of a method is negative, and a NaN or an infinity
+is never a setting), checked here for every key at once; ``positive``, ``unit_interval`` and ``at_most``
+are the further range checks the validators share.
 """
 
 from __future__ import annotations
@@ -89,15 +91,21 @@ def convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a folder named 2024 reads as a number in YAML
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return _non_negative(float(value), where)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string
-            return float(value)
+            return _non_negative(float(value), where)
         except ValueError:
             pass
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
+        return _non_negative(value, where) if tp in (int, float) else value
     raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+
+
+def _non_negative(value: float | int, where: str) -> float | int:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"config key '{where}' must be >= 0 and finite, got {value}")
+    return value
 
 
 def build(cls: type, raw: Any, where: str = "") -> Any:
@@ -121,6 +129,12 @@ def positive(value: float | int, where: str, allow_zero: bool = False) -> None:
     """ConfigError unless ``value`` is finite and > 0 (>= 0 with ``allow_zero``)."""
     if not math.isfinite(value) or not (value > 0 or (allow_zero and value == 0)):
         raise ConfigError(f"config key '{where}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def at_most(value: float | int, limit: float | int, where: str, why: str) -> None:
+    """ConfigError unless ``value`` <= ``limit``; ``why`` says what a larger value would do."""
+    if value > limit:
+        raise ConfigError(f"config key '{where}' must be <= {limit}, got {value}: {why}")
 
 
 def unit_interval(value: float, where: str) -> None:

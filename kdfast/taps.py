@@ -93,17 +93,19 @@ class Taps(nn.Module):
     ``nn.MultiheadAttention``; ``heads`` overrides the module's own head count.
     """
 
-    def __init__(self, model: nn.Module, specs: Mapping[str, TapConfig]) -> None:
+    def __init__(self, model: nn.Module, specs: Mapping[str, TapConfig], where: str | None = None) -> None:
+        """``where``: the config key of ``specs`` (``student.taps``) that a bad path's error names."""
         super().__init__()
         self.model = model
         self.specs = dict(specs)
+        self.where = where
         self._store: dict[str, Any] = {}
         self.recording = False
         inner = unwrap(model)
         self._handles = [self._attach(name, spec, inner) for name, spec in self.specs.items()]
 
     def _attach(self, name: str, spec: TapConfig, inner: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        module = find_module(inner, spec.path)
+        module = find_module(inner, spec.path, what=f"{self.where}.{name}.path" if self.where else "tap path")
         store = self._store
         if spec.kind == "feature":
 

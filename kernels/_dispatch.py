@@ -1,21 +1,22 @@
-"""Choosing between the Triton kernel and the eager reference of an op."""
+"""Choosing between the Triton kernel and the eager reference of an op, and checking its inputs."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
 IMPLS = ("auto", "triton", "reference")
 
 
-def triton_available() -> bool:
-    """Whether the ``triton`` package imports (it does not on macOS or Windows)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+try:
+    import triton  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except ImportError:  # macOS / Windows
+    TRITON_AVAILABLE = False
 
 
 def interpreting() -> bool:
@@ -35,11 +36,30 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        return on_cuda and triton_available()
-    if not triton_available():
+        return on_cuda and TRITON_AVAILABLE
+    if not TRITON_AVAILABLE:
         raise ValueError("impl='triton' needs the triton package; install it or use impl='reference'")
     if not on_cuda and not interpreting():
         raise ValueError(
             "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels is imported"
         )
     return True
+
+
+def signature_check(check: Callable[..., None]) -> Callable[..., None]:
+    """Wrap ``check(*signature)``, which raises a ValueError naming what to change and depends on shapes,
+    dtypes and options only, so that a signature that passed once is not checked again (a dict lookup
+    instead of the checks). Under ``torch.compile`` tracing, and for unhashable arguments, it runs as is."""
+    cached = functools.lru_cache(maxsize=256, typed=True)(check)
+
+    @functools.wraps(check)
+    def run(*signature) -> None:
+        if torch.compiler.is_compiling():
+            check(*signature)
+            return
+        try:
+            cached(*signature)
+        except TypeError:  # an unhashable argument: checked (and refused) without the cache
+            check(*signature)
+
+    return run

@@ -5,13 +5,28 @@ Reference first (explicit softmax, the specification), then the Triton kernels t
 Notation of the kernels: the row distributions are p = softmax(a) and q = softmax(b), with logits
 a = q_a k_a^T * scale_a and b = q_b k_b^T * scale_b; they compute KL(p || q) per row. The direction
 is chosen by which pair is passed as ``a``: the student for "student_teacher", the teacher otherwise.
+
+Precision: every product runs on tensor cores. fp16 / bf16 tiles multiply natively; fp32 inputs multiply as
+TF32 (10-bit mantissa: logits carry a relative error of about 2^-11 times |q| |k|, the precision of fp16
+inputs, not of fp32). Accumulation, the softmax statistics and the KL are fp32 throughout.
+
+Launches: forward 1 (one pass over the key blocks per query block: online log-sum-exp of both logit sets and
+the KL term; 3 floats per row saved). Backward 1 kernel, single pass in the FlashAttention-2 order: one
+program per key block walks the query blocks, recomputes both logit tiles once per block pair, keeps dk in
+registers and adds each block pair's dq contribution to an fp32 buffer with atomics (so dq sums in an order
+that varies from run to run, at fp32 rounding); plus a memset of that buffer and, for fp16 / bf16 inputs, its
+cast to the input dtype. Offsets that can pass 2^31 elements (batch and head bases, the contiguous outputs)
+are 64-bit; within one (b, h) slice they stay 32-bit (a slice is checked to span fewer than 2^31 elements).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from kernels._dispatch import interpreting, use_triton
+from kernels._dispatch import interpreting, signature_check, use_triton
+from kernels._launch import Pinned
 
 try:
     import triton
@@ -22,7 +37,7 @@ except ImportError:  # macOS / Windows: the reference still runs, use_triton nev
 DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("mean", "none")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634
+INT32_SPAN = 2**31
 
 
 def attention_kl_reference(
@@ -53,48 +68,48 @@ def attention_kl_reference(
     return kl.mean() if reduction == "mean" else kl
 
 
-def _check_inputs(
-    q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, direction: str, reduction: str
+@signature_check
+def _check_signature(
+    shapes: tuple[torch.Size, ...], dtypes: tuple[torch.dtype, ...], direction: str, reduction: str
 ) -> None:
     """Raise a ValueError naming what to change when the inputs do not fit the contract."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    named = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
-    for name, t in named.items():
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    for name, t in named.items():
-        if t.shape[:3] != q_s.shape[:3]:
+    names = ("q_s", "k_s", "q_t", "k_t")
+    for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(shape)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
+    for name, shape in zip(names, shapes, strict=True):
+        if shape[:3] != shapes[0][:3]:
             raise ValueError(
-                f"{name} has (B, H, N) = {tuple(t.shape[:3])}, expected {tuple(q_s.shape[:3])} as in q_s"
+                f"{name} has (B, H, N) = {tuple(shape[:3])}, expected {tuple(shapes[0][:3])} as in q_s"
             )
-    for q_name, k_name in (("q_s", "k_s"), ("q_t", "k_t")):
-        q, k = named[q_name], named[k_name]
-        if q.shape[-1] != k.shape[-1]:
+    for q, k in ((0, 1), (2, 3)):
+        if shapes[q][-1] != shapes[k][-1]:
             raise ValueError(
-                f"{q_name} and {k_name} must share a head dim, got {q.shape[-1]} and {k.shape[-1]}"
+                f"{names[q]} and {names[k]} must share a head dim, got {shapes[q][-1]} and {shapes[k][-1]}"
             )
-        if q.dtype != k.dtype:
-            raise ValueError(f"{q_name} and {k_name} must share a dtype, got {q.dtype} and {k.dtype}")
+        if dtypes[q] != dtypes[k]:
+            raise ValueError(f"{names[q]} and {names[k]} must share a dtype, got {dtypes[q]} and {dtypes[k]}")
 
 
-def _dot_modes(dtype: torch.dtype) -> tuple[str, str]:
+def _dot_modes(dtype: torch.dtype, interpreted: bool) -> tuple[str, str]:
     """How the forward and the backward kernels multiply tiles of this input dtype.
 
-    fp32 stays exact ("ieee": no TF32 rounding of the logits). The backward's dS tile carries the
-    upstream gradient (1 / (B*H*N) under "mean"), which underflows fp16's range at training shapes,
-    so fp16 backward products run on fp32 tiles ("tf32": fp16's mantissa with fp32's exponent);
-    bf16 already has fp32's exponent and stays native.
+    fp32 runs on TF32 tensor cores (see the module docstring). The backward's dS tile carries the upstream
+    gradient (1 / (B*H*N) under "mean"), which underflows fp16's range at training shapes, so fp16
+    backward products run on fp32 tiles as TF32 (fp16's mantissa with fp32's exponent); bf16 already has
+    fp32's exponent and stays native.
     """
     if dtype == torch.float32:
-        return "ieee", "ieee"
+        return "tf32", "tf32"
     if dtype == torch.float16:
         return "native", "tf32"
-    if interpreting():
+    if interpreted:
         # The CPU interpreter's tl.dot on bf16 tiles returns garbage (triton 3.8); upcast there only.
         return "tf32", "tf32"
     return "native", "native"
@@ -112,7 +127,17 @@ if triton is not None:
 
     # Hopper: 64-128 query rows per program keep two logit tiles plus both Q tiles in registers at D=128.
     _FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)])
-    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 64, 8, 2)])
+    # The backward holds four logit-sized tiles (a, b, dS_a, dS_b), the dk accumulator and a dq partial: at
+    # 64 x 64 blocks that outgrows the registers of 4 warps, and 8 warps spill on sm_80 with fp32 inputs or
+    # D = 32 (bench/RESOURCES.md). Long sequences want 128 keys per program: half the dq atomics of 64.
+    _BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (16, 128, 4, 2)])
+
+    def _prune_backward(configs: list, named_args: dict, **kwargs) -> list:
+        """Both pairs' gradients (dk_a and dk_b in registers, two dq partials) leave room for 16 query rows
+        per block pair only."""
+        if kwargs.get("NEED_A") and kwargs.get("NEED_B"):
+            return [c for c in configs if c.kwargs["BLOCK_M"] == 16] or configs[:1]
+        return configs
 
     @triton.jit
     def _dot(x, y, MODE: tl.constexpr):
@@ -125,6 +150,11 @@ if triton is not None:
     def _load_tile(ptr, offs_r, offs_d, stride_r, stride_d, n_rows, D):
         mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < D)
         return tl.load(ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+    @triton.jit
+    def _head(ptr, b_idx, h_idx, stride_b, stride_h):
+        """The (b, h) slice of a 4-D tensor: 64-bit, as B * H * N * D may pass 2^31."""
+        return ptr + b_idx.to(tl.int64) * stride_b + h_idx.to(tl.int64) * stride_h
 
     @triton.jit
     def _logit_grads(a, b, lse_a, lse_b, kl, g, valid):
@@ -143,7 +173,7 @@ if triton is not None:
         qa_ptr, ka_ptr, qb_ptr, kb_ptr, kl_ptr, lse_a_ptr, lse_b_ptr,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
-        H, N, DA, DB, scale2_a, scale2_b,
+        H, N, DA, DB, scale_a, scale_b,
         BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, MODE_A: tl.constexpr, MODE_B: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
@@ -156,10 +186,12 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_da = tl.arange(0, BLOCK_DA)
         offs_db = tl.arange(0, BLOCK_DB)
-        qa = _load_tile(qa_ptr + b_idx * s_qa_b + h_idx * s_qa_h, offs_m, offs_da, s_qa_n, s_qa_d, N, DA)
-        qb = _load_tile(qb_ptr + b_idx * s_qb_b + h_idx * s_qb_h, offs_m, offs_db, s_qb_n, s_qb_d, N, DB)
-        ka_base = ka_ptr + b_idx * s_ka_b + h_idx * s_ka_h
-        kb_base = kb_ptr + b_idx * s_kb_b + h_idx * s_kb_h
+        qa = _load_tile(_head(qa_ptr, b_idx, h_idx, s_qa_b, s_qa_h), offs_m, offs_da, s_qa_n, s_qa_d, N, DA)
+        qb = _load_tile(_head(qb_ptr, b_idx, h_idx, s_qb_b, s_qb_h), offs_m, offs_db, s_qb_n, s_qb_d, N, DB)
+        ka_base = _head(ka_ptr, b_idx, h_idx, s_ka_b, s_ka_h)
+        kb_base = _head(kb_ptr, b_idx, h_idx, s_kb_b, s_kb_h)
+        scale2_a = scale_a * 1.4426950408889634  # logits in log2 units: exp2 instead of exp
+        scale2_b = scale_b * 1.4426950408889634
         m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
         m_b = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_a = tl.zeros([BLOCK_M], tl.float32)
@@ -188,76 +220,33 @@ if triton is not None:
         lse_a = m_a + tl.log2(l_a)
         lse_b = m_b + tl.log2(l_b)
         kl = (cross / l_a - (lse_a - lse_b)) * 0.6931471805599453
-        row = bh * N + offs_m
+        row = bh.to(tl.int64) * N + offs_m
         tl.store(kl_ptr + row, kl, mask=offs_m < N)
         tl.store(lse_a_ptr + row, lse_a, mask=offs_m < N)
         tl.store(lse_b_ptr + row, lse_b, mask=offs_m < N)
 
-    @triton.autotune(configs=_BWD_CONFIGS, key=["N", "DA", "DB"])
+    @triton.autotune(
+        configs=_BWD_CONFIGS,
+        key=["N", "DA", "DB"],
+        reset_to_zero=["dqa_ptr", "dqb_ptr"],
+        prune_configs_by={"early_config_prune": _prune_backward},
+    )
     @triton.jit
-    def _attention_kl_bwd_dq_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, dqa_ptr, dqb_ptr,
+    def _attention_kl_bwd_kernel(
+        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr,
+        dqa_ptr, dka_ptr, dqb_ptr, dkb_ptr,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
-        H, N, DA, DB, scale2_a, scale2_b, scale_a, scale_b,
+        g_stride, g_scale, H, N, DA, DB, scale_a, scale_b,
         BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, MODE_A: tl.constexpr, MODE_B: tl.constexpr,
         BWD_MODE_A: tl.constexpr, BWD_MODE_B: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        """dq = dS @ k * scale for one (b, h, query block), logits recomputed key block by key block;
-        the gradients are written contiguous (B, H, N, D)."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b_idx = bh // H
-        h_idx = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_da = tl.arange(0, BLOCK_DA)
-        offs_db = tl.arange(0, BLOCK_DB)
-        qa = _load_tile(qa_ptr + b_idx * s_qa_b + h_idx * s_qa_h, offs_m, offs_da, s_qa_n, s_qa_d, N, DA)
-        qb = _load_tile(qb_ptr + b_idx * s_qb_b + h_idx * s_qb_h, offs_m, offs_db, s_qb_n, s_qb_d, N, DB)
-        ka_base = ka_ptr + b_idx * s_ka_b + h_idx * s_ka_h
-        kb_base = kb_ptr + b_idx * s_kb_b + h_idx * s_kb_h
-        row = bh * N + offs_m
-        row_ok = offs_m < N
-        g = tl.load(g_ptr + row, mask=row_ok, other=0.0)
-        kl = tl.load(kl_ptr + row, mask=row_ok, other=0.0)
-        lse_a = tl.load(lse_a_ptr + row, mask=row_ok, other=0.0)
-        lse_b = tl.load(lse_b_ptr + row, mask=row_ok, other=0.0)
-        dqa = tl.zeros([BLOCK_M, BLOCK_DA], tl.float32)
-        dqb = tl.zeros([BLOCK_M, BLOCK_DB], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = row_ok[:, None] & (offs_n < N)[None, :]
-            ka = _load_tile(ka_base, offs_n, offs_da, s_ka_n, s_ka_d, N, DA)
-            kb = _load_tile(kb_base, offs_n, offs_db, s_kb_n, s_kb_d, N, DB)
-            a = _dot(qa, tl.trans(ka), MODE_A) * scale2_a
-            b = _dot(qb, tl.trans(kb), MODE_B) * scale2_b
-            ds_a, ds_b = _logit_grads(a, b, lse_a, lse_b, kl, g, valid)
-            if NEED_A:
-                dqa += _dot(ds_a, ka, BWD_MODE_A)
-            if NEED_B:
-                dqb += _dot(ds_b, kb, BWD_MODE_B)
-        if NEED_A:
-            out = dqa_ptr + (bh * N + offs_m[:, None]) * DA + offs_da[None, :]
-            tl.store(out, dqa * scale_a, mask=row_ok[:, None] & (offs_da[None, :] < DA))
-        if NEED_B:
-            out = dqb_ptr + (bh * N + offs_m[:, None]) * DB + offs_db[None, :]
-            tl.store(out, dqb * scale_b, mask=row_ok[:, None] & (offs_db[None, :] < DB))
-
-    @triton.autotune(configs=_BWD_CONFIGS, key=["N", "DA", "DB"])
-    @triton.jit
-    def _attention_kl_bwd_dk_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, dka_ptr, dkb_ptr,
-        s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
-        s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
-        H, N, DA, DB, scale2_a, scale2_b, scale_a, scale_b,
-        BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, MODE_A: tl.constexpr, MODE_B: tl.constexpr,
-        BWD_MODE_A: tl.constexpr, BWD_MODE_B: tl.constexpr, NEED_A: tl.constexpr, NEED_B: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        """dk = dS^T @ q * scale for one (b, h, key block), looping over query blocks (the
-        FlashAttention-2 dK/dV order): each program owns its rows of dk, so no atomics and the
-        result is deterministic."""
+        """One program per (b, h, key block), walking the query blocks (FlashAttention-2's order): both
+        logit tiles are recomputed once per block pair; dk = dS^T @ q * scale stays in registers and is
+        written once; dq = dS @ k * scale is added block pair by block pair to the zeroed fp32 dq buffers
+        with atomics. The upstream gradient of row r is g_ptr[r * g_stride] * g_scale (g_stride 0: one
+        value for every row, as the backward of a mean)."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
         b_idx = bh // H
@@ -265,18 +254,21 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_da = tl.arange(0, BLOCK_DA)
         offs_db = tl.arange(0, BLOCK_DB)
-        ka = _load_tile(ka_ptr + b_idx * s_ka_b + h_idx * s_ka_h, offs_n, offs_da, s_ka_n, s_ka_d, N, DA)
-        kb = _load_tile(kb_ptr + b_idx * s_kb_b + h_idx * s_kb_h, offs_n, offs_db, s_kb_n, s_kb_d, N, DB)
-        qa_base = qa_ptr + b_idx * s_qa_b + h_idx * s_qa_h
-        qb_base = qb_ptr + b_idx * s_qb_b + h_idx * s_qb_h
+        ka = _load_tile(_head(ka_ptr, b_idx, h_idx, s_ka_b, s_ka_h), offs_n, offs_da, s_ka_n, s_ka_d, N, DA)
+        kb = _load_tile(_head(kb_ptr, b_idx, h_idx, s_kb_b, s_kb_h), offs_n, offs_db, s_kb_n, s_kb_d, N, DB)
+        qa_base = _head(qa_ptr, b_idx, h_idx, s_qa_b, s_qa_h)
+        qb_base = _head(qb_ptr, b_idx, h_idx, s_qb_b, s_qb_h)
+        head_rows = bh.to(tl.int64) * N
         col_ok = offs_n < N
+        scale2_a = scale_a * 1.4426950408889634
+        scale2_b = scale_b * 1.4426950408889634
         dka = tl.zeros([BLOCK_N, BLOCK_DA], tl.float32)
         dkb = tl.zeros([BLOCK_N, BLOCK_DB], tl.float32)
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
-            row = bh * N + offs_m
-            g = tl.load(g_ptr + row, mask=row_ok, other=0.0)
+            row = head_rows + offs_m
+            g = tl.load(g_ptr + row * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
             kl = tl.load(kl_ptr + row, mask=row_ok, other=0.0)
             lse_a = tl.load(lse_a_ptr + row, mask=row_ok, other=0.0)
             lse_b = tl.load(lse_b_ptr + row, mask=row_ok, other=0.0)
@@ -287,34 +279,145 @@ if triton is not None:
             ds_a, ds_b = _logit_grads(a, b, lse_a, lse_b, kl, g, row_ok[:, None] & col_ok[None, :])
             if NEED_A:
                 dka += _dot(tl.trans(ds_a), qa, BWD_MODE_A)
+                dqa = _dot(ds_a, ka, BWD_MODE_A) * scale_a
+                at = dqa_ptr + row[:, None] * DA + offs_da[None, :]
+                tl.atomic_add(at, dqa, mask=row_ok[:, None] & (offs_da[None, :] < DA), sem="relaxed")
             if NEED_B:
                 dkb += _dot(tl.trans(ds_b), qb, BWD_MODE_B)
+                dqb = _dot(ds_b, kb, BWD_MODE_B) * scale_b
+                at = dqb_ptr + row[:, None] * DB + offs_db[None, :]
+                tl.atomic_add(at, dqb, mask=row_ok[:, None] & (offs_db[None, :] < DB), sem="relaxed")
+        key_rows = (head_rows + offs_n)[:, None]
         if NEED_A:
-            out = dka_ptr + (bh * N + offs_n[:, None]) * DA + offs_da[None, :]
+            out = dka_ptr + key_rows * DA + offs_da[None, :]
             tl.store(out, dka * scale_a, mask=col_ok[:, None] & (offs_da[None, :] < DA))
         if NEED_B:
-            out = dkb_ptr + (bh * N + offs_n[:, None]) * DB + offs_db[None, :]
+            out = dkb_ptr + key_rows * DB + offs_db[None, :]
             tl.store(out, dkb * scale_b, mask=col_ok[:, None] & (offs_db[None, :] < DB))
+
+    _forward_kernel = Pinned(_attention_kl_fwd_kernel)
+    _backward_kernel = Pinned(_attention_kl_bwd_kernel)
+
+
+def _pow2(n: int) -> int:
+    """Head dims padded to a power of two >= 16, the smallest tl.dot operand."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    shape_a: torch.Size, shape_b: torch.Size, dtype_a: torch.dtype, dtype_b: torch.dtype, interpreted: bool
+) -> tuple[dict, dict]:
+    """The launch constants of one signature, computed once: head dims padded to a power of two and the
+    dot modes of each pair's dtype (forward), then the backward modes."""
+    (fwd_a, bwd_a), (fwd_b, bwd_b) = _dot_modes(dtype_a, interpreted), _dot_modes(dtype_b, interpreted)
+    shape = {
+        "H": shape_a[1],
+        "N": shape_a[2],
+        "DA": shape_a[3],
+        "DB": shape_b[3],
+        "BLOCK_DA": _pow2(shape_a[3]),
+        "BLOCK_DB": _pow2(shape_b[3]),
+        "MODE_A": fwd_a,
+        "MODE_B": fwd_b,
+    }
+    return shape, {"BWD_MODE_A": bwd_a, "BWD_MODE_B": bwd_b}
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
-    return [s for t in tensors for s in t.stride()]
+    """Every stride of the four inputs; a (b, h) slice must span fewer than 2^31 elements, the reach of
+    the kernels' 32-bit offsets within a slice."""
+    strides = []
+    for t in tensors:
+        s = t.stride()
+        if (t.shape[2] - 1) * s[2] + (t.shape[3] - 1) * s[3] >= INT32_SPAN:
+            raise ValueError(
+                f"one (b, h) slice of a {tuple(t.shape)} input with strides {s} spans 2^31 elements or more;"
+                " make the input contiguous"
+            )
+        strides.extend(s)
+    return strides
 
 
-def _shape_args(q_a: torch.Tensor, q_b: torch.Tensor) -> tuple[dict, dict]:
-    """Launch arguments shared by the three kernels: head dims padded to a power of two (>= 16, the
-    smallest tl.dot operand) and the forward dot mode of each pair's dtype; then the backward modes."""
-    (fwd_a, bwd_a), (fwd_b, bwd_b) = _dot_modes(q_a.dtype), _dot_modes(q_b.dtype)
-    return {
-        "H": q_a.shape[1],
-        "N": q_a.shape[2],
-        "DA": q_a.shape[3],
-        "DB": q_b.shape[3],
-        "BLOCK_DA": max(16, triton.next_power_of_2(q_a.shape[3])),
-        "BLOCK_DB": max(16, triton.next_power_of_2(q_b.shape[3])),
-        "MODE_A": fwd_a,
-        "MODE_B": fwd_b,
-    }, {"BWD_MODE_A": bwd_a, "BWD_MODE_B": bwd_b}
+def _forward(
+    q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row KL(softmax(a) || softmax(b)) as (B, H, N) fp32, with lse_a and lse_b in log2 units."""
+    batch, heads, n = q_a.shape[:3]
+    kl, lse_a, lse_b = (torch.empty((batch, heads, n), device=q_a.device, dtype=torch.float32) for _ in "kab")
+    if kl.numel() == 0:
+        return kl, lse_a, lse_b
+    shape, _ = _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, interpreting())
+    rows = batch * heads
+    _forward_kernel(
+        (q_a.shape, q_b.shape, q_a.dtype, q_b.dtype),
+        lambda meta: ((n + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], rows),
+        q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *_strides(q_a, k_a, q_b, k_b),
+        scale_a=scale_a, scale_b=scale_b, **shape,
+    )  # fmt: skip
+    return kl, lse_a, lse_b
+
+
+def _backward(
+    grad: torch.Tensor,
+    grad_scale: float,
+    q_a: torch.Tensor,
+    k_a: torch.Tensor,
+    q_b: torch.Tensor,
+    k_b: torch.Tensor,
+    kl: torch.Tensor,
+    lse_a: torch.Tensor,
+    lse_b: torch.Tensor,
+    scale_a: float,
+    scale_b: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq_a, dk_a, dq_b, dk_b) contiguous in the input dtypes, for the upstream gradient ``grad`` of the
+    per-row KL (a (B, H, N) tensor, or one value for every row: 0-d or expanded) times ``grad_scale``. A pair
+    not needed comes back as None, with no allocation and no work (usually the detached teacher)."""
+    if not (need_a or need_b):
+        return None, None, None, None
+    # dq sums one term per key block: in fp32, with atomics (for fp32 inputs the sum is the gradient).
+    dq_a = torch.zeros(q_a.shape, device=q_a.device, dtype=torch.float32) if need_a else None
+    dk_a = k_a.new_empty(k_a.shape) if need_a else None
+    dq_b = torch.zeros(q_b.shape, device=q_b.device, dtype=torch.float32) if need_b else None
+    dk_b = k_b.new_empty(k_b.shape) if need_b else None
+    if kl.numel() == 0:
+        return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
+    if not any(grad.stride()):  # 0-d, or expanded from one value (the backward of a mean)
+        grad, grad_stride = grad[(0,) * grad.dim()], 0
+    else:
+        grad, grad_stride = grad.contiguous(), 1
+    batch, heads, n = q_a.shape[:3]
+    shape, bwd_modes = _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, interpreting())
+    # The pair not needed is never written (NEED_A / NEED_B): the needed pair's buffers stand in for it.
+    _backward_kernel(
+        (q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, need_a, need_b),
+        lambda meta: ((n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], batch * heads),
+        q_a, k_a, q_b, k_b, grad, kl, lse_a, lse_b,
+        dq_b if dq_a is None else dq_a, dk_b if dk_a is None else dk_a,
+        dq_a if dq_b is None else dq_b, dk_a if dk_b is None else dk_b,
+        *_strides(q_a, k_a, q_b, k_b), grad_stride, grad_scale,
+        scale_a=scale_a, scale_b=scale_b,
+        NEED_A=need_a, NEED_B=need_b, **bwd_modes, **shape,
+    )  # fmt: skip
+    return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
+
+
+def _cast(dq: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return dq if dq is None or dq.dtype == dtype else dq.to(dtype)
+
+
+def _input_grads(saved, scales, needs, grad: torch.Tensor, grad_scale: float) -> tuple:
+    """The four input gradients (None where not needed) from what the forward saved."""
+    q_a, k_a, q_b, k_b, kl, lse_a, lse_b = saved
+    need_a, need_b = needs[0] or needs[1], needs[2] or needs[3]
+    grads = _backward(grad, grad_scale, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *scales, need_a, need_b)
+    return tuple(g if need else None for g, need in zip(grads, needs[:4], strict=True))
+
+
+# --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
 
 
 @torch.library.custom_op("kdfast::attention_kl_fwd", mutates_args=())
@@ -322,17 +425,7 @@ def _attention_kl_fwd(
     q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row KL(softmax(a) || softmax(b)) as (B, H, N) fp32, with lse_a and lse_b in log2 units."""
-    batch, heads, n = q_a.shape[:3]
-    kl, lse_a, lse_b = (q_a.new_empty((batch, heads, n), dtype=torch.float32) for _ in range(3))
-    if kl.numel() == 0:
-        return kl, lse_a, lse_b
-    shape, _ = _shape_args(q_a, q_b)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attention_kl_fwd_kernel[grid](
-        q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *_strides(q_a, k_a, q_b, k_b),
-        scale2_a=scale_a * LOG2E, scale2_b=scale_b * LOG2E, **shape,
-    )  # fmt: skip
-    return kl, lse_a, lse_b
+    return _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
 
 
 @_attention_kl_fwd.register_fake
@@ -343,7 +436,6 @@ def _(q_a, k_a, q_b, k_b, scale_a, scale_b):
 def _grad_buffers(
     q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, need_a: bool, need_b: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uninitialized contiguous gradients (every element gets written), empty for a pair not needed."""
     return tuple(
         x.new_empty(x.shape if needed else (0,))
         for x, needed in ((q_a, need_a), (k_a, need_a), (q_b, need_b), (k_b, need_b))
@@ -367,20 +459,9 @@ def _attention_kl_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq_a, dk_a, dq_b, dk_b) for the per-row upstream gradient ``grad``; a pair not needed comes
     back as an empty tensor and its work is skipped (usually the detached teacher)."""
-    dq_a, dk_a, dq_b, dk_b = _grad_buffers(q_a, k_a, q_b, k_b, need_a, need_b)
-    if kl.numel() == 0 or not (need_a or need_b):
-        return dq_a, dk_a, dq_b, dk_b
-    batch, heads, n = q_a.shape[:3]
-    shape, bwd_modes = _shape_args(q_a, q_b)
-    common = (q_a, k_a, q_b, k_b, grad.contiguous(), kl, lse_a, lse_b)
-    flags = {"NEED_A": need_a, "NEED_B": need_b, **bwd_modes, **shape, "scale_a": scale_a, "scale_b": scale_b}
-    flags.update(scale2_a=scale_a * LOG2E, scale2_b=scale_b * LOG2E)
-    strides = _strides(q_a, k_a, q_b, k_b)
-    grid_q = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    grid_k = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)  # noqa: E731
-    _attention_kl_bwd_dq_kernel[grid_q](*common, dq_a, dq_b, *strides, **flags)
-    _attention_kl_bwd_dk_kernel[grid_k](*common, dk_a, dk_b, *strides, **flags)
-    return dq_a, dk_a, dq_b, dk_b
+    grads = _backward(grad, 1.0, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, scale_a, scale_b, need_a, need_b)
+    inputs = (q_a, k_a, q_b, k_b)
+    return tuple(x.new_empty((0,)) if g is None else g for g, x in zip(grads, inputs, strict=True))
 
 
 @_attention_kl_bwd.register_fake
@@ -394,24 +475,38 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scales = (scale_a, scale_b)
 
 
-def _backward(ctx, grad_kl, _grad_lse_a, _grad_lse_b):
-    q_a, k_a, q_b, k_b, kl, lse_a, lse_b = ctx.saved_tensors
+def _op_backward(ctx, grad_kl, _grad_lse_a, _grad_lse_b):
     need = ctx.needs_input_grad
     need_a, need_b = need[0] or need[1], need[2] or need[3]
-    dq_a, dk_a, dq_b, dk_b = torch.ops.kdfast.attention_kl_bwd(
+    q_a, k_a, q_b, k_b, kl, lse_a, lse_b = ctx.saved_tensors
+    grads = torch.ops.kdfast.attention_kl_bwd(
         grad_kl, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *ctx.scales, need_a, need_b
     )
-    return (
-        dq_a if need[0] else None,
-        dk_a if need[1] else None,
-        dq_b if need[2] else None,
-        dk_b if need[3] else None,
-        None,
-        None,
-    )
+    return *(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None
 
 
-_attention_kl_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_kl_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --- eager path: one autograd.Function around the same launchers -----------------------------------------
+
+
+class _AttentionKL(torch.autograd.Function):
+    """Eager calls skip the custom op's dispatcher round trips (about half the host time of a call); the
+    ``mean`` is taken inside, so its backward is a scalar the kernel reads with stride 0."""
+
+    @staticmethod
+    def forward(ctx, q_a, k_a, q_b, k_b, scale_a: float, scale_b: float, mean: bool):
+        kl, lse_a, lse_b = _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
+        ctx.save_for_backward(q_a, k_a, q_b, k_b, kl, lse_a, lse_b)
+        ctx.scales = (scale_a, scale_b)
+        ctx.grad_scale = 1.0 / max(kl.numel(), 1) if mean else 1.0
+        return kl.mean() if mean else kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = _input_grads(ctx.saved_tensors, ctx.scales, ctx.needs_input_grad, grad, ctx.grad_scale)
+        return *grads, None, None, None
 
 
 def attention_kl(
@@ -432,9 +527,14 @@ def attention_kl(
     MiniLM's KL(A_t || A_s) ("teacher_student").
 
     "mean" averages the per-row KL over B*H*N rows, "none" returns it as (B, H, N) fp32. The Triton
-    path streams over key blocks in forward and backward, so no N x N tensor is ever stored.
+    path streams over key blocks in forward and backward, so no N x N tensor is ever stored; its products
+    run on tensor cores, fp32 inputs as TF32 (module docstring). Teacher gradients are computed only when
+    the teacher requires grad.
     """
-    _check_inputs(q_s, k_s, q_t, k_t, direction, reduction)
+    _check_signature(
+        (q_s.shape, k_s.shape, q_t.shape, k_t.shape), (q_s.dtype, k_s.dtype, q_t.dtype, k_t.dtype),
+        direction, reduction,
+    )  # fmt: skip
     if not use_triton(impl, q_s, k_s, q_t, k_t):
         return attention_kl_reference(
             q_s, k_s, q_t, k_t, scale_s=scale_s, scale_t=scale_t, direction=direction, reduction=reduction
@@ -442,7 +542,10 @@ def attention_kl(
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else float(scale_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else float(scale_t)
     if direction == "student_teacher":
-        kl = torch.ops.kdfast.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t)[0]
+        args = (q_s, k_s, q_t, k_t, scale_s, scale_t)
     else:
-        kl = torch.ops.kdfast.attention_kl_fwd(q_t, k_t, q_s, k_s, scale_t, scale_s)[0]
-    return kl.mean() if reduction == "mean" else kl
+        args = (q_t, k_t, q_s, k_s, scale_t, scale_s)
+    if torch.compiler.is_compiling():
+        kl = torch.ops.kdfast.attention_kl_fwd(*args)[0]
+        return kl.mean() if reduction == "mean" else kl
+    return _AttentionKL.apply(*args, reduction == "mean")

@@ -14,14 +14,16 @@ no dense matrices in memory).
 
 from __future__ import annotations
 
+import functools
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
+from kernels._dispatch import signature_check, use_triton
 
 EPS = 1e-12
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -148,6 +150,18 @@ def _resize_transpose_tile(
 
 
 @triton.jit
+def _feature_offsets(offs, W, stride_h, stride_w, FLAT: tl.constexpr):
+    """Offsets of the flat pixel indices ``offs`` in one (b, c) plane. FLAT (stride_h == W * stride_w:
+    NCHW and channels_last alike) needs no division: pixels are evenly spaced, so a tile's loads are
+    contiguous along the pixels (NCHW, stride_w = 1) or the channels (channels_last, stride_c = 1) and
+    vectorize."""
+    if FLAT:
+        return offs * stride_w
+    else:
+        return (offs // W) * stride_h + (offs % W) * stride_w
+
+
+@triton.jit
 def _pool_kernel(
     f_ptr,
     q_ptr,
@@ -160,28 +174,36 @@ def _pool_kernel(
     stride_w,
     p,
     inv_c,
+    c_per_split,
     P_MODE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
-    """Q[b, tile] = mean_c |F[b, c, tile]|^p in fp32: the only pass over the feature in the forward.
+    """Q_s[b, tile] = sum over split s's channels of |F[b, c, tile]|^p / C in fp32: the only pass over the
+    feature in the forward.
 
-    Programs own (sample, spatial tile) pairs rather than whole samples: at B = 128 one program per sample
-    leaves most of the GPU's memory pipes idle. The price is that the resize and the L2 norm need the whole
-    pooled map, so they run in ``_resize_normalize_kernel``, a second pass over B*H*W fp32 values (1/C of
-    the feature's size)."""
+    Programs own (sample, spatial tile, channel split) triples rather than whole samples: at B = 128 one
+    program per sample leaves most of the GPU's memory pipes idle, and at 14 x 14 maps the spatial tiles
+    alone are too few, so the channels are split too (``_resize_normalize_kernel`` adds the splits' partial
+    maps in a fixed order: deterministic). The resize and the L2 norm need the whole pooled map, so they run
+    there, a second pass over splits * B * H * W fp32 values."""
     b = tl.program_id(0)
+    split = tl.program_id(2)
     offs = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = offs < HW
-    spatial = (offs // W) * stride_h + (offs % W) * stride_w
+    spatial = _feature_offsets(offs, W, stride_h, stride_w, FLAT)
     base = f_ptr + b.to(tl.int64) * stride_b
+    c_lo = split * c_per_split
+    c_hi = tl.minimum(c_lo + c_per_split, C)
     acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        m = (cs[:, None] < C) & mask[None, :]
-        x = tl.load(base + cs[:, None].to(tl.int64) * stride_c + spatial[None, :], mask=m, other=0.0)
+        m = (cs[:, None] < c_hi) & mask[None, :]
+        x = tl.load(base + cs[:, None] * stride_c + spatial[None, :], mask=m, other=0.0)
         acc += _abs_pow(x.to(tl.float32), p, P_MODE)
-    tl.store(q_ptr + b * HW + offs, tl.sum(acc, axis=0) * inv_c, mask=mask)
+    out = q_ptr + (split * tl.num_programs(0) + b).to(tl.int64) * HW
+    tl.store(out + offs, tl.sum(acc, axis=0) * inv_c, mask=mask)
 
 
 @triton.jit
@@ -189,6 +211,8 @@ def _resize_normalize_kernel(
     q_ptr,
     out_ptr,
     norm_ptr,
+    splits,
+    split_stride,
     h,
     w,
     H,
@@ -199,7 +223,9 @@ def _resize_normalize_kernel(
     NORMALIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per sample: M = resize(Q), out = M / max(||M||_2, eps); saves ||M||_2 for backward."""
+    """One program per sample: Q = the sum of the channel splits' partial maps, M = resize(Q) (the resize
+    is linear: the sum of the partial maps' resizes), out = M / max(||M||_2, eps); saves ||M||_2 for
+    backward."""
     b = tl.program_id(0)
     hw = h * w
     q = q_ptr + b * H * W
@@ -208,7 +234,9 @@ def _resize_normalize_kernel(
     for start in range(0, hw, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < hw
-        m = _bilinear_gather(q, W, 1, offs, h, w, H, W, scale_h, scale_w, mask)
+        m = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(splits):
+            m += _bilinear_gather(q + s * split_stride, W, 1, offs, h, w, H, W, scale_h, scale_w, mask)
         sumsq += m * m
         tl.store(out + offs, m, mask=mask)
     norm = tl.sqrt(tl.sum(sumsq, axis=0))
@@ -246,18 +274,21 @@ def _attention_map_backward_kernel(
     p,
     inv_c,
     eps,
+    c_per_split,
     NORMALIZE: tl.constexpr,
     P_MODE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     BLOCK_X: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """dF[b, :, tile] = (R_h^T dM R_w)[tile] * p |F|^(p-1) sign(F) / C, one pass over F and dF.
 
     dM = (G - out <out, G>) / ||M|| is the F.normalize backward (G / eps once ||M|| < eps, where the clamp
-    has no gradient). Each program recomputes <out, G> over the h*w map (a few hundred values) rather
-    than launching a separate pass for it."""
+    has no gradient). Each program recomputes <out, G> over the h*w map (a few hundred values) and its
+    tile of R_h^T dM R_w rather than launching a separate pass for them; programs own (sample, spatial
+    tile, channel split) triples, as in the forward."""
     b = tl.program_id(0)
     tile_start = tl.program_id(1) * BLOCK_HW
     offs = tile_start + tl.arange(0, BLOCK_HW)
@@ -299,14 +330,16 @@ def _attention_map_backward_kernel(
         BLOCK_X,
     )
     dq = dq * inv_c
-    src = f_ptr + b.to(tl.int64) * stride_b + (i * stride_h + j * stride_w)[None, :]
-    dst = df_ptr + b.to(tl.int64) * dstride_b + (i * dstride_h + j * dstride_w)[None, :]
-    for c0 in range(0, C, BLOCK_C):
+    src = f_ptr + b.to(tl.int64) * stride_b + _feature_offsets(offs, W, stride_h, stride_w, FLAT)[None, :]
+    dst = df_ptr + b.to(tl.int64) * dstride_b + _feature_offsets(offs, W, dstride_h, dstride_w, FLAT)[None, :]
+    c_lo = tl.program_id(2) * c_per_split
+    c_hi = tl.minimum(c_lo + c_per_split, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         cs = (c0 + tl.arange(0, BLOCK_C))[:, None]
-        m = (cs < C) & mask[None, :]
-        x = tl.load(src + cs.to(tl.int64) * stride_c, mask=m, other=0.0)
+        m = (cs < c_hi) & mask[None, :]
+        x = tl.load(src + cs * stride_c, mask=m, other=0.0)
         grad = dq[None, :] * _abs_pow_grad(x.to(tl.float32), p, P_MODE)
-        tl.store(dst + cs.to(tl.int64) * dstride_c, grad.to(x.dtype), mask=m)
+        tl.store(dst + cs * dstride_c, grad.to(x.dtype), mask=m)
 
 
 @triton.jit
@@ -379,17 +412,23 @@ def _resize_backward_kernel(
 # --------------------------------------------------------------------------------------------- launchers
 
 # Up to 128 source pixels x 32 channels per step: 4K fp32 accumulators per program, 128 contiguous pixels
-# per channel row (NCHW), and at B = 128 with 14x14 maps still 256 programs. Smaller maps trade pixels for
+# per channel row (NCHW) or 32 contiguous channels per pixel (channels_last). Smaller maps trade pixels for
 # channels so the tile stays full.
 BLOCK_HW = 128
 TILE = 4096
 BLOCK_X = 16
+# Channel splits are added until the passes over the feature have about this many programs: a few waves
+# of CTAs on a 132-SM H100 (at B = 128 and 14 x 14 maps the spatial tiles alone make 256).
+TARGET_PROGRAMS = 1024
+INT32_SPAN = 2**31
 
 
-def _blocks(C: int, HW: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) of the passes over the feature."""
-    block_hw = min(BLOCK_HW, triton.next_power_of_2(HW))
-    return min(TILE // block_hw, triton.next_power_of_2(C)), block_hw
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _p_mode(p: float) -> int:
@@ -403,43 +442,58 @@ def _scale(size_in: int, size_out: int) -> float:
     return size_in / size_out
 
 
+def _flat(shape: torch.Size, strides: tuple[int, ...]) -> bool:
+    """Whether the pixels of a (B, C, H, W) tensor are evenly spaced in each plane (stride_h == W * stride_w,
+    or one row), so the kernels address them as offs * stride_w."""
+    return strides[2] == shape[3] * strides[3] or shape[2] == 1
+
+
+class _FeaturePlan(NamedTuple):
+    """Launch constants of the passes over one feature signature, computed once."""
+
+    grid: tuple[int, int, int]
+    c_per_split: int
+    meta: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _feature_plan(shape: torch.Size, strides: tuple[int, ...], grad_strides: tuple[int, ...]) -> _FeaturePlan:
+    B, C, H, W = shape
+    HW = H * W
+    if sum((n - 1) * s for n, s in zip(shape[1:], strides[1:], strict=True)) >= INT32_SPAN:
+        raise ValueError(
+            f"one sample of the {tuple(shape)} features with strides {strides} spans 2^31 elements or more;"
+            " split the batch's channels"
+        )
+    block_hw = min(BLOCK_HW, _pow2(HW))
+    block_c = min(TILE // block_hw, _pow2(C))
+    tiles = _cdiv(HW, block_hw)
+    splits = min(max(1, TARGET_PROGRAMS // max(1, B * tiles)), _cdiv(C, block_c))
+    c_per_split = _cdiv(_cdiv(C, splits), block_c) * block_c
+    splits = _cdiv(C, c_per_split)
+    flat = _flat(shape, strides) and _flat(shape, grad_strides)
+    return _FeaturePlan((B, tiles, splits), c_per_split, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, FLAT=flat))
+
+
 def _attention_map_forward(
     features: torch.Tensor, h: int, w: int, p: float, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = features.shape
-    pooled = torch.empty(B, H, W, device=features.device, dtype=torch.float32)
     out = torch.empty(B, h, w, device=features.device, dtype=torch.float32)
     norm = torch.empty(B, device=features.device, dtype=torch.float32)
     if B == 0:
         return out, norm
-    block_c, block_hw = _blocks(C, H * W)
-    _pool_kernel[(B, triton.cdiv(H * W, block_hw))](
-        features,
-        pooled,
-        C,
-        H * W,
-        W,
-        *features.stride(),
-        float(p),
-        1.0 / C,
-        P_MODE=_p_mode(p),
-        BLOCK_C=block_c,
-        BLOCK_HW=block_hw,
-    )
+    plan = _feature_plan(features.shape, features.stride(), features.stride())
+    splits = plan.grid[2]
+    pooled = torch.empty(splits, B, H, W, device=features.device, dtype=torch.float32)
+    _pool_kernel[plan.grid](
+        features, pooled, C, H * W, W, *features.stride(), float(p), 1.0 / C, plan.c_per_split,
+        P_MODE=_p_mode(p), **plan.meta,
+    )  # fmt: skip
     _resize_normalize_kernel[(B,)](
-        pooled,
-        out,
-        norm,
-        h,
-        w,
-        H,
-        W,
-        _scale(H, h),
-        _scale(W, w),
-        EPS,
-        NORMALIZE=normalize,
-        BLOCK=min(triton.next_power_of_2(h * w), 1024),
-    )
+        pooled, out, norm, splits, B * H * W, h, w, H, W, _scale(H, h), _scale(W, w), EPS,
+        NORMALIZE=normalize, BLOCK=min(_pow2(h * w), 1024),
+    )  # fmt: skip
     return out, norm
 
 
@@ -453,36 +507,18 @@ def _attention_map_backward(
 ) -> torch.Tensor:
     B, C, H, W = features.shape
     h, w = out.shape[1:]
-    grad = grad.to(torch.float32).contiguous()
     dfeatures = torch.empty_like(features)
     if B == 0:
         return dfeatures
-    block_c, block_hw = _blocks(C, H * W)
-    _attention_map_backward_kernel[(B, triton.cdiv(H * W, block_hw))](
-        grad,
-        out.contiguous(),
-        norm,
-        features,
-        dfeatures,
-        C,
-        h,
-        w,
-        H,
-        W,
-        *features.stride(),
-        *dfeatures.stride(),
-        _scale(H, h),
-        _scale(W, w),
-        float(p),
-        1.0 / C,
-        EPS,
-        NORMALIZE=normalize,
-        P_MODE=_p_mode(p),
-        BLOCK_C=block_c,
-        BLOCK_HW=block_hw,
-        BLOCK_X=BLOCK_X,
-        BLOCK_OUT=min(triton.next_power_of_2(h * w), 1024),
-    )
+    if grad.dtype != torch.float32 or not grad.is_contiguous():
+        grad = grad.to(torch.float32).contiguous()
+    plan = _feature_plan(features.shape, features.stride(), dfeatures.stride())
+    _attention_map_backward_kernel[plan.grid](
+        grad, out, norm, features, dfeatures, C, h, w, H, W, *features.stride(), *dfeatures.stride(),
+        _scale(H, h), _scale(W, w), float(p), 1.0 / C, EPS, plan.c_per_split,
+        NORMALIZE=normalize, P_MODE=_p_mode(p), BLOCK_X=BLOCK_X, BLOCK_OUT=min(_pow2(h * w), 1024),
+        **plan.meta,
+    )  # fmt: skip
     return dfeatures
 
 
@@ -490,7 +526,7 @@ def _resize_forward(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, C, H, W = maps.shape
     out = torch.empty(B, C, h, w, device=maps.device, dtype=maps.dtype)
     if out.numel():
-        _resize_forward_kernel[(B * C, triton.cdiv(h * w, BLOCK_HW))](
+        _resize_forward_kernel[(B * C, _cdiv(h * w, BLOCK_HW))](
             maps, out, C, h, w, H, W, *maps.stride(), _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW
         )
     return out
@@ -500,22 +536,15 @@ def _resize_backward(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
     B, C, h, w = grad.shape
     dmaps = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if dmaps.numel():
-        _resize_backward_kernel[(B * C, triton.cdiv(H * W, BLOCK_HW))](
-            grad.to(torch.float32).contiguous(),
-            dmaps,
-            h,
-            w,
-            H,
-            W,
-            _scale(H, h),
-            _scale(W, w),
-            BLOCK=BLOCK_HW,
-            BLOCK_X=BLOCK_X,
+        if grad.dtype != torch.float32 or not grad.is_contiguous():
+            grad = grad.to(torch.float32).contiguous()
+        _resize_backward_kernel[(B * C, _cdiv(H * W, BLOCK_HW))](
+            grad, dmaps, h, w, H, W, _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X
         )
     return dmaps
 
 
-# ------------------------------------------------------------------------------- torch.library operators
+# --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
 
 
 @torch.library.custom_op("kdfast::attention_map", mutates_args=())
@@ -540,7 +569,7 @@ def _attention_map_backward_op(
     p: float,
     normalize: bool,
 ) -> torch.Tensor:
-    return _attention_map_backward(grad, features, out, norm, p, normalize)
+    return _attention_map_backward(grad, features, out.contiguous(), norm, p, normalize)
 
 
 @_attention_map_backward_op.register_fake
@@ -594,15 +623,52 @@ def _resize_grad(ctx, grad_out):
 _resize_op.register_autograd(_resize_grad, setup_context=_resize_setup)
 
 
+# --- eager path: autograd.Functions around the same launchers ---------------------------------------------
+
+
+class _AttentionMap(torch.autograd.Function):
+    """Eager calls skip the custom ops' dispatcher round trips (about half the host time of a call)."""
+
+    @staticmethod
+    def forward(ctx, features, h: int, w: int, p: float, normalize: bool):
+        out, norm = _attention_map_forward(features, h, w, p, normalize)
+        ctx.save_for_backward(features, out, norm)
+        ctx.p, ctx.normalize = p, normalize
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, out, norm = ctx.saved_tensors
+        return (
+            _attention_map_backward(grad, features, out, norm, ctx.p, ctx.normalize),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _Resize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps, h: int, w: int):
+        ctx.in_size = maps.shape[2:]
+        return _resize_forward(maps, h, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _resize_backward(grad, *ctx.in_size), None, None
+
+
 # -------------------------------------------------------------------------------------- public functions
 
 
-def _check_input(t: torch.Tensor, name: str, triton_path: bool) -> None:
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(t.shape)}")
+@signature_check
+def _check_input(shape: torch.Size, dtype: torch.dtype, name: str, triton_path: bool) -> None:
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(shape)}")
     allowed = TRITON_DTYPES if triton_path else REFERENCE_DTYPES
-    if t.dtype not in allowed:
-        raise ValueError(f"{name} dtype must be one of {allowed}, got {t.dtype}")
+    if dtype not in allowed:
+        raise ValueError(f"{name} dtype must be one of {allowed}, got {dtype}")
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -620,11 +686,13 @@ def resize(maps: torch.Tensor, size: tuple[int, int], *, impl: str = "auto") -> 
     """Bilinear resize of (B, C, H, W) maps to ``size`` (AGKD: student maps resized to the teacher grid),
     ``F.interpolate(mode="bilinear", align_corners=False)`` semantics; output in the input dtype."""
     triton_path = use_triton(impl, maps)
-    _check_input(maps, "maps", triton_path)
+    _check_input(maps.shape, maps.dtype, "maps", triton_path)
     h, w = _check_size(size)
-    if triton_path:
+    if not triton_path:
+        return resize_reference(maps, (h, w))
+    if torch.compiler.is_compiling():
         return _resize_op(maps, h, w)
-    return resize_reference(maps, (h, w))
+    return _Resize.apply(maps, h, w)
 
 
 def attention_map(
@@ -639,13 +707,15 @@ def attention_map(
     Q = mean_c |F_c|^p, resized bilinearly to ``size`` (None: kept; AGKD resizes student maps to the teacher
     grid), then Q / max(||Q||_2, 1e-12) over h*w, the normalization inside their AT loss (eq. 2).
     (B, C, H, W) -> (B, h, w). The Triton path accepts fp32/fp16/bf16 and always returns fp32 maps (they
-    feed losses); gradients come back in the feature dtype."""
+    feed losses, accumulated in fp32); gradients come back in the feature dtype and memory format."""
     triton_path = use_triton(impl, features)
-    _check_input(features, "features", triton_path)
+    _check_input(features.shape, features.dtype, "features", triton_path)
     out_size = None if size is None else _check_size(size)
     if not p > 0:
         raise ValueError(f"p must be > 0, got {p}")
-    if triton_path:
-        h, w = out_size if out_size is not None else features.shape[2:]
+    if not triton_path:
+        return attention_map_reference(features, out_size, p=p, normalize=normalize)
+    h, w = out_size if out_size is not None else features.shape[2:]
+    if torch.compiler.is_compiling():
         return _attention_map_op(features, h, w, float(p), bool(normalize))[0]
-    return attention_map_reference(features, out_size, p=p, normalize=normalize)
+    return _AttentionMap.apply(features, h, w, float(p), bool(normalize))

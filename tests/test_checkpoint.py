@@ -167,7 +167,10 @@ def test_load_split_matches_the_dataset(student):
     images, labels = load_split(ckpt, "val", limit=5)
     assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     dataset = dataset_from_record(ckpt["data"], "val")
-    for i in range(5):
-        x, y = dataset[i]
-        torch.testing.assert_close(images[i], x)
-        assert labels[i].item() == y
+    items = [dataset[i] for i in range(len(dataset))]
+    # five distinct items of the split, in split order, not simply its first five
+    found = [next(i for i, (x, _) in enumerate(items) if torch.equal(x, image)) for image in images]
+    assert found == sorted(set(found)) and found != list(range(5))
+    assert [items[i][1] for i in found] == labels.tolist()
+    everything, _ = load_split(ckpt, "val")
+    assert len(everything) == len(dataset)

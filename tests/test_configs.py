@@ -131,7 +131,7 @@ KD_PAIR = CONFIG_DIR / "benchmarks" / "cifar100" / "kd" / "resnet32x4_resnet8x4.
                 "student": {"taps": {"s3": {"path": "layer9"}}},
                 "loss": {"method": ["kd", "agkd"], "agkd": {"pairs": [{"student": "s3", "teacher": ["t3"]}]}},
             },
-            "tap path 'layer9' is not a module of CifarResNet: did you mean 'layer",
+            "student.taps.s3.path 'layer9' is not a module of CifarResNet: did you mean 'layer",
         ),
     ],
 )

@@ -1,9 +1,10 @@
-"""The two INT8 ONNX files: the ORT-CPU-tuned one (U8S8) must become fused QLinear ops under ONNX Runtime's
-own optimizer and track the PyTorch student; the CLI must write, verify and label both files."""
+"""INT8 on the trained default student: the TensorRT file tracks PyTorch and passes TensorRT's rules, the
+calibration method is honoured, the ONNX Runtime CPU file fuses into QLinear kernels, and accuracy control
+finds and keeps in float the one layer a planted activation outlier ruins."""
 
 from __future__ import annotations
 
-import json
+import copy
 from collections import Counter
 
 import numpy as np
@@ -12,118 +13,181 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from test_checkpoint import write_student
+from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
-from export.onnx_export import export_onnx, read_metadata
-from export.precision import MIN_INT8_CONV_CHANNELS, to_int8_ort
-from export.trt import main
-from kdfast.models import build_model
+from export.accuracy_control import Quality, sqnr_db
+from export.int8 import ControlSet, make_int8
+from export.onnx_export import export_onnx
+from export.qdq_rules import check_tensorrt_qdq
+from export.quantize import MIN_INT8_CONV_CHANNELS, ORT_CPU, TENSORRT, Int8Quantizer
 
-EDGE_CNN = {"source": "kdfast", "name": "edge_cnn", "kwargs": {"num_classes": 10}}
-FAST_LATENCY = ["--warmup-iters", "2", "--warmup-s", "0.01", "--iters", "3", "--min-time-s", "0.01"]
-
-
-@pytest.fixture(scope="module")
-def ort_int8(tmp_path_factory):
-    """(fp32 ONNX, ORT-tuned INT8 ONNX, PyTorch model) for the default student, edge_cnn."""
-    root = tmp_path_factory.mktemp("int8")
-    torch.manual_seed(0)
-    model = build_model(EDGE_CNN).eval()
-    fp32 = export_onnx(model, torch.randn(2, 3, 32, 32), root / "fp32.onnx", max_batch=4, metadata={})
-    calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
-    return fp32, to_int8_ort(fp32, root / "int8-ort.onnx", calib, batch=8), model
+# The projection conv of edge_cnn's third block reads the depthwise conv's 128 channels.
+PLANTED_LAYER = "blocks.2.block.2.0"
+OUTLIER_CHANNEL, OUTLIER_GAIN = 5, 300.0
 
 
-def _session(path, level: ort.GraphOptimizationLevel, dump=None) -> ort.InferenceSession:
+def _logits(model, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(images)).numpy()
+
+
+def _session(model: onnx.ModelProto | str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, dump=None):
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
     if dump is not None:
         options.optimized_model_filepath = str(dump)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _conv_channels(path) -> list[int]:
-    """Input channels of each Conv in the fp32 graph, read from the weight shapes and groups."""
-    graph = onnx.load(path).graph
+def _run(model, images: np.ndarray) -> np.ndarray:
+    return _session(model).run(None, {"input": images})[0]
+
+
+@pytest.fixture(scope="module")
+def quantizer(trained_student, tmp_path_factory):
+    _, model, images, _ = trained_student
+    root = tmp_path_factory.mktemp("int8")
+    fp32 = export_onnx(model, torch.from_numpy(images[:2]), root / "fp32.onnx", max_batch=8, metadata={})
+    return Int8Quantizer(fp32, images[:64], method="minmax", batch=8, workdir=root)
+
+
+def test_sqnr_matches_onnxruntime_debug_tool():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    y = x + 0.01 * rng.standard_normal(x.shape).astype(np.float32)
+    assert sqnr_db(x, y) == pytest.approx(compute_signal_to_quantization_noice_ratio(x, y), rel=1e-6)
+    # A hand-worked case: ||x|| = 5, ||x - y|| = 0.05 -> 20 log10(100) = 40 dB.
+    assert sqnr_db(np.array([3.0, 4.0]), np.array([3.03, 4.04])) == pytest.approx(40.0, abs=1e-9)
+
+
+def test_tensorrt_file_tracks_pytorch_on_real_images(trained_student, quantizer, tmp_path):
+    _, model, images, labels = trained_student
+    control = ControlSet(images, _logits(model, images), labels)
+    made = make_int8(
+        quantizer,
+        TENSORRT,
+        tmp_path / "student.int8.onnx",
+        metadata={"k": "v"},
+        control_set=control,
+        min_agreement=0.99,
+        max_drop=1.0,
+        threads=1,
+        batch=8,
+    )
+    assert check_tensorrt_qdq(onnx.load(made.path)) == []
+    for batch in (1, 3):
+        x = images[10 : 10 + batch]
+        got, ref = _run(str(made.path), x), _logits(model, x)
+        assert got.shape == ref.shape and got.argmax(1).tolist() == ref.argmax(1).tolist()
+    quality = Quality.of(_run(str(made.path), images), control.reference, labels)
+    assert quality.agreement >= 0.99 and quality.accuracy_drop <= 1.0
+    assert made.control.final.agreement == pytest.approx(quality.agreement)
+    # One SQNR per weighted layer (17 in edge_cnn) and the logits: a layer kept in float computes exactly
+    # what the float model does, a quantized one lies within int8's reach.
+    assert len(made.layers) == 18 and made.layers[-1]["op"] == "logits"
+    for layer in made.layers[:-1]:
+        assert (layer["sqnr_db"] > 100) if layer["float"] else (10 < layer["sqnr_db"] < 80), layer
+    assert onnx.load(made.path).metadata_props[0].key == "k"
+
+
+def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_calibration_method_is_honoured(trained_student, tmp_path):
+    """Percentile (99.999) clips the tails min/max keeps, so no activation range can be wider; entropy
+    picks its own thresholds."""
+    _, model, images, _ = trained_student
+    fp32 = export_onnx(model, torch.from_numpy(images[:2]), tmp_path / "fp32.onnx", max_batch=8, metadata={})
+    scales = {}
+    for method in ("minmax", "percentile", "entropy"):
+        work = tmp_path / method
+        work.mkdir()
+        qdq = Int8Quantizer(fp32, images[:64], method=method, batch=8, workdir=work).quantize(TENSORRT)
+        assert check_tensorrt_qdq(qdq) == []
+        scales[method] = _activation_scales(qdq)
+    assert scales["minmax"].keys() == scales["percentile"].keys() == scales["entropy"].keys()
+    pairs = [(scales["percentile"][t], scales["minmax"][t]) for t in scales["minmax"]]
+    assert all(p <= m * (1 + 1e-6) for p, m in pairs) and any(p < 0.999 * m for p, m in pairs)
+    assert any(
+        abs(scales["entropy"][t] - scales["minmax"][t]) > 1e-3 * scales["minmax"][t] for t in scales["minmax"]
+    )
+
+
+def test_ort_cpu_file_fuses_every_wide_conv_into_qlinearconv(quantizer, tmp_path):
+    model = quantizer.quantize(ORT_CPU)
+    graph = quantizer.float_model.graph
     weights = {i.name: i.dims for i in graph.initializer}
-    return [
-        weights[n.input[1]][1] * next((a.i for a in n.attribute if a.name == "group"), 1)
-        for n in graph.node
-        if n.op_type == "Conv"
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    channels = [
+        weights[n.input[1]][1] * next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs
     ]
-
-
-def test_ort_optimizer_fuses_every_wide_conv_into_qlinearconv(ort_int8, tmp_path):
-    fp32, int8, _ = ort_int8
-    channels = _conv_channels(fp32)
     wide = sum(c >= MIN_INT8_CONV_CHANNELS for c in channels)
     assert 0 < wide < len(channels), channels  # edge_cnn has both kinds: the test sees both paths
-    adds = sum(n.op_type == "Add" for n in onnx.load(fp32).graph.node)
-
-    _session(int8, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, dump=tmp_path / "optimized.onnx")
-    optimized = onnx.load(tmp_path / "optimized.onnx").graph.node
-    ops = Counter(n.op_type for n in optimized)
+    _session(model, dump=tmp_path / "optimized.onnx")
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
     assert ops["QLinearConv"] == wide
     assert ops["Conv"] + ops["FusedConv"] == len(channels) - wide
-    assert ops["QLinearAdd"] == adds
     assert ops["Relu"] == 0, "a ReLU left between Q/DQ pairs blocks the QLinearConv fusion"
-    consumers_of_dq = {i for n in optimized if n.op_type in ("Conv", "FusedConv") for i in n.input}
-    assert not {n.output[0] for n in optimized if n.op_type == "DequantizeLinear"} & consumers_of_dq
 
 
-def test_ort_int8_is_u8_activations_and_symmetric_per_channel_s8_weights(ort_int8):
-    fp32, int8, _ = ort_int8
-    proto = onnx.load(int8)
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    activation_zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    assert activation_zps and all(zp.dtype == np.uint8 for zp in activation_zps)
-    weight_dq = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
-    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    quantized = [weight_dq[n.input[1]] for n in convs if n.input[1] in weight_dq]
-    assert len(quantized) == sum(c >= MIN_INT8_CONV_CHANNELS for c in _conv_channels(fp32))
-    for dq in quantized:
-        weight, scale, zp = (inits[i] for i in dq.input)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        assert weight.dtype == np.int8 and not zp.any()
-        assert axis == 0 and scale.shape == (weight.shape[0],)
-    narrow = [n for n in convs if n.input[1] not in weight_dq]
-    assert narrow and all(inits[n.input[1]].dtype == np.float32 for n in narrow)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_ort_int8_tracks_pytorch_and_its_own_unfused_graph(ort_int8, batch):
-    _, int8, model = ort_int8
-    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+def _plant_outlier(model: torch.nn.Module) -> torch.nn.Module:
+    """Make one channel of the depthwise conv's output OUTLIER_GAIN times larger and undo it in the
+    projection conv's weights: the same function (ReLU is positively homogeneous), but the projection's
+    input, quantized per tensor, now spends its whole int8 range on that one channel."""
+    planted = copy.deepcopy(model)
+    block = planted.blocks[2].block
+    bn, projection = block[1][1], block[2][0]
     with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    (fused,) = _session(int8, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"input": x})
-    # With optimizations off ORT runs the Q/DQ graph literally in fp32: the same quantization, no int8
-    # kernels, so it checks the fused kernels independently of the quantization error.
-    (plain,) = _session(int8, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"input": x})
-    assert fused.shape == ref.shape == (batch, 10)
-    cos = (fused * ref).sum(1) / (np.linalg.norm(fused, axis=1) * np.linalg.norm(ref, axis=1))
-    assert cos.min() > 0.98, cos
-    np.testing.assert_allclose(fused, plain, atol=0.05 * np.abs(plain).max())
+        bn.weight[OUTLIER_CHANNEL] *= OUTLIER_GAIN
+        bn.bias[OUTLIER_CHANNEL] *= OUTLIER_GAIN
+        projection.weight[:, OUTLIER_CHANNEL] /= OUTLIER_GAIN
+    return planted
 
 
-def test_cli_writes_verifies_and_labels_both_int8_files(tmp_path):
-    torch.manual_seed(0)
-    path, _ = write_student(tmp_path / "student.pt", model=build_model(EDGE_CNN).eval(), arch=EDGE_CNN)
-    out = tmp_path / "out"
-    flags = ["--precision", "int8", "--backends", "ort", "--baselines", "--max-batch", "4", "--threads", "1"]
-    code = main(["--model", str(path), "--out", str(out), *flags, "--calib-samples", "32", *FAST_LATENCY])
-    report = json.loads((out / "report.json").read_text())
-    assert code == 0, report["status"]
-    rows = {r["file"].rsplit("/", 1)[-1]: r for r in report["rows"] if r["backend"] == "onnxruntime"}
-    assert set(rows) == {"student.int8.onnx", "student.int8-ort.onnx"}
-    assert rows["student.int8.onnx"]["variant"] is None
-    assert rows["student.int8-ort.onnx"]["variant"] == "u8s8 for ORT CPU"
-    for row in rows.values():
-        assert row["precision"] == "int8" and row["latency"]["throughput_ips"] > 0
-        gates = {g["gate"]: g for g in row["gates"]}
-        assert gates["accuracy drop (points)"]["passed"] is True
-    md = (out / "report.md").read_text()
-    assert "| onnxruntime | int8 |" in md and "| onnxruntime | int8 (u8s8 for ORT CPU) |" in md
-    assert any("student.int8-ort.onnx" in n and "TensorRT" in n for n in report["notes"])
-    assert json.loads(read_metadata(out / "student.int8-ort.onnx")["classes"]) == [str(i) for i in range(10)]
+def test_accuracy_control_keeps_the_planted_layer_in_float(trained_student, tmp_path):
+    _, model, images, labels = trained_student
+    planted = _plant_outlier(model)
+    np.testing.assert_allclose(_logits(planted, images), _logits(model, images), atol=2e-3)
+    fp32 = export_onnx(
+        planted, torch.from_numpy(images[:2]), tmp_path / "fp32.onnx", max_batch=8, metadata={}
+    )
+    quantizer = Int8Quantizer(fp32, images[:64], method="minmax", batch=8, workdir=tmp_path)
+    control = ControlSet(images, _logits(planted, images), labels)
+    made = make_int8(
+        quantizer,
+        TENSORRT,
+        tmp_path / "student.int8.onnx",
+        metadata={},
+        control_set=control,
+        min_agreement=0.99,
+        max_drop=1.0,
+        threads=1,
+        batch=8,
+    )
+    planted_node = next(
+        n.name for n in quantizer.float_model.graph.node if n.input[1:2] == [f"{PLANTED_LAYER}.weight"]
+    )
+    result = made.control
+    assert result.initial.agreement < 0.99, "the planted outlier should break the all-INT8 model"
+    assert result.ranking[0]["node"] == planted_node
+    assert planted_node in result.keep_float and result.met
+    assert result.final.agreement >= 0.99 and result.final.accuracy_drop <= 1.0
+    # What was written: the layers kept in float read float weights and inputs, the others are quantized.
+    written = onnx.load(made.path)
+    assert check_tensorrt_qdq(written) == []
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    layer = next(n for n in written.graph.node if n.name == planted_node)
+    assert producers.get(layer.input[1]) is None and producers.get(layer.input[0]) != "DequantizeLinear"
+    weighted = [n for n in written.graph.node if n.op_type in ("Conv", "Gemm")]
+    quantized = {n.name for n in weighted if producers.get(n.input[1]) == "DequantizeLinear"}
+    assert quantized == {n.name for n in weighted} - set(result.keep_float)
+    # Damage localization sees the SQNR collapse exactly at the planted layer when everything is INT8.
+    sqnr = {layer["node"]: layer["sqnr_all_int8_db"] for layer in made.layers}
+    nodes = [layer["node"] for layer in made.layers]
+    before = sqnr[nodes[nodes.index(planted_node) - 1]]
+    assert sqnr[planted_node] < before - 10, (before, sqnr[planted_node])
+    assert next(x for x in made.layers if x["node"] == planted_node)["float"]

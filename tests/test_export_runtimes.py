@@ -20,6 +20,7 @@ from test_checkpoint import digits_record
 
 from export import executorch_backend, litert_backend, openvino_backend, precision
 from export.onnx_export import export_onnx
+from export.quantize import quantize_file
 from export.runner import import_failure
 from kdfast.data import dataset_from_record
 from kdfast.models import build_model
@@ -84,7 +85,7 @@ def student(tmp_path_factory):
     onnx_files = {
         "fp32": fp32,
         "fp16": precision.to_fp16(fp32, out / "student.fp16.onnx"),
-        "int8": precision.to_int8_qdq(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH),
+        "int8": quantize_file(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH),
     }
     return {
         "model": model,

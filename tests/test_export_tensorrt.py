@@ -41,13 +41,21 @@ def test_version_parsing():
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_strongly_typed_never_takes_precision_flags(precision):
     for version in ("10.3.0", "10.11.0", "10.12.0", "11.1.0"):
-        assert trtb.network_plan(precision, version, has_strongly_typed=True) == trtb.NetworkPlan(True, ())
+        plan = trtb.network_plan(precision, version, has_strongly_typed=True)
+        assert plan.strongly_typed and plan.builder_flags == ()
+
+
+@pytest.mark.parametrize("strong", [True, False])
+def test_fp32_engines_clear_tf32(strong):
+    """A new builder config has TF32 on: an "fp32" engine would compute in TF32 (10-bit mantissa)."""
+    assert trtb.network_plan("fp32", "10.3.0", strong).cleared_flags == ("TF32",)
+    assert trtb.network_plan("fp16", "10.3.0", strong).cleared_flags == ()
 
 
 def test_precision_flags_only_below_10_12_without_strong_typing():
     assert trtb.network_plan("fp32", "8.6.1", False).builder_flags == ()
     assert trtb.network_plan("fp16", "8.6.1", False).builder_flags == ("FP16",)
-    assert trtb.network_plan("int8", "9.3.0", False) == trtb.NetworkPlan(False, ("FP16", "INT8"))
+    assert trtb.network_plan("int8", "9.3.0", False) == trtb.NetworkPlan(False, ("FP16", "INT8"), ())
     with pytest.raises(ValueError, match="lacks STRONGLY_TYPED"):
         trtb.network_plan("fp16", "10.12.0", False)
     with pytest.raises(ValueError, match="unknown precision 'bf16'"):
@@ -90,7 +98,7 @@ def test_parser_errors_are_all_reported():
     ]
 
 
-def test_unavailable_reason_matches_this_machine():
+def test_unavailable_reason_asks_for_the_gpu_first():
     try:
         import tensorrt  # noqa: F401
 
@@ -98,12 +106,44 @@ def test_unavailable_reason_matches_this_machine():
     except ImportError:
         has_trt = False
     reason = trtb.unavailable_reason()
-    if not has_trt:
-        assert reason.startswith("TensorRT is not installed")
-    elif not torch.cuda.is_available():
-        assert reason.startswith("no CUDA GPU")
+    if not torch.cuda.is_available():
+        # installing TensorRT cannot help here, so the line must not suggest it
+        assert reason == "TensorRT needs an NVIDIA GPU with CUDA; none here, so no engine was built"
+    elif not has_trt:
+        assert reason.startswith("TensorRT is not installed (pip install 'kdfast[trt]')")
     else:
         assert reason is None
+
+
+class _Context:
+    """Records what ``IExecutionContext`` is told; shaped like TensorRT's Python bindings."""
+
+    def __init__(self):
+        self.addresses, self.shapes = {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+
+    def get_tensor_shape(self, name):
+        return (self.shapes["x"][0], 10)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+
+def test_bind_keeps_the_bound_input_alive():
+    """The engine reads its input by address at launch: binding a temporary ``x.contiguous()`` would leave
+    a dangling address once the temporary is freed. ``bind`` keeps the tensor it bound."""
+    runner = trtb.EngineRunner.__new__(trtb.EngineRunner)  # the binding logic, without an engine
+    runner.context, runner.input_name, runner.output_name = _Context(), "x", "y"
+    runner.input_dtype, runner.output_dtype, runner._outputs = torch.float32, torch.float32, {}
+    x = torch.randn(3, 4, 5).transpose(0, 2)  # not contiguous: bind must copy
+    out = runner.bind(x)
+    bound = runner._bound
+    assert bound.is_contiguous() and torch.equal(bound, x)
+    assert runner.context.addresses == {"x": bound.data_ptr(), "y": out.data_ptr()}
+    assert runner.context.shapes["x"] == (5, 4, 3) and out.shape == (5, 10)
+    assert runner.bind(x) is not None and runner._outputs[(5, 10)] is out  # outputs reused per shape
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import KERNEL_DEVICE
 
 from kernels._dispatch import interpreting
-from kernels.attention_kl import attention_kl, attention_kl_reference
+from kernels.attention_kl import _strides, attention_kl, attention_kl_reference
 
 DIRECTIONS = ("student_teacher", "teacher_student")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -147,6 +147,23 @@ def test_triton_non_contiguous():
     q_t, k_t = (x.detach().transpose(1, 2).requires_grad_() for x in _qk(2, 19, 3, 24))
     assert not q_s.is_contiguous()
     _check_triton([q_s, k_s, q_t, k_t])
+
+
+def test_triton_gradients_of_every_block_pair_sum_across_key_blocks():
+    # dq of a query row sums one term per key block (atomics into fp32): 150 tokens are 5 key blocks of the
+    # interpreter's 32, the last one ragged; the teacher's gradients too, and the upstream gradient of a mean.
+    inputs = _qk(1, 2, 150, 16) + _qk(1, 2, 150, 24)
+    _check_triton(inputs)
+    _check_triton(inputs, reduction="mean", direction="teacher_student")
+
+
+def test_slice_offsets_beyond_32_bits_are_refused():
+    # Offsets inside one (b, h) slice are 32-bit; a strided view whose slice spans 2^31 elements would wrap.
+    base = torch.empty(2**31 + 64, device="meta")
+    wide = base.as_strided((1, 1, 2, 16), (0, 0, 2**31, 1))
+    with pytest.raises(ValueError, match="spans 2\\^31 elements"):
+        _strides(wide)
+    assert _strides(torch.empty(1, 1, 2, 16, device="meta")) == [32, 32, 16, 1]
 
 
 def test_triton_constant_logits():

@@ -19,8 +19,7 @@ PUBLIC_KERNELS = {
     "_ssim_reduce_kernel",
     "_ssim_bwd_kernel",
     "_attention_kl_fwd_kernel",
-    "_attention_kl_bwd_dq_kernel",
-    "_attention_kl_bwd_dk_kernel",
+    "_attention_kl_bwd_kernel",
     "_pool_kernel",
     "_resize_normalize_kernel",
     "_attention_map_backward_kernel",
@@ -185,13 +184,14 @@ def test_every_launch_compiles_for_sm80_and_sm90_and_the_report_is_current(tmp_p
     assert {r["kernel"] for r in rows} == PUBLIC_KERNELS
     for arch in (80, 90):
         mine = [r for r in rows if r["arch"] == arch]
-        assert len(mine) == data["specializations"] >= 100
+        assert len(mine) == data["specializations"] >= 90
         assert all(r["registers"] > 0 and r["error"] is None for r in mine)
-    # Tensor cores wherever the kernels have dots, except attention_kl's exact fp32 (IEEE) path.
+    # Tensor cores wherever the kernels have dots (fp32 attention_kl as TF32), none where an SSIM plane is
+    # smoothed along neither side (no dots at all).
     for r in rows:
         if r["kernel"].startswith(("_ssim_fwd", "_ssim_bwd", "_attention_kl")):
-            exact_fp32 = "MODE_A=ieee MODE_B=ieee" in r["spec"]
-            assert (r["tensor_cores"] == "-") == exact_fp32, r
+            no_dots = "ID_H=True ID_W=True" in r["spec"]
+            assert (r["tensor_cores"] == "-") == no_dots, r
     committed = (ROOT / "bench" / "RESOURCES.md").read_text()
     assert report.read_text() == committed, (
         "bench/RESOURCES.md is out of date: regenerate it with `python bench/compile_targets.py`"

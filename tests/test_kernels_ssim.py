@@ -43,6 +43,7 @@ def _msssim(x, y, **kw):
         ((2, 2, 9, 12), 5, 1.0),
         ((1, 2, 7, 9), 9, 2.0),  # H shorter than the window: only W is smoothed
         ((2, 1, 7, 7), 11, 1.5),  # both sides shorter: no smoothing at all
+        ((2, 1, 9, 20), 1, 1.5),  # one tap
     ],
 )
 def test_reference_matches_pytorch_msssim(shape, window_size, sigma):
@@ -118,6 +119,7 @@ def _check_triton(x, y, *, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, student_only=Fa
         ((6, 1, 28, 28), 11),  # a realistic attention-map shape
         ((2, 3, 14, 14), 11),
         ((2, 2, 7, 7), 11),  # shorter than the window: no smoothing
+        ((2, 1, 9, 20), 1),  # a window of one tap: no smoothing either
         ((2, 1, 13, 29), 7),
         ((2, 2, 1, 37), 5),  # 1 x W
         ((2, 1, 23, 1), 5),  # H x 1
@@ -201,7 +203,8 @@ def test_opcheck():
     torch.library.opcheck(_ssim_fwd, args)
     stats = _ssim_fwd(x, y, *args[2:])[2]
     grads = (torch.tensor(1.0, device=KERNEL_DEVICE), torch.randn(2, device=KERNEL_DEVICE))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:]))
+    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, True))
+    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, False))
 
 
 def test_compile_fullgraph_has_no_graph_break():

@@ -146,7 +146,7 @@ def test_loss_module_parts_and_detached_teacher():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("loss.dist.temperature=-1", "'loss.dist.temperature' must be > 0"),
+        ("loss.dist.temperature=0", "'loss.dist.temperature' must be > 0"),
         ("loss.dist.gamma=-0.5", "'loss.dist.gamma' must be >= 0"),
         ("loss.dist.standardize=sometimes", "'loss.dist.standardize' must be bool"),
     ],

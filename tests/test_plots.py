@@ -5,10 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from kdfast.errors import UsageError
-from kdfast.plots import plot_attention_grid, plot_training_curves
+from kdfast.plots import (
+    _plot_losses,
+    background_cells,
+    background_share,
+    plot_attention_grid,
+    plot_training_curves,
+)
 
 
 def _metrics(path):
@@ -75,32 +82,65 @@ def test_training_curves_bad_input(tmp_path):
         plot_training_curves(tmp_path / "empty.jsonl", tmp_path / "c.png")
 
 
+def test_ce_only_stage_draws_the_total_once_named_after_its_one_part():
+    fig = Figure()
+    ce_only, distill = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    epochs = [1, 2, 3]
+    _plot_losses(ce_only, {"loss": (epochs, [2.0, 1.0, 0.5]), "ce": (epochs, [2.0, 1.0, 0.5])})
+    _plot_losses(
+        distill,
+        {"loss": (epochs, [3.0, 2.0, 1.0]), "ce": (epochs, [1.0, 0.5, 0.2]), "kd": (epochs, [2.0, 1.5, 0.8])},
+    )
+    assert [line.get_label() for line in ce_only.get_lines()] == ["train loss (= ce)"]
+    assert [line.get_label() for line in distill.get_lines()] == ["train loss", "train ce", "train kd"]
+    assert distill.get_lines()[0].get_linewidth() > distill.get_lines()[1].get_linewidth()
+
+
+def test_background_cells_and_the_share_of_mass_on_them():
+    # a black image with a white square in its top-left quarter, and a grey one with a dark bar on the right
+    digit = torch.zeros(1, 3, 8, 8)
+    digit[..., :4, :4] = 1.0
+    grey = torch.full((1, 3, 8, 8), 0.5)
+    grey[..., :, 6:] = 0.0
+    background = background_cells(torch.cat([digit, grey]), (2, 2))
+    assert background.tolist() == [[[False, True], [True, True]], [[True, False], [True, False]]]
+    # mass 0.7 on the object cell and 0.1 on each other cell: 30% on background; uniform: 75% and 50%
+    maps = torch.tensor([[[7.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    assert background_share(maps, background) == pytest.approx((0.3 + 0.5) / 2)
+
+
 def test_attention_grid_png(tmp_path):
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
     images = torch.randn(3, 3, 16, 16)
-    teacher = torch.rand(3, 4, 4)
-    student = torch.rand(3, 8, 8)
+    rows = [
+        ("teacher vgg", torch.rand(3, 4, 4)),
+        ("teacher vit", torch.rand(3, 4, 4)),
+        ("student", torch.rand(3, 8, 8)),
+    ]
     out = tmp_path / "attention.png"
-    plot_attention_grid(images, mean, std, teacher, student, out, labels=["a", "b", "c"])
+    plot_attention_grid(images, mean, std, rows, out, labels=["a", "b", "c"], title="three rows")
     pixels = _pixels(out)
-    # (2.2 per image + 1 for the colorbar) x 6.6 inches at 100 dpi
-    assert pixels.shape == (660, 760, 3)
+    # about (1.7 per image + 3.2) x (1.75 per row + 0.6) inches at 100 dpi, cut to what is drawn
+    assert 650 < pixels.shape[1] < 950 and 600 < pixels.shape[0] < 850
     assert pixels.std() > 0
 
 
 def test_attention_grid_rejects_mismatched_maps(tmp_path):
     images = torch.randn(2, 3, 8, 8)
-    with pytest.raises(UsageError, match="student_maps"):
+    with pytest.raises(UsageError, match="'student'"):
         plot_attention_grid(
-            images, [0.5] * 3, [0.5] * 3, torch.rand(2, 4, 4), torch.rand(3, 4, 4), tmp_path / "a.png"
+            images,
+            [0.5] * 3,
+            [0.5] * 3,
+            [("teacher", torch.rand(2, 4, 4)), ("student", torch.rand(3, 4, 4))],
+            tmp_path / "a.png",
         )
     with pytest.raises(UsageError, match="labels"):
         plot_attention_grid(
             images,
             [0.5] * 3,
             [0.5] * 3,
-            torch.rand(2, 4, 4),
-            torch.rand(2, 4, 4),
+            [("teacher", torch.rand(2, 4, 4))],
             tmp_path / "a.png",
             labels=["only one"],
         )

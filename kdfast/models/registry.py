@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from kdfast.checkpoint import read_torch_file
 from kdfast.config import ArchSpec
 from kdfast.errors import CheckpointError, ConfigError, UsageError
 
@@ -80,9 +81,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a file it cannot unpickle safely
-        raise CheckpointError(f"{path} is not a loadable weights file ({exc.__class__.__name__})") from None
+        obj = read_torch_file(path, "weights file")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: give a state dict or kdfast checkpoint saved by torch.save") from None
     if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("kdfast."):
         obj = obj.get("state_dict")
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):

@@ -1,11 +1,13 @@
-"""``python -m kdfast.train``: train (or load) the teacher, train a CE-only baseline student, distill the
-student with the configured methods (``loss.method``), and write checkpoints, metrics, pictures and a
-results table.
+"""The training run behind ``python -m kdfast.train``: train (or load) the teacher, train a CE-only baseline
+student, distill the student with the configured methods (``loss.method``), and write checkpoints, metrics,
+pictures and a results table.
 
 The whole loop is :func:`train_stage`; the three stages differ only in the ``step`` function that maps a
 batch to ``(loss, parts)``: :func:`ce_step` for the teacher and the baseline, :func:`distill_step` for the
 student (the weighted terms of the configured methods plus the supervised CE: the
 :class:`~kdfast.methods.compose.CompositeLoss` built from ``cfg.loss`` through the method registry).
+:func:`run_training` builds everything and runs :mod:`kdfast.train.preflight`'s checks before the output
+folder (:mod:`kdfast.train.rundir`) is created or touched.
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -36,21 +38,23 @@ from tqdm import tqdm
 
 from kdfast.atomic import atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
-from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, dump_config, load_config
+from kdfast.config import Config, ModelConfig, ScheduleConfig, StageConfig, config_text, load_config
 from kdfast.data import batch_mix, build_datasets
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, TrainingDiverged, UsageError
+from kdfast.errors import CheckpointError, TrainingDiverged, TrainingInterrupted, UsageError
 from kdfast.evaluate import evaluate
 from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
 from kdfast.models import build_model
-from kdfast.plots import plot_attention_grid, plot_training_curves
+from kdfast.plots import plot_training_curves
 from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
+from kdfast.train import pictures, preflight, rundir
+from kdfast.train.preflight import Step
 
 STAGES = ("teacher", "baseline", "distill")
+TORCH_THREADS = torch.get_num_threads()  # torch's own default (one per physical core), before any run sets it
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
-Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 ROW_FIELDS = (
     "stage",
     "epoch",
@@ -66,45 +70,6 @@ ROW_FIELDS = (
 )
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as one UsageError line instead of usage text + exit."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line of ``python -m kdfast.train``; runtime flags may equally come through ``--set``."""
-    parser = _ArgumentParser(prog="kdfast.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML run config (default: the embedded digits run)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set data.batch_size=32 (repeatable)",
-    )
-    parser.add_argument("--out", help="output folder (default: the config's 'out')")
-    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR (reads DIR/config.yaml)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the training step")
-    parser.add_argument(
-        "--seeds",
-        type=_seed_list,
-        metavar="S,S,...",
-        help="repeat the whole run once per seed in OUT/seed<S>/ and report mean +- std (e.g. 0,1,2)",
-    )
-    return parser.parse_args(argv)
-
-
-def _seed_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"takes comma-separated integers such as 0,1,2, got {text!r}"
-        ) from None
-
-
 def load_run_config(args: argparse.Namespace) -> Config:
     """The validated config: ``--config`` (``DIR/config.yaml`` on ``--resume``) plus ``--set`` overrides."""
     overrides = list(args.set)
@@ -113,18 +78,22 @@ def load_run_config(args: argparse.Namespace) -> Config:
     if args.seeds is not None:
         overrides.append(f"seeds={args.seeds}")
     if args.resume is not None:
-        if args.config is not None or args.out is not None:
+        folder = Path(args.resume)
+        if not (folder / "config.yaml").is_file():
+            what = "does not exist" if not folder.exists() else "holds no config.yaml"
+            raise UsageError(f"--resume {folder} {what}: give the output folder of a run")
+        cfg = load_config(folder / "config.yaml", overrides)
+        if (load_config(folder / "config.yaml").seeds is None) != (cfg.seeds is None):
             raise UsageError(
-                "--resume DIR takes its config and output folder from DIR: drop --config / --out"
+                f"--resume {folder}: seeds cannot turn a single run into a run over seeds or back: "
+                "start a new run with --out instead"
             )
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise UsageError(f"--resume {args.resume}: no config.yaml there; give the output folder of a run")
-        cfg = load_config(saved, overrides)
-        cfg.out = str(args.resume)
+        cfg.out = str(folder)
         return cfg
     cfg = load_config(args.config, overrides)
     if args.out is not None:
+        if not args.out.strip():
+            raise UsageError("--out is empty: name the output folder (e.g. --out runs/my-run)")
         cfg.out = args.out
     return cfg
 
@@ -138,6 +107,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     progress: bool
+    threads: int
     dist: DistInfo
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -146,8 +116,19 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+def auto_threads(world_size: int) -> int:
+    """``runtime.threads: auto``: one torch thread per core that other processes leave idle, shared among the
+    processes of this run, at least 1 and at most torch's own default (one per physical core). On a loaded
+    2-core machine two threads contend with the other jobs, and the run took several times as long as with
+    one (README, "Threads"); on an idle machine every core is used."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = math.floor(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(TORCH_THREADS, (cores - busy) // world_size))
+
+
 def resolve_runtime(cfg: Config) -> Runtime:
-    """bf16 autocast, channels_last and torch.compile default on for CUDA and off for CPU."""
+    """bf16 autocast, channels_last and torch.compile default on for CUDA and off for CPU; the number of CPU
+    threads (:func:`auto_threads`, or ``runtime.threads``)."""
     rt = cfg.runtime
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("runtime.device=cuda but no CUDA GPU is visible: set runtime.device=cpu or auto")
@@ -163,34 +144,44 @@ def resolve_runtime(cfg: Config) -> Runtime:
         "fp16": torch.float16,
         "fp32": None,
     }[rt.amp]
+    threads = auto_threads(dist.world_size) if rt.threads == "auto" else rt.threads
+    torch.set_num_threads(threads)
     return Runtime(
         device=device,
         amp_dtype=amp,
         channels_last=cuda if rt.channels_last == "auto" else bool(rt.channels_last),
         compile=cuda if rt.compile == "auto" else bool(rt.compile),
         progress=rt.progress and dist.is_main,
+        threads=threads,
         dist=dist,
     )
+
+
+def tensorboard_writer(setting: str | bool) -> type | None:
+    """TensorBoard's SummaryWriter when ``runtime.tensorboard`` wants it and it is installed; a UsageError
+    when it is required (true) but missing."""
+    if setting is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if setting is True:
+            raise UsageError(
+                "runtime.tensorboard=true needs the tensorboard package: pip install tensorboard, or set "
+                "runtime.tensorboard=auto"
+            ) from None
+        return None
+    return SummaryWriter
 
 
 class MetricsLog:
     """``metrics.jsonl`` rows (and TensorBoard scalars when available); only rank 0 writes."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: str | bool) -> None:
+    def __init__(self, path: Path, enabled: bool, writer: type | None) -> None:
+        """``writer``: TensorBoard's SummaryWriter (:func:`tensorboard_writer`) or None."""
         self.path = path
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard is not False:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                if tensorboard is True:
-                    raise UsageError(
-                        "runtime.tensorboard=true needs the tensorboard package: "
-                        "pip install tensorboard, or set runtime.tensorboard=auto"
-                    ) from None
-            else:
-                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        self.writer = writer(str(path.parent / "tensorboard")) if enabled and writer is not None else None
 
     def write(self, **fields: Any) -> None:
         """One row {"stage", "epoch", "step", "split", "scope", "loss", "lr", "top1", "top5", "parts",
@@ -209,10 +200,11 @@ class MetricsLog:
                 self.writer.add_scalar(f"{prefix}/{key}", value, row["step"])
 
     def keep_only(self, keep: Callable[[dict[str, Any]], bool]) -> None:
-        """Drop rows a resumed run will write again (those after the last saved state)."""
+        """Drop rows a resumed run will write again (those after the last saved state) and a last line that a
+        kill cut short (:func:`kdfast.train.preflight.read_metrics`)."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = preflight.read_metrics(self.path)
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
 
     def close(self) -> None:
@@ -230,8 +222,11 @@ class Run:
     train_ds: Dataset
     val_ds: Dataset
     info: Any  # kdfast.data.DataInfo
-    log: MetricsLog
     resume: bool
+    stages: list[str] = field(default_factory=list)  # the stages this run trains, in order
+    log: MetricsLog | None = None  # created once the checks passed and the output folder is claimed
+    position: str = "before the first training step"  # where Ctrl-C found the run
+    resume_dir: Path | None = None  # what --resume takes to continue: the output folder, or its seeds folder
 
     @property
     def num_classes(self) -> int:
@@ -451,7 +446,7 @@ def train_stage(
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     epoch0, step, metrics = 0, 0, {}
     if run.resume and state_path.exists():
-        state = torch.load(state_path, map_location=rt.device, weights_only=True)
+        state = preflight.read_state(state_path)
         model.load_state_dict(state["model"])
         extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
@@ -460,6 +455,7 @@ def train_stage(
         epoch0, step, metrics = state["epoch"], state["step"], state["metrics"]
         rngs = state["rng"]
         _set_rng_state(rngs[rt.dist.rank] if len(rngs) == rt.dist.world_size else rngs[0])
+        say(run, f"  resumed after epoch {epoch0}/{stage_cfg.epochs} (step {step}) from {state_path}")
     else:
         torch.manual_seed(cfg.seed + rt.dist.rank)
         random.seed(cfg.seed + rt.dist.rank)
@@ -479,21 +475,18 @@ def train_stage(
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"{stage} {epoch + 1}/{stage_cfg.epochs}",
-            disable=not rt.progress,
+            disable=None if rt.progress else True,  # None: a bar on a terminal, none in a log file
             leave=False,
             dynamic_ncols=True,
         )
         for images, targets in _batches(loader, run, mix):
+            run.position = f"stage {stage} epoch {epoch + 1}/{stage_cfg.epochs} step {step + 1}"
             with rt.autocast():
                 loss, parts = run_step(images, targets)
             value = loss.item()
             if not math.isfinite(value):
                 bar.close()
-                last = state_path if state_path.exists() else "none (this stage had not finished an epoch)"
-                raise TrainingDiverged(
-                    f"loss became {value} at stage {stage} epoch {epoch + 1} step {step + 1}; "
-                    f"last good checkpoint: {last}"
-                )
+                raise TrainingDiverged(_diverged(value, stage, epoch, step, state_path, run))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # DDP averages the student's gradients; the loss module (projectors, task weights) is not
@@ -581,14 +574,40 @@ def train_stage(
             }
             atomic_write(state_path, functools.partial(torch.save, state))
         barrier(rt.dist)
-        if rt.dist.is_main and rt.progress:
-            tqdm.write(
-                f"{stage} epoch {epoch + 1}/{stage_cfg.epochs}: train loss {train_loss:.4f}  "
-                f"val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  {speed:.0f} img/s"
-            )
+        say(
+            run,
+            f"  {stage} epoch {epoch + 1}/{stage_cfg.epochs}: train loss {train_loss:.4f}  "
+            f"val top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  {speed:.0f} img/s",
+        )
     if not metrics:
         metrics = {**validate_model(model, run), "train_loss": None, "epochs": 0}
     return metrics
+
+
+def say(run: Run, line: str) -> None:
+    """One progress line on stdout from rank 0, also when ``runtime.progress`` hides the bars."""
+    if run.rt.dist.is_main:
+        tqdm.write(line)
+
+
+def _diverged(value: float, stage: str, epoch: int, step: int, state_path: Path, run: Run) -> str:
+    """The NaN / inf message: where, what is kept, and what to change before ``--resume``."""
+    role = "teacher" if stage == "teacher" else "student"
+    lr = getattr(run.cfg, role).train.optimizer.lr
+    clip = run.cfg.runtime.grad_clip
+    kept = (
+        f"the last good state {state_path} is kept"
+        if state_path.exists()
+        else "this stage had not finished an epoch, so it restarts"
+    )
+    advice = [f"lower {role}.train.optimizer.lr (now {lr:g})"]
+    advice.append("set runtime.grad_clip=1.0" if clip is None else f"lower runtime.grad_clip (now {clip:g})")
+    if run.rt.amp_dtype is not None:
+        advice.append("set runtime.amp=fp32")
+    return (
+        f"loss became {value} at stage {stage} epoch {epoch + 1} step {step + 1}; {kept}: "
+        f"{', '.join(advice)}, then continue with --resume {run.resume_dir}"
+    )
 
 
 def arch_record(model_cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
@@ -644,6 +663,17 @@ def _finished(stage: str, model: nn.Module, run: Run) -> dict | None:
     return ckpt["metrics"]
 
 
+def _stage_title(stage: str, run: Run) -> str:
+    """``[2/3] baseline student (CE only)``: the stage's number in this run and what it trains."""
+    stages = run.stages
+    names = {
+        "teacher": "teacher",
+        "baseline": "baseline student (CE only)",
+        "distill": f"distillation ({' + '.join(m.upper() for m in run.cfg.loss.method)})",
+    }
+    return f"[{stages.index(stage) + 1}/{len(stages)}] {names[stage]}"
+
+
 def run_stage(
     stage: str,
     model: nn.Module,
@@ -655,59 +685,191 @@ def run_stage(
     """Skip a stage finished before ``--resume``; otherwise train it and write its checkpoint."""
     done = _finished(stage, model, run)
     if done is not None:
+        say(
+            run,
+            f"{_stage_title(stage, run)}: finished before ({run.out / STAGE_FILES[stage]}, "
+            f"val top-1 {done['top1']:.2f}%)",
+        )
         return done
+    params = sum(p.numel() for p in model.parameters())
+    say(
+        run,
+        f"{_stage_title(stage, run)}: {model_cfg.arch.name} ({params:,} parameters), "
+        f"{model_cfg.train.epochs} epoch(s) on {len(run.train_ds)} images",
+    )
     metrics = train_stage(stage, model, step_fn, model_cfg.train, run, extra)
     _save_stage(stage, model, model_cfg, metrics, run)
     barrier(run.rt.dist)
     return metrics
 
 
-def _attention_picture(student: nn.Module, teacher: nn.Module, loss_fn: nn.Module, run: Run) -> None:
+def _probe_batch(run: Run) -> tuple[Tensor, Tensor]:
+    """The first training batch as the loop would see it (its size, augmentation, CutMix / Mixup targets),
+    drawn with every random generator put back afterwards."""
+    size = min(run.cfg.data.batch_size, len(run.train_ds) // run.rt.dist.world_size)
+    loader = DataLoader(Subset(run.train_ds, range(size)), batch_size=size)
+    with preflight.undone([]):
+        return next(_batches(loader, run, batch_mix(run.cfg.data.augment, run.num_classes)))
 
-    images, labels = next(iter(DataLoader(run.val_ds, batch_size=8, shuffle=False)))
+
+def _probe(
+    run: Run,
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_taps: Taps,
+    student_taps: Taps,
+    loss_fn: CompositeLoss,
+) -> None:
+    """The checks that need the models: input size, the taps and loss shapes on a real batch (which also
+    sizes the loss's sub-networks), and one undone training step of every stage of this run."""
+    cfg, rt = run.cfg, run.rt
+    for role, model in (("teacher", teacher), ("student", student)):
+        preflight.check_input_size(model, cfg.data.image_size, role, getattr(cfg, role).arch.name)
+    images, targets = _probe_batch(run)
+    if "teacher" in run.stages:
+        step = ce_step(teacher, cfg.teacher.train.label_smoothing)
+        preflight.probe_step("teacher", step, [teacher], images, targets, rt.autocast)
+    if "baseline" in run.stages:  # the plain student, before the loss may change its output (TITN)
+        step = ce_step(student, cfg.student.train.label_smoothing)
+        preflight.probe_step("baseline", step, [student], images, targets, rt.autocast)
+    loss_fn.prepare_student(student)
+    teacher.eval()
+    student.eval()
     with torch.no_grad():
-        _, teacher_taps = teacher(images.to(run.rt.device))
-        _, student_taps = student(images.to(run.rt.device))
-        maps = loss_fn.maps(student_taps, teacher_taps)
-    if maps:
-        student_maps, teacher_maps = maps[0]
-        plot_attention_grid(
-            images,
-            run.info.mean,
-            run.info.std,
-            teacher_maps.float().cpu(),
-            student_maps.float().cpu(),
-            run.out / "attention.png",
-            titles=("teacher", "distilled student"),
-            labels=[run.info.classes[i] for i in labels.tolist()],
+        loss_fn.check(student_taps(images)[1], teacher_taps(images)[1])
+    preflight.probe_distillation(
+        lambda loss: distill_step(student_taps, teacher_taps, loss),
+        loss_fn,
+        [student, loss_fn],
+        images,
+        targets,
+        rt.autocast,
+    )
+
+
+def _stages(cfg: Config) -> list[str]:
+    """The stages this run trains, in order: the teacher unless its weights are given, the baseline if set."""
+    trained = (cfg.teacher.weights is None, cfg.baseline, True)
+    return [stage for stage, on in zip(STAGES, trained, strict=True) if on]
+
+
+def _resume_files(cfg: Config, out: Path) -> dict[str, tuple[Path, dict, str]]:
+    """Every file ``--resume`` reads back, read and checked to be kdfast's before anything else is built: the
+    metrics, each finished stage's checkpoint and each state file. Returns, per stage, the file whose weights
+    the stage will load, its state dict key ("state_dict" or "model") and the loaded dict."""
+    preflight.read_metrics(out / "metrics.jsonl")
+    files = {}
+    for stage in _stages(cfg):
+        checkpoint, state_path = out / STAGE_FILES[stage], out / f"state_{stage}.pt"
+        try:
+            if state_path.exists():
+                files[stage] = (state_path, preflight.read_state(state_path), "model")
+            if checkpoint.exists():
+                expect = TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT
+                files[stage] = (checkpoint, load_checkpoint(checkpoint, expect=expect), "state_dict")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}: move it away to redo the {stage} stage from its start") from None
+    return files
+
+
+def _check_resume_fits(
+    files: dict[str, tuple[Path, dict, str]], teacher: nn.Module, student: nn.Module, loss_fn: CompositeLoss
+) -> None:
+    """The weights ``--resume`` will load fit this run's models and loss (a config changed by ``--set`` may
+    have changed them)."""
+    models = {"teacher": teacher, "baseline": student, "distill": student}
+    for stage, (path, saved, key) in files.items():
+        preflight.check_fits(path, saved[key], models[stage], f"{stage} model")
+        if stage == "distill" and key == "model":
+            preflight.check_fits(path, saved["extra"], loss_fn, "loss module")
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key=value`` for every leaf of the mapping ``new`` that differs from ``old`` (what --set changed)."""
+    if isinstance(new, dict):
+        old = old if isinstance(old, dict) else {}
+        return [
+            c for key, value in new.items() for c in _changed_keys(old.get(key), value, f"{prefix}{key}.")
+        ]
+    return [] if old == new else [f"{prefix[:-1]}={new}"]
+
+
+def _claim_folder(
+    requested: Path, cfg: Config, resume: bool, overwrite: bool, say_line: Callable[[str], None]
+) -> Path:
+    """Rank 0's first write of a run, once every check passed: the output folder (:mod:`kdfast.train.rundir`:
+    a fresh numbered one beside an earlier run, the earlier run removed with ``overwrite``) and its
+    ``config.yaml`` (on ``--resume``, rewritten only when ``--set`` changed it). Returns the folder."""
+    out, replaced = requested, bool(rundir.run_files(requested)) and overwrite
+    if not resume:
+        out = rundir.claim(rundir.plan(requested, overwrite), requested, overwrite)
+    cfg.out = str(out)
+    if resume:
+        say_line(f"resuming the run in {out}")
+    elif replaced:
+        say_line(f"writing to {out} (--overwrite: the earlier run there was removed)")
+    elif out != requested:
+        say_line(
+            f"{requested} holds an earlier run, kept as it is; this run writes to {out} "
+            "(--overwrite would replace the earlier one)"
         )
+    else:
+        say_line(f"writing to {out}")
+    saved = out / "config.yaml"
+    changed = _changed_keys(yaml.safe_load(saved.read_text()), cfg.to_dict()) if resume else ["*"]
+    if changed:
+        if resume:
+            say_line(f"  {saved} now records {', '.join(changed)}")
+        atomic_write(saved, config_text(cfg))
+    return out
 
 
-def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
-    """The three stages (teacher, baseline, distill) and the outputs; returns the run's ``results.json``."""
-
-    rt = resolve_runtime(cfg)
-    out = Path(cfg.out)
+def _claim(run: Run, overwrite: bool, writer: type | None, parent: Callable[[bool], Path] | None) -> None:
+    """Claim the run's output folder on rank 0 (:func:`_claim_folder`; inside ``parent(is_main)`` for a seed
+    of a run over seeds), share it with every rank and open the metrics log."""
+    rt = run.rt
+    out = run.out if parent is None else parent(rt.dist.is_main) / run.out.name
     if rt.dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for stale in ["metrics.jsonl", *(f"state_{s}.pt" for s in STAGES)]:
-                (out / stale).unlink(missing_ok=True)
-            dump_config(cfg, out / "config.yaml")
+        out = _claim_folder(out, run.cfg, run.resume, overwrite, functools.partial(say, run))
+    if rt.dist.enabled:
+        shared = [str(out)]
+        torch_dist.broadcast_object_list(shared, src=0)
+        out = Path(shared[0])
+    run.out, run.cfg.out = out, str(out)
+    run.resume_dir = out if parent is None else out.parent
     barrier(rt.dist)
+    run.log = MetricsLog(out / "metrics.jsonl", rt.dist.is_main, writer)
+
+
+def run_training(
+    cfg: Config,
+    resume: bool,
+    overwrite: bool = False,
+    parent: Callable[[bool], Path] | None = None,
+) -> dict[str, Any]:
+    """Build everything and check it (:mod:`kdfast.train.preflight`), claim the output folder, then run the
+    stages (teacher, baseline, distill) and write the outputs; returns the run's ``results.json``. Nothing is
+    written before every check passed. A seed of a run over seeds gives ``parent``: called on every rank once
+    the checks passed, it returns the (claimed) seeds folder this run's folder goes into."""
+    started = time.perf_counter()
+    rt = resolve_runtime(cfg)
+    # config.yaml records the thread count chosen for "auto": float sums, and so the results, depend on it,
+    # and --resume continues with the same count
+    cfg.runtime.threads = rt.threads
+    rundir.check_writable(Path(cfg.out), "--resume" if resume else "--out")
+    writer = tensorboard_writer(cfg.runtime.tensorboard)
+    resumed = _resume_files(cfg, Path(cfg.out)) if resume else {}
     train_ds, val_ds, info = build_datasets(cfg.data, cfg.seed)
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise UsageError(
-            f"data.name={cfg.data.name}: the training or validation split is empty; "
-            "check data.root and data.val_fraction"
-        )
-    log = MetricsLog(out / "metrics.jsonl", rt.dist.is_main, cfg.runtime.tensorboard)
-    run = Run(cfg, out, rt, train_ds, val_ds, info, log, resume)
+    preflight.check_data(
+        train_ds, val_ds, info.classes, cfg.data.batch_size, rt.dist.world_size, cfg.data.name
+    )
+    run = Run(cfg, Path(cfg.out), rt, train_ds, val_ds, info, resume)
+    run.stages = _stages(cfg)
 
     teacher = _build(cfg.teacher, run, weights=cfg.teacher.weights)
     student = _build(cfg.student, run)
-    teacher_taps = Taps(teacher, cfg.teacher.taps)
-    student_taps = Taps(student, cfg.student.taps)
+    teacher_taps = Taps(teacher, cfg.teacher.taps, "teacher.taps")
+    student_taps = Taps(student, cfg.student.taps, "student.taps")
     loss_fn = CompositeLoss(
         cfg.loss,
         cfg.student.taps,
@@ -716,14 +878,60 @@ def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
         label_smoothing=cfg.student.train.label_smoothing,
     )
     loss_fn = loss_fn.to(rt.device)
-    # before any training, so a student the method cannot use fails now (the baseline is another instance)
-    loss_fn.prepare_student(student)
-    probe = next(iter(_val_loader(run)))[0][: cfg.data.batch_size].to(rt.device)
-    teacher.eval()
-    student.eval()
-    with torch.no_grad():
-        loss_fn.check(student_taps(probe)[1], teacher_taps(probe)[1])
+    _probe(run, teacher, student, teacher_taps, student_taps, loss_fn)
+    _check_resume_fits(resumed, teacher, student, loss_fn)
+    del resumed
+    say(
+        run,
+        f"checked the config, the data ({len(train_ds)} training / {len(val_ds)} validation images, "
+        f"{len(info.classes)} classes), the models and a probe step of each stage in "
+        f"{time.perf_counter() - started:.1f} s; {rt.threads} CPU thread(s)",
+    )
+    _claim(run, overwrite, writer, parent)
+    try:
+        rows = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
+        results = run_results(rows, data=cfg.data.name, methods=cfg.loss.method)
+        run.position = "writing the results (every stage had finished)"
+        if rt.dist.is_main:
+            _write_outputs(results, run, student_taps, teacher_taps, loss_fn)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"interrupted at {run.position}; every finished epoch is kept: continue with "
+            f"python -m kdfast.train --resume {run.resume_dir}"
+        ) from None
+    finally:
+        run.log.close()
+    return results
 
+
+def _write_outputs(
+    results: dict[str, Any], run: Run, student: Taps, teacher: Taps, loss_fn: CompositeLoss
+) -> None:
+    """results.json, results.md (with the attention-on-background table), curves.png, attention.png; the
+    results table on stdout."""
+    out, cfg = run.out, run.cfg
+    student.eval()
+    if (out / "metrics.jsonl").is_file():  # a run of 0 epochs logs no rows: no curves to draw
+        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
+    images, labels = next(iter(DataLoader(run.val_ds, batch_size=pictures.SHARE_IMAGES, shuffle=False)))
+    shares = pictures.attention_picture(
+        student, teacher, loss_fn, images.to(run.rt.device), labels, run.info, cfg, out / "attention.png"
+    )
+    notes = pictures.background_table(shares, len(images)) if shares else ""
+    print(write_results(out, results, notes))
+    say(run, f"outputs in {out}")
+
+
+def _train_stages(
+    run: Run,
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_taps: Taps,
+    student_taps: Taps,
+    loss_fn: CompositeLoss,
+) -> dict[str, dict]:
+    """The stages of the run in order; the results table rows."""
+    cfg = run.cfg
     if cfg.teacher.weights is None:
         teacher_metrics = run_stage(
             "teacher",
@@ -734,6 +942,7 @@ def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
         )
     else:
         teacher_metrics = validate_model(teacher, run)
+        say(run, f"teacher: loaded from {cfg.teacher.weights}, val top-1 {teacher_metrics['top1']:.2f}%")
     teacher.eval().requires_grad_(False)
     results = {
         "teacher": {
@@ -772,59 +981,62 @@ def run_training(cfg: Config, resume: bool) -> dict[str, Any]:
         "params": sum(p.numel() for p in student.parameters()),
         **metrics,
     }
-
-    results = run_results(results, data=cfg.data.name, methods=cfg.loss.method)
-    if rt.dist.is_main:
-        student.eval()
-        table = write_results(out, results)
-        plot_training_curves(out / "metrics.jsonl", out / "curves.png")
-        _attention_picture(student_taps, teacher_taps, loss_fn, run)
-        print(table)
-    log.close()
     return results
 
 
-def run_seeds(cfg: Config, resume: bool) -> dict[str, Any]:
-    """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, resumed
-    where it stopped), then the mean and standard deviation over seeds in ``out/results.json`` and
-    ``out/results.md``. The data split stays the one of ``cfg.seed`` (``data.split_seed``), so the seeds
-    change the initialization, the data order and the augmentation, and a fixed teacher never saw a seed's
-    validation images."""
-    out = Path(cfg.out)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # as torchrun numbers the processes
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            dump_config(cfg, out / "config.yaml")
+def run_seeds(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, Any]:
+    """The whole run once per seed of ``cfg.seeds``, in ``out/seed<N>/`` (each one a run of its own, checked
+    before it writes, resumed where it stopped), then the mean and standard deviation over seeds in
+    ``out/results.json`` and ``out/results.md``. The data split stays the one of ``cfg.seed``
+    (``data.split_seed``), so the seeds change the initialization, the data order and the augmentation, and a
+    fixed teacher never saw a seed's validation images.
+
+    ``out`` itself follows the rules of a single run (:mod:`kdfast.train.rundir`): it is claimed (a fresh
+    numbered folder beside an earlier run, or the earlier run removed with ``overwrite``) only once the first
+    seed's run has passed every check, and with it ``out/config.yaml`` is written."""
+    requested = Path(cfg.out)
+    rundir.check_writable(requested, "--resume" if resume else "--out")
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
     data = dataclasses.replace(cfg.data, split_seed=split_seed)
-    runs = {}
+    claimed: list[Path] = []
+
+    def parent(is_main: bool) -> Path:
+        """The seeds folder, claimed on rank 0 once the first seed's run passed its checks."""
+        if not claimed:
+            claimed.append(
+                _claim_folder(requested, cfg, resume, overwrite, tqdm.write) if is_main else requested
+            )
+        return claimed[0]
+
+    top, runs = requested, {}
     for seed in cfg.seeds:
-        folder = out / f"seed{seed}"
+        folder = top / f"seed{seed}"
         one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
-        runs[seed] = run_training(one, resume=resume and (folder / "config.yaml").is_file())
+        started = resume and (folder / "config.yaml").is_file()
+        try:
+            runs[seed] = run_training(one, resume=started, parent=parent)
+        except KeyboardInterrupt:  # in a seed's checks, before it wrote anything
+            if not runs:
+                raise
+            raise TrainingInterrupted(
+                f"interrupted before seed {seed} started; the seeds before it are kept: continue with "
+                f"python -m kdfast.train --resume {top}"
+            ) from None
+        top = Path(one.out).parent
     results = seeds_results(runs)
-    if is_main:
-        print(write_results(out, results))
+    if int(os.environ.get("RANK", "0")) == 0:  # as torchrun numbers the processes
+        print(write_results(top, results))
+        tqdm.write(f"outputs of the {len(runs)} seeds in {top}")
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kdfast.train``: exit 0 when done, 1 when training diverged, 2 on bad usage or input."""
+def train_command(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``python -m kdfast.train`` does once its arguments are parsed (:func:`kdfast.train.main` maps the
+    errors to exit codes)."""
     try:
-        args = parse_args(argv)
         cfg = load_run_config(args)
-        (run_seeds if cfg.seeds else run_training)(cfg, resume=args.resume is not None)
-    except UsageError as exc:
-        print(f"kdfast.train: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingDiverged as exc:
-        print(f"kdfast.train: {exc}", file=sys.stderr)
-        return EXIT_GATE_FAILED
+        if cfg.seeds:
+            return run_seeds(cfg, resume=args.resume is not None, overwrite=args.overwrite)
+        return run_training(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     finally:
         shutdown_distributed()
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
