@@ -198,7 +198,7 @@ def test_check_rejects_a_two_head_student_an_embedding_stage_and_other_shapes():
         ("loss.ofa.stages=[s1, s1]", "'s1' is listed twice"),
         ("loss.ofa.stages=[s4]", "names no student tap 's4'"),
         ("loss.ofa.eps=0", "config key 'loss.ofa.eps' must be > 0"),
-        ("loss.ofa.width=-3", "config key 'loss.ofa.width' must be > 0"),
+        ("loss.ofa.width=0", "config key 'loss.ofa.width' must be > 0"),
     ],
 )
 def test_config_validation(override, message):
