@@ -24,7 +24,7 @@ pytest.importorskip("hypothesis", reason="the dev extra installs hypothesis (pip
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kdfast.config import CONFIG_DIR, DEFAULT_CONFIG, Config, config_from_dict, validate
+from kdfast.config import CONFIG_DIR, DEFAULT_CONFIG, Config, config_from_dict, read_config_file, validate
 from kdfast.errors import ConfigError
 from kdfast.methods.registry import method, methods
 
@@ -134,9 +134,10 @@ def _set(raw: dict, path: Path_, value: Any) -> dict:
 
 
 def _base_config(name: str) -> dict:
-    """A config in configs/ that uses method ``name`` (default.yaml for its own methods)."""
+    """A config in configs/ that uses method ``name`` (default.yaml for its own methods), read over its
+    ``base`` chain."""
     for path in [DEFAULT_CONFIG, *sorted(CONFIG_DIR.glob("*.yaml"))]:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = read_config_file(Path(path))
         used = raw.get("loss", {}).get("method", [])
         if name in ([used] if isinstance(used, str) else used):
             return raw
