@@ -67,3 +67,24 @@ def test_bad_tap_path_names_close_module_paths(tmp_path: Path) -> None:
 def test_bad_arguments_and_resume_without_a_run_exit_2(tmp_path: Path) -> None:
     assert_usage_error(run_train("--compile", "maybe", cwd=tmp_path), "--compile")
     assert_usage_error(run_train("--resume", str(tmp_path), cwd=tmp_path), "config.yaml")
+
+
+def test_output_closed_by_its_reader_is_one_line_and_exit_130() -> None:
+    """``python -m kdfast.train | head -1``: the closed pipe stops the run with one line on stderr, no
+    traceback and no second error from the interpreter at exit."""
+    child = (
+        "import sys, kdfast.train, kdfast.train.loop as loop\n"
+        "def epochs(args):\n"
+        "    for i in range(10**6):\n"
+        "        print('epoch', i, flush=True)\n"
+        "loop.train_command = epochs\n"
+        "sys.exit(kdfast.train.main([]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().startswith("epoch 0")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err and "Traceback" not in err, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -144,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("kdfast.train: interrupted before the run started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed by its reader (``| head``): the run stopped at that print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        print(
+            "kdfast.train: stopped: the reader of the output closed it (e.g. `| head`); continue with "
+            "--resume DIR, or send the output to a file",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except OSError as exc:  # a full disk, a folder without write permission, a file vanished mid-run
         where = f" {exc.filename}" if exc.filename else ""
