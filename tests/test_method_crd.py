@@ -16,6 +16,7 @@ from collections import deque
 import pytest
 import torch
 import torch.nn.functional as F
+from method_runs import export_student
 from test_train import TINY_CONFIG, distill_epoch_row, train
 
 from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
@@ -315,32 +316,4 @@ def test_crd_digits_config_runs_end_to_end_and_its_student_exports(tmp_path):
     parts = distill_epoch_row(out)["parts"]
     assert set(parts) == {"ce", "crd", "crd/student", "crd/teacher"}
     assert parts["crd"] == pytest.approx(0.8 * (parts["crd/student"] + parts["crd/teacher"]), rel=1e-5)
-    export = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export.trt",
-            "--model",
-            str(out / "student.pt"),
-            "--backends",
-            "ort",
-            "--precision",
-            "fp32",
-            "--baselines",
-            "eager",
-            "--iters",
-            "5",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert export.returncode == 0, export.stderr[-3000:]
-    report = json.loads((out / "export" / "report.json").read_text())
-    assert report["status"] == "passed"
-    assert {(r["backend"], r["precision"]) for r in report["rows"]} == {
-        ("pytorch-eager", "fp32"),
-        ("onnxruntime", "fp32"),
-    }
+    export_student(out)

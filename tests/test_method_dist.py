@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from method_runs import export_student
 from test_train import TINY_CONFIG, distill_epoch_row, train
 
 from kdfast.config import CONFIG_DIR, load_config
@@ -166,3 +167,4 @@ def test_dist_digits_config_runs_end_to_end(tmp_path):
     parts = distill_epoch_row(out)["parts"]
     assert set(parts) == {"ce", "dist", "dist/inter", "dist/intra"}
     assert parts["dist"] == pytest.approx(parts["dist/inter"] + parts["dist/intra"], rel=1e-5)
+    export_student(out)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_runs import export_student
 from test_train import TINY_CONFIG, distill_epoch_row, train
 from torch._dynamo.testing import CompileCounter
 
@@ -214,3 +215,4 @@ def test_dkd_digits_config_runs_end_to_end(tmp_path):
     parts = distill_epoch_row(out)["parts"]
     assert set(parts) == {"ce", "dkd", "dkd/tckd", "dkd/nckd"}
     assert parts["dkd"] == pytest.approx(parts["dkd/tckd"] + parts["dkd/nckd"], rel=1e-5)
+    export_student(out)

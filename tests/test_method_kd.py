@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_runs import export_student
 from test_train import TINY_CONFIG, distill_epoch_row, train
 
 from kdfast.config import CONFIG_DIR, load_config
@@ -144,3 +145,4 @@ def test_kd_digits_configs_run_end_to_end(tmp_path, config):
     ckpt = torch.load(out / "student.pt", weights_only=True)
     assert ckpt["format"] == "kdfast.student/1" and ckpt["config"]["loss"]["method"] == ["kd"]
     assert set(distill_epoch_row(out)["parts"]) == {"ce", "kd"}
+    export_student(out)

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_runs import export_student
 from test_train import TINY_CONFIG, distill_epoch_row, train
 
 from kdfast.config import CONFIG_DIR, TapConfig, load_config
@@ -184,3 +185,4 @@ def test_rkd_digits_config_runs_end_to_end(tmp_path):
     parts = distill_epoch_row(out)["parts"]
     assert set(parts) == {"ce", "rkd", "rkd/distance", "rkd/angle"}
     assert parts["rkd"] == pytest.approx(parts["rkd/distance"] + parts["rkd/angle"], rel=1e-5)
+    export_student(out)
