@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import torchvision
 
 from export.onnx_export import INPUT_NAME, export_onnx
-from kdfast.config import CONFIG_DIR, load_config
+from kdfast.config import CONFIG_DIR, LossConfig, load_config
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.registry import method
 from kdfast.methods.titn import TITNConfig, TITNLoss
 from kdfast.models import build_model
 from kdfast.models.tnt import TNTDistilled
@@ -366,3 +367,14 @@ def test_paper_config_has_the_papers_teacher_student_and_recipe(tmp_path):
     assert sum(p.numel() for p in teacher.parameters()) == convs + classifier == 134_678_692
     with torch.no_grad():
         assert teacher.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("feature_method", ["rkd", "crd", "fitnet", "at", "agkd"])
+def test_a_method_that_reads_no_logits_composes_with_titn(feature_method):
+    """A feature method's term never reads the student's logits (its loss is called with ``None`` for them in
+    its own tests), so TITN's two-head student may be distilled by it too; a logit method stays refused."""
+    sections = {"titn": method("titn").schema(), feature_method: method(feature_method).schema()}
+    cfg = LossConfig(method=["titn", feature_method], sections=sections)
+    assert cfg.method == ["titn", feature_method]
+    with pytest.raises(ConfigError, match="drop dkd$"):
+        LossConfig(method=["titn", "dkd"], sections={"titn": sections["titn"], "dkd": method("dkd").schema()})

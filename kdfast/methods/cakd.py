@@ -509,4 +509,5 @@ METHOD = Method(
     validate=validate,
     loss=CAKDLoss,
     paper="Liu, Cao, Li, Hu, Ding & Li 2022, Cross-Architecture Knowledge Distillation (arXiv:2207.05273)",
+    logits="none",
 )

@@ -276,4 +276,5 @@ METHOD = Method(
     loss=CRDLoss,
     paper="Tian, Krishnan & Isola 2020, Contrastive Representation Distillation (ICLR, arXiv:1910.10699); "
     "negatives from a FIFO queue (He et al. 2020, MoCo) instead of a memory bank",
+    logits="none",
 )

@@ -160,4 +160,5 @@ METHOD = Method(
     validate=validate,
     loss=RKDLoss,
     paper="Park, Kim, Lu & Cho 2019, Relational Knowledge Distillation (CVPR, arXiv:1904.05068)",
+    logits="none",
 )

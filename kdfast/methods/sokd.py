@@ -416,4 +416,5 @@ METHOD = Method(
     loss=SoKDLoss,
     paper="Shen, Huang, Zhu, Fan & Zhang 2024, Student-Oriented Teacher Knowledge Refinement for Knowledge "
     "Distillation (arXiv:2409.18785)",
+    logits="none",
 )
