@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kdfast.config import TapConfig
-from kdfast.errors import ConfigError
+from kdfast.errors import ConfigError, UsageError
 from kdfast.schema import closest
 
 NO_TAPS: Mapping[str, TapConfig] = MappingProxyType({})
@@ -111,9 +111,24 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.impl = kernels_impl
         self.label_smoothing = label_smoothing
+        self._sized_from: dict[str, Any] = {}
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched (nothing to check here)."""
+
+    def build_once(
+        self, name: str, found: Any, build: Callable[[], nn.Module], device: torch.device, built_for: str
+    ) -> None:
+        """Sub-networks sized from the first real batch in :meth:`check` (FitNet's regressors, ReviewKD's
+        ABFs, OFA's branches): on the first call ``self.<name> = build()``, moved to ``device``, and ``found``
+        (what the taps gave) remembered; on every call a UsageError "<built_for> <remembered>, but these taps
+        give <found>" when the taps give something else."""
+        if getattr(self, name) is None:
+            setattr(self, name, build())
+            self._sized_from[name] = found
+            self.to(device)
+        if found != self._sized_from[name]:
+            raise UsageError(f"{built_for} {self._sized_from[name]}, but these taps give {found}")
 
     def maps(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]

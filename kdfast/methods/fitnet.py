@@ -117,22 +117,19 @@ class FitNetLoss(DistillationLoss):
         super().__init__(kernels_impl, label_smoothing)
         self.cfg = cfg
         self.regressors: nn.ModuleList | None = None
-        self.built_for: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """UsageError when a pair's batch sizes differ or its shapes are not those the regressors were built
         for; on the first call, build one regressor per pair."""
         maps = pair_maps(self.cfg.pairs, student_taps, teacher_taps, "fitnet")
         shapes = [(tuple(s.shape[1:]), tuple(t.shape[1:])) for _, s, t in maps]
-        if self.regressors is None:
-            self.regressors = nn.ModuleList(HintRegressor(s, t, self.cfg.relu) for s, t in shapes)
-            self.built_for = shapes
-            self.to(maps[0][1].device)
-        if shapes != self.built_for:
-            raise UsageError(
-                f"loss.fitnet: the regressors were built for (student, teacher) shapes {self.built_for}, but "
-                f"these taps give {shapes}"
-            )
+        self.build_once(
+            "regressors",
+            shapes,
+            lambda: nn.ModuleList(HintRegressor(s, t, self.cfg.relu) for s, t in shapes),
+            maps[0][1].device,
+            "loss.fitnet: the regressors were built for (student, teacher) shapes",
+        )
 
     def forward(
         self,

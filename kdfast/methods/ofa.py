@@ -217,7 +217,6 @@ class OFALoss(DistillationLoss):
         super().__init__(kernels_impl, label_smoothing)
         self.cfg = cfg
         self.branches: nn.ModuleList | None = None
-        self.built_for: list[tuple[int, ...]] = []
         self.classes: int | None = None
         self._classes_hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -254,29 +253,28 @@ class OFALoss(DistillationLoss):
                     "(B, C, H, W) map or (B, tokens, D) ViT tokens"
                 )
         shapes = [tuple(f.shape[1:]) for f in features]
-        if self.branches is None:
-            self.branches = nn.ModuleList(self._branches(shapes))
-            init_branch(self.branches)
-            self.built_for = shapes
-            self.to(features[0].device)
-        if shapes != self.built_for:
-            raise UsageError(
-                f"loss.ofa: the branches were built for stage shapes {self.built_for}, but these taps give "
-                f"{shapes}"
-            )
+        self.build_once(
+            "branches",
+            shapes,
+            lambda: self._branches(shapes),
+            features[0].device,
+            "loss.ofa: the branches were built for stage shapes",
+        )
 
-    def _branches(self, shapes: list[tuple[int, ...]]) -> list[nn.Module]:
+    def _branches(self, shapes: list[tuple[int, ...]]) -> nn.ModuleList:
         """Eq. 1: one branch per stage shape, (C, H, W) maps through :func:`cnn_branch`, (tokens, D) through
-        :class:`TokenBranch`."""
+        :class:`TokenBranch`, initialized as the official code does (:func:`init_branch`)."""
         width = self.cfg.width or max(s[0] if len(s) == 3 else s[1] for s in shapes)
         final_height = min((s[1] for s in shapes if len(s) == 3), default=1)
         n = len(shapes)
-        return [
+        branches = nn.ModuleList(
             cnn_branch(s[0], s[1], final_height, width, self.classes)
             if len(s) == 3
             else TokenBranch(s[0], s[1], width, max(n - i, 1), self.classes)
             for i, s in enumerate(shapes, start=1)
-        ]
+        )
+        init_branch(branches)
+        return branches
 
     def forward(
         self,

@@ -155,7 +155,6 @@ class ReviewKDLoss(DistillationLoss):
         super().__init__(kernels_impl, label_smoothing)
         self.cfg = cfg
         self.abfs: nn.ModuleList | None = None
-        self.built_for: list[tuple[int, int]] = []
         self.register_buffer("warmup", torch.tensor(warmup_factor(0, cfg.warmup)), persistent=False)
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
@@ -164,17 +163,14 @@ class ReviewKDLoss(DistillationLoss):
         channels), fusing for every pair but the deepest."""
         maps = pair_maps(self.cfg.pairs, student_taps, teacher_taps, "reviewkd")
         channels = [(student.shape[1], teacher.shape[1]) for _, student, teacher in maps]
-        if self.abfs is None:
-            mid = min(self.cfg.max_mid_channels, channels[-1][0])
-            last = len(channels) - 1
-            self.abfs = nn.ModuleList(ABF(s, mid, t, fuse=i < last) for i, (s, t) in enumerate(channels))
-            self.built_for = channels
-            self.to(maps[0][1].device)
-        if channels != self.built_for:
-            raise UsageError(
-                f"loss.reviewkd: the ABFs were built for (student, teacher) channels {self.built_for}, but "
-                f"these taps give {channels}"
-            )
+        mid, last = min(self.cfg.max_mid_channels, channels[-1][0]), len(channels) - 1
+        self.build_once(
+            "abfs",
+            channels,
+            lambda: nn.ModuleList(ABF(s, mid, t, fuse=i < last) for i, (s, t) in enumerate(channels)),
+            maps[0][1].device,
+            "loss.reviewkd: the ABFs were built for (student, teacher) channels",
+        )
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Eq. 4: the warm-up factor of this epoch (the stage's length does not enter it)."""
