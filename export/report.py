@@ -175,6 +175,21 @@ def _int8_section(int8: dict) -> list[str]:
     return lines
 
 
+def _qad_section(qad: dict) -> list[str]:
+    """What ``kdfast.train --qad`` measured when it made this student: post-training INT8 of the student it
+    started from against INT8 of this one, both as ``student.int8.onnx`` is written but without accuracy
+    control."""
+    from kdfast.train.qad import qad_table
+
+    return [
+        f"This student was fine-tuned by quantization-aware distillation from `{qad['source']}`; its weights "
+        "lie on their int8 grid. Measured by that run on "
+        f"{qad['validation_images']} validation images (MinMax, no layer kept float, ONNX Runtime):",
+        "",
+        qad_table(qad),
+    ]
+
+
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     """Write report.json, report.md and the charts under ``out``; returns their paths."""
     paths = {
@@ -210,6 +225,11 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
         *(["## ONNX files", "", *_files_section(report["files"]), ""] if report["files"] else []),
         *(["## What each runtime ran", "", *runtimes, ""] if runtimes else []),
         *(["## INT8", "", *_int8_section(report["int8"]), ""] if report["int8"] else []),
+        *(
+            ["## Quantization-aware distillation", "", *_qad_section(report.get("qad")), ""]
+            if report.get("qad")
+            else []
+        ),
         *(
             ["## Not available here", "", *[f"- {k}: {v}" for k, v in report["unavailable"].items()], ""]
             if report["unavailable"]

@@ -574,6 +574,8 @@ def export_student(args: argparse.Namespace) -> int:
             "rows": run.rows,
             "files": onnx_files,
             "int8": int8_report,
+            # A student from `kdfast.train --qad` carries its comparison with post-training quantization.
+            "qad": ckpt["metrics"].get("qad"),
             "unavailable": reasons,
             "notes": [
                 f"verification data: {data.source}, {len(data.images)} images"

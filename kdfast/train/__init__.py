@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kdfast.errors import (
@@ -57,7 +58,10 @@ examples:
   python -m kdfast.train
   python -m kdfast.train --config configs/mtd_digits.yaml --set student.train.epochs=5
   python -m kdfast.train --config configs/kd_digits.yaml --seeds 0,1,2
-  python -m kdfast.train --resume runs/default"""
+  python -m kdfast.train --resume runs/default
+  python -m kdfast.train --qad runs/default/student.pt --set qad.epochs=3"""
+
+QAD_SETTINGS = "qad.yaml"  # a folder holding it is a QAD run (kdfast.train.qad), which --resume continues
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -104,12 +108,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compile", choices=("auto", "on", "off"), help="torch.compile the training step (runtime.compile)"
     )
     parser.add_argument(
+        "--qad",
+        metavar="STUDENT",
+        help="quantization-aware distillation: fine-tune STUDENT (a student.pt) with fake-quantized weights "
+        "and activations, taught by its fp32 self; writes <its folder>/qad/ (settings: --set qad.KEY=VALUE)",
+    )
+    parser.add_argument(
         "--seeds",
         type=_seed_list,
         metavar="S,S,...",
         help="repeat the whole run once per seed in DIR/seed<S>/ and report mean +- std (e.g. 0,1,2)",
     )
     args = parser.parse_args(argv)
+    if args.qad is not None and args.resume is not None:
+        raise UsageError("--resume DIR continues a QAD run from DIR's qad.yaml: drop --qad")
     if args.resume is not None and (args.config is not None or args.out is not None or args.overwrite):
         raise UsageError(
             "--resume DIR takes its config and output folder from DIR: drop --config / --out / --overwrite"
@@ -131,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     130 when interrupted."""
     try:
         args = parse_args(argv)
-        from kdfast.train.loop import train_command  # torch, the models and the data load only now
+        if args.qad is not None or (args.resume is not None and Path(args.resume, QAD_SETTINGS).is_file()):
+            from kdfast.train.qad import qad_command
 
-        train_command(args)
+            qad_command(args)
+        else:
+            from kdfast.train.loop import train_command  # torch, the models and the data load only now
+
+            train_command(args)
     except UsageError as exc:
         print(f"kdfast.train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

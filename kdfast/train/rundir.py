@@ -28,6 +28,10 @@ RUN_FILES = (
     "curves.png",
     "attention.png",
     "tensorboard",
+    "qad.yaml",
+    "qad.json",
+    "qad.md",
+    "qad.png",
 )
 
 
