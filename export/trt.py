@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import tempfile
 import time
@@ -249,7 +250,14 @@ def _error_line(e: BaseException) -> str:
 class _Export:
     """One run of the command: data, reference logits, the timing protocol, the rows of the report."""
 
-    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, data: _Data, folder: OutputFolder):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: torch.nn.Module,
+        data: _Data,
+        folder: OutputFolder,
+        qad: dict | None = None,
+    ):
         self.args, self.model, self.data, self.folder = args, model, data, folder
         self.protocol = Protocol(
             args.warmup_iters, args.warmup_s, args.iters, args.min_time_s, args.max_time_s
@@ -262,6 +270,11 @@ class _Export:
         self.inputs = {b: np.ascontiguousarray(pool[:b]) for b in self.sizes}
         self._references: dict[str, np.ndarray] = {}
         self.rows: list[dict] = []
+        # A QAD student (kdfast.train --qad) was trained as the INT8 network: the file's rows are verified
+        # against that network (the PyTorch fake quantization of the same layout, calibrated on the same
+        # images), not against its float forward, and no layer is kept float.
+        self.qad = qad
+        self._fake_int8: np.ndarray | None = None
 
     def say(self, message: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.1f} s] {message}", file=sys.stderr, flush=True)
@@ -318,19 +331,39 @@ class _Export:
         self.rows.append(row)
         return row
 
-    def verify(self, row: dict, logits: np.ndarray, precision: str, device: str = "cpu") -> None:
+    def fake_int8(self, images: np.ndarray) -> np.ndarray:
+        """The QAD student's logits as trained: fake-quantized in the TensorRT layout (kdfast.quant), its
+        activation ranges calibrated on the export's calibration images."""
+        from kdfast.quant import FakeQuant
+
+        model = copy.deepcopy(self.model).cpu()
+        FakeQuant(model).calibrate(torch.from_numpy(self.data.calibration).split(self.args.max_batch))
+        return batched(torch_runner(model.eval()), images, self.args.max_batch)
+
+    def verify(
+        self, row: dict, logits: np.ndarray, precision: str, device: str = "cpu", *, onnx_int8: bool = False
+    ) -> None:
         gates = _gates(self.args, "int8" if precision in VARIANTS else precision)
-        p = parity(self.reference(device), logits, atol=gates.atol, rtol=gates.rtol, labels=self.data.labels)
+        reference = self.reference(device)
+        if self.qad is not None and onnx_int8 and precision == "int8":
+            if self._fake_int8 is None:
+                self._fake_int8 = self.fake_int8(self.data.images)
+            reference = self._fake_int8
+            row["reference"] = "the QAD student as trained (fake-quantized, kdfast.quant)"
+        p = parity(reference, logits, atol=gates.atol, rtol=gates.rtol, labels=self.data.labels)
         row.update(parity=p.as_dict(), gates=check_gates(p, gates), accuracy=p.accuracy)
 
-    def run_loaded(self, row: dict, load: Callable[[], Loaded], precision: str, device: str) -> None:
+    def run_loaded(
+        self, row: dict, load: Callable[[], Loaded], precision: str, device: str, *, onnx_int8: bool = False
+    ) -> None:
         """Load, verify and time one artifact, recording load time and peak memory."""
         with PeakMemory() as memory:
             t0 = time.perf_counter()
             loaded = load()
             row["load_s"] = time.perf_counter() - t0
             row["runtime"] = loaded.info
-            self.verify(row, batched(loaded.run, self.data.images, self.args.max_batch), precision, device)
+            logits = batched(loaded.run, self.data.images, self.args.max_batch)
+            self.verify(row, logits, precision, device, onnx_int8=onnx_int8)
             row["latency"] = self.latency(loaded)
         row["peak_rss_mb"] = memory.peak_bytes / 2**20
 
@@ -373,7 +406,10 @@ def _metadata(ckpt: dict, opset: int) -> dict[str, object]:
 
 def _int8(run: _Export, files: dict[str, Path], metadata: dict[str, str], int8_report: dict) -> None:
     args = run.args
-    control = ControlSet(run.data.control, _logits(run, run.data.control), run.data.control_labels)
+    # Accuracy control keeps layers float to approach the float forward; a QAD student is the INT8 network
+    # itself, so every layer stays INT8 (control not run, said in the report).
+    labels = None if run.qad is not None else run.data.control_labels
+    control = ControlSet(run.data.control, _logits(run, run.data.control), labels)
     with tempfile.TemporaryDirectory(prefix="kdfast-int8-") as work:
         run.say(f"INT8: calibrating ({args.calibration}) on {len(run.data.calibration)} images")
         quantizer = Int8Quantizer(
@@ -404,6 +440,11 @@ def _int8(run: _Export, files: dict[str, Path], metadata: dict[str, str], int8_r
                 "calibration": args.calibration,
                 "keep_float": [] if made.control is None else made.control.keep_float,
                 "control": None if made.control is None else made.control.as_dict(),
+                "control_not_run": None
+                if made.control is not None
+                else "a QAD student is the INT8 network it was trained as"
+                if run.qad is not None
+                else "no labelled images",
                 "layers": made.layers,
             }
 
@@ -461,7 +502,11 @@ def _backend(run: _Export, backend: Backend, sources: Sources) -> None:
                 row.update(run.file_fields(backend.artifacts(path)))
                 run.say(f"{backend.label} {label}: loading, verifying, timing")
                 run.run_loaded(
-                    row, lambda path=path: backend.load(path, run.args.threads), precision, backend.device
+                    row,
+                    lambda path=path: backend.load(path, run.args.threads),
+                    precision,
+                    backend.device,
+                    onnx_int8=backend.needs_onnx,
                 )
         except Exception as e:  # noqa: BLE001 - every failure is kept in the report, the others go on
             row.update(error=_error_line(e), traceback=traceback.format_exc(limit=-4))
@@ -532,7 +577,7 @@ def export_student(args: argparse.Namespace) -> int:
     with OutputFolder(out) as folder:
         # Probing a runtime imports it (seconds, and its own notices): only once every input is valid.
         backends, reasons, missing = _select_backends(args)
-        run = _Export(args, model, data, folder)
+        run = _Export(args, model, data, folder, qad=ckpt["metrics"].get("qad"))
         run.say(
             f"verifying on {data.source}, {len(data.images)} images; backends: "
             + ", ".join(b.label for b in backends if b.key not in reasons)

@@ -271,6 +271,25 @@ def test_qad_command_writes_a_student_on_the_int8_grid_and_the_comparison(digits
     assert summary["qad_int8"]["drop"] == pytest.approx(source_top1 - summary["qad_int8"]["top1"])
     assert "| post-training INT8 (PTQ) |" in (out / "qad.md").read_text()
 
+    # The export verifies the INT8 file against the QAD student as trained (fake-quantized), keeps every
+    # layer INT8 and repeats the comparison in its report.
+    exported = subprocess.run(
+        [sys.executable, "-m", "export.trt", "--model", str(out / "student.pt"), "--backends", "ort"]
+        + ["--baselines", "eager", "--precision", "fp32", "int8", "--iters", "3", "--min-time-s", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert report["qad"]["ptq_int8"] == summary["ptq_int8"]
+    assert report["int8"]["int8"]["keep_float"] == [] and report["int8"]["int8"]["control"] is None
+    (int8_row,) = [r for r in report["rows"] if r["backend"] == "onnxruntime" and r["precision"] == "int8"]
+    assert "fake-quantized" in int8_row["reference"]
+    assert "## Quantization-aware distillation" in (out / "export" / "report.md").read_text()
+
     # --resume continues from state_qad.pt: with one more epoch asked for, only epoch 2 runs.
     settings = yaml.safe_load((out / "qad.yaml").read_text())
     settings["qad"]["epochs"] = 2
