@@ -5,7 +5,8 @@ resnet18, mobilenetv3_small_100 and deit_tiny trained on digits with plain cross
     .venv/bin/python bench/export_targets.py --default runs/default/student.pt --out runs/export-targets \
         -- --backends ort openvino --baselines eager
 
-Students already trained under ``--out`` are reused; their exports are redone.
+Students already trained under ``--out`` are reused; their exports are redone. ``--qad`` also runs
+``python -m kdfast.train --qad`` on every student, exports each QAD student and prints a second table.
 """
 
 from __future__ import annotations
@@ -74,6 +75,43 @@ def _summary(name: str, report: dict, params: int) -> list[str]:
     ]
 
 
+def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
+    """Each student through ``python -m kdfast.train --qad`` (default settings) and its QAD student through
+    ``python -m export.trt``: post-training INT8 against QAD, both measured by the QAD run on the whole
+    validation split, and how the QAD student's INT8 files verify."""
+    from kdfast.train import main as train_main
+
+    header = [
+        "student", "source fp32 top-1 %", "PTQ INT8 top-1 % (drop, agreement)", "QAD INT8 top-1 % (drop, "
+        "agreement)", "QAD s", "export: ORT int8 agreement %", "export: OpenVINO int8 agreement %", "exit",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, path in students.items():
+        folder = args.out / name.split(" ")[0] / "qad"
+        print(f"QAD of {name}", file=sys.stderr, flush=True)
+        if train_main(["--qad", str(path), "--out", str(folder), "--overwrite"]) != 0:
+            raise SystemExit(f"QAD of {name} failed")
+        summary = json.loads((folder / "qad.json").read_text())
+        out = folder / "export"
+        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--threads", str(args.threads)]
+                    + args.export_args)  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        agreement = {
+            r["backend"]: f"{100 * r['parity']['top1_agreement']:.2f}"
+            for r in report["rows"]
+            if r["precision"] == "int8" and r["variant"] is None and r.get("parity")
+        }
+        ptq, qad = summary["ptq_int8"], summary["qad_int8"]
+        lines.append(
+            f"| {name} | {summary['source_fp32_top1']:.2f} | {ptq['top1']:.2f} ({ptq['drop']:+.2f}, "
+            f"{ptq['agreement_with_source']:.2f}) | {qad['top1']:.2f} ({qad['drop']:+.2f}, "
+            f"{qad['agreement_with_source']:.2f}) | {summary['seconds']:.0f} | "
+            f"{agreement.get('onnxruntime', '-')} | {agreement.get('openvino', '-')} | "
+            f"{report['exit_code']} |"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> None:
     students = {"default (edge_cnn, AGKD)": args.default} if args.default else {}
     students |= {name: _student(args.out, name) for name in STUDENTS}
@@ -93,6 +131,8 @@ def run(args: argparse.Namespace) -> None:
         lines.append("| " + " | ".join(_summary(name, report, params)) + " |")
         machine = report["machine"]
     print("\n".join(lines))
+    if args.qad:
+        print("\n".join(["", *_qad_rows(students, args)]))
     print(
         f"\n{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, {args.threads} threads, "
         f"load average {machine['load_average_start']} -> {machine['load_average_end']} (last export), "
@@ -105,5 +145,6 @@ if __name__ == "__main__":
     parser.add_argument("--default", type=Path, help="the default run's student.pt (python -m kdfast.train)")
     parser.add_argument("--out", type=Path, default=Path("runs/export-targets"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qad", action="store_true", help="also QAD every student and export the result")
     parser.add_argument("export_args", nargs="*", help="more flags for export.trt, after --")
     run(parser.parse_args())

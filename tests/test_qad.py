@@ -235,6 +235,8 @@ def test_qad_command_writes_a_student_on_the_int8_grid_and_the_comparison(digits
         "qad.epochs=1",
         "--set",
         "qad.batch_size=32",
+        "--set",
+        "qad.lr=5e-5",  # YAML 1.1 reads this as a string; the float key takes it
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -96,8 +96,11 @@ def parse_settings(pairs: list[str]) -> QadConfig:
             )
         value = yaml.safe_load(text)
         kind = {"int": int, "float": float, "str": str, "bool": bool}[types[name]]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads 3e-5 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if type(value) is not kind:
             raise UsageError(f"--set {pair}: qad.{name} takes a {kind.__name__}, got {text!r}")
         values[name] = value
@@ -456,6 +459,7 @@ def _plot(path: Path, summary: dict) -> None:
         label="agreement with source %",
     )
     right.axhline(summary["ptq_int8"]["top1"], color="#d95f02", lw=1, label="PTQ INT8 top-1 %")
+    right.set_xticks(epochs)
     right.set_xlabel("QAD epoch")
     right.set_title("during QAD (PyTorch fake quantization)")
     right.legend(loc="lower right", fontsize=8)
