@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (one H100/H200, under 8 minutes): the environment, `pytest -m gpu`, the headline
-# kernel benchmarks, the AGKD paper-pair training step eager vs compiled, and `python -m export.trt` of a
-# student; each result written to OUTDIR as soon as it exists, OUTDIR/RESULTS.md rendered after every step and
-# a summary table printed last. `--dry-run` runs the same driver on CPU at tiny shapes (CI does).
+# One command for a GPU machine (one H100/H200, under 9 minutes): the environment, `pytest -m gpu`, the headline
+# kernel benchmarks, the AGKD paper-pair training step eager vs compiled, `python -m export.trt` of a student
+# and one epoch of `python -m kdfast.train --qad` on it; each result written to OUTDIR as soon as it exists,
+# OUTDIR/RESULTS.md rendered after every step and a summary table printed last. `--dry-run` runs the same driver on CPU at tiny shapes (CI does).
 #
 #   bash bench/gpu.sh [--dry-run] OUTDIR
 #

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["environment", "gpu tests", "kernel benchmarks", "train step eager", "train step compiled", "export"]
+STEPS = [
+    "environment",
+    "gpu tests",
+    "kernel benchmarks",
+    "train step eager",
+    "train step compiled",
+    "export",
+    "qad",
+]
 
 
 def _gpu_sh(*args: str) -> subprocess.CompletedProcess:
@@ -44,6 +52,8 @@ def test_dry_run_runs_every_step_and_writes_every_result(tmp_path):
     assert all(r["extra_info"]["images_per_s"] > 0 for r in train)
     report = json.loads((out / "export" / "report.json").read_text())
     assert any(row["backend"] == "onnxruntime" for row in report["rows"])
+    qad = json.loads((out / "qad" / "qad.json").read_text())
+    assert len(qad["epochs"]) == 1 and {"ptq_int8", "qad_int8"} <= set(qad)
     results = (out / "RESULTS.md").read_text()
     for step in STEPS:
         assert f"| {step} |" in results, step

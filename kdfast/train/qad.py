@@ -168,8 +168,12 @@ def _load_inputs(student: Path, cfg: QadConfig) -> _Inputs:
 
 @torch.no_grad()
 def _logits(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``model``'s float32 logits on CPU for ``images``, computed on the model's device in eval mode."""
     model.eval()
-    return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+    device = next(model.parameters()).device
+    return torch.cat(
+        [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    )
 
 
 def _int8_logits(model: nn.Module, ckpt: dict, calibration: torch.Tensor, images: torch.Tensor) -> np.ndarray:
@@ -180,9 +184,10 @@ def _int8_logits(model: nn.Module, ckpt: dict, calibration: torch.Tensor, images
     from export.ort_backend import make_session, runner
     from export.quantize import quantize_file
 
+    model = copy.deepcopy(model).cpu().eval()
     with tempfile.TemporaryDirectory(prefix="kdfast-qad-") as work:
         fp32 = export_onnx(
-            model.eval(),
+            model,
             calibration[:2],
             Path(work) / "fp32.onnx",
             max_batch=8,
@@ -253,6 +258,9 @@ def qad_command(args: argparse.Namespace) -> dict:
 def _run(folder: Path, student: Path, cfg: QadConfig, inputs: _Inputs, state: dict | None) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs.source.to(device)
+    inputs.teacher.to(device)
     reference = _logits(inputs.source, inputs.val)
     if state is None:
         print(
@@ -282,7 +290,7 @@ def _run(folder: Path, student: Path, cfg: QadConfig, inputs: _Inputs, state: di
         generator=generator,
     )
     total = cfg.epochs * len(loader)
-    calibration = [inputs.calibration[i : i + 8] for i in range(0, len(inputs.calibration), 8)]
+    calibration = [inputs.calibration[i : i + 8].to(device) for i in range(0, len(inputs.calibration), 8)]
     metrics_path = folder / "metrics.jsonl"
     for epoch in range(len(history), cfg.epochs):
         generator.manual_seed(cfg.seed + epoch)  # the same order on --resume
@@ -293,6 +301,7 @@ def _run(folder: Path, student: Path, cfg: QadConfig, inputs: _Inputs, state: di
         bar = tqdm(loader, desc=f"QAD epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
         try:
             for step, (x, y) in enumerate(bar):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t = (epoch * len(loader) + step) / total
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
