@@ -40,12 +40,20 @@ def test_digest_changes_with_any_kernel_source(tmp_path):
     assert len({before, source_digest(copy)}) == 2
 
 
-def test_salt_keeps_the_users_tag_and_replaces_an_earlier_kdfast_tag(monkeypatch):
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    assert salt_compile_caches("aaaa") == "mine+kdfast-kernels-aaaa"
-    assert salt_compile_caches("bbbb") == "mine+kdfast-kernels-bbbb"
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "")
-    assert salt_compile_caches("cccc") == "kdfast-kernels-cccc"
+def test_salt_keeps_the_users_tag_and_replaces_an_earlier_kdfast_tag():
+    # Not monkeypatch: its undo deletes a torch config key (the config module keeps none in __dict__), and
+    # every later compile then fails with "cache_key_tag does not exist".
+    config = torch.compiler.config
+    saved = config.cache_key_tag
+    try:
+        config.cache_key_tag = "mine"
+        assert salt_compile_caches("aaaa") == "mine+kdfast-kernels-aaaa"
+        assert salt_compile_caches("bbbb") == "mine+kdfast-kernels-bbbb"
+        config.cache_key_tag = ""
+        assert salt_compile_caches("cccc") == "kdfast-kernels-cccc"
+    finally:
+        config.cache_key_tag = saved
+    assert config.cache_key_tag == saved
 
 
 PROBE = textwrap.dedent(

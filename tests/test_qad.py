@@ -267,10 +267,13 @@ def test_qad_command_writes_a_student_on_the_int8_grid_and_the_comparison(digits
     with torch.no_grad():
         source_top1 = 100 * float((source(val).argmax(1) == labels).float().mean())
     ptq_top1 = 100 * float(np.mean(int8.argmax(1) == labels.numpy()))
-    assert summary["source_fp32_top1"] == pytest.approx(source_top1)
-    assert summary["ptq_int8"]["top1"] == pytest.approx(ptq_top1)
-    assert summary["ptq_int8"]["drop"] == pytest.approx(source_top1 - ptq_top1)
-    assert summary["qad_int8"]["drop"] == pytest.approx(source_top1 - summary["qad_int8"]["top1"])
+    # percentages of 96 images: equal up to float32 rounding of the mean
+    assert summary["source_fp32_top1"] == pytest.approx(source_top1, abs=1e-4)
+    assert summary["ptq_int8"]["top1"] == pytest.approx(ptq_top1, abs=1e-4)
+    assert summary["ptq_int8"]["drop"] == pytest.approx(source_top1 - ptq_top1, abs=1e-4)
+    assert summary["qad_int8"]["drop"] == pytest.approx(
+        summary["source_fp32_top1"] - summary["qad_int8"]["top1"]
+    )
     assert "| post-training INT8 (PTQ) |" in (out / "qad.md").read_text()
 
     # The export verifies the INT8 file against the QAD student as trained (fake-quantized), keeps every
@@ -326,3 +329,18 @@ def test_qad_bad_input_is_one_line_and_exit_2(args, says, digits_student, tmp_pa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ("not: [valid", "is not the settings file a QAD run writes"),
+        ("student: gone.pt\nstudent_sha256: abc\nqad: {}\n", "is gone or has changed"),
+    ],
+)
+def test_qad_resume_of_a_broken_folder_is_one_line_and_exit_2(settings, says, tmp_path):
+    (tmp_path / "qad.yaml").write_text(settings)
+    done = _qad("--resume", str(tmp_path), cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], done.stderr

@@ -223,16 +223,40 @@ def _plan_folder(args: argparse.Namespace, student: Path) -> Path:
     return requested
 
 
+def _read_resume(folder: Path) -> tuple[Path, QadConfig, dict | None]:
+    """(student, settings, state after the last finished epoch or None) of the QAD run in ``folder``, each
+    fault one UsageError line."""
+    try:
+        saved = yaml.safe_load((folder / SETTINGS_FILE).read_text())
+        student, digest, cfg = Path(saved["student"]), saved["student_sha256"], QadConfig(**saved["qad"])
+        cfg.check()
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"--resume {folder}: {SETTINGS_FILE} is not the settings file a QAD run writes "
+            f"({type(exc).__name__}: {detail}); start a new run with --qad STUDENT"
+        ) from None
+    if not student.is_file() or _sha256(student) != digest:
+        raise UsageError(
+            f"--resume {folder}: the student it started from, {student}, is gone or has changed since; "
+            "start a new run with --qad STUDENT"
+        )
+    state_path = folder / STATE_FILE
+    if not state_path.exists():
+        return student, cfg, None
+    state = read_torch_file(state_path, "QAD state")
+    if not (isinstance(state, dict) and {"model", "optimizer", "history", "ptq"} <= set(state)):
+        raise UsageError(f"--resume {folder}: {state_path} is not a QAD state; delete it to start over")
+    return student, cfg, state
+
+
 def qad_command(args: argparse.Namespace) -> dict:
     """A QAD run (``--qad STUDENT``) or its continuation (``--resume DIR`` on a folder holding one)."""
     if args.resume is not None:
         folder = Path(args.resume)
-        saved = yaml.safe_load((folder / SETTINGS_FILE).read_text())
-        student, cfg = Path(saved["student"]), QadConfig(**saved["qad"])
         if args.set:
             raise UsageError("--resume of a QAD run takes its settings from qad.yaml: drop --set")
-        state_path = folder / STATE_FILE
-        state = read_torch_file(state_path, "QAD state") if state_path.exists() else None
+        student, cfg, state = _read_resume(folder)
     else:
         if args.config is not None or args.seeds is not None or args.compile is not None:
             raise UsageError(
