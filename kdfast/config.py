@@ -299,7 +299,7 @@ class Config:
         return {**dataclasses.asdict(self), "loss": self.loss.to_dict()}
 
 
-def _set_override(raw: dict[str, Any], assignment: str) -> None:
+def set_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``--set a.b.c=value`` (value parsed as YAML) to the raw config mapping."""
     if "=" not in assignment:
         raise ConfigError(f"--set takes KEY=VALUE (for example data.batch_size=32), got {assignment!r}")
@@ -392,7 +392,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     overrides, and validate every key, type and file it names."""
     raw = read_config_file(Path(path) if path is not None else DEFAULT_CONFIG)
     for assignment in overrides:
-        _set_override(raw, assignment)
+        set_override(raw, assignment)
     cfg = config_from_dict(raw)
     validate(cfg)
     return cfg

@@ -310,9 +310,14 @@ def test_qad_command_writes_a_student_on_the_int8_grid_and_the_comparison(digits
     ("args", "says"),
     [
         (["--qad", "missing.pt"], "no such file"),
-        (["--qad", "{student}", "--set", "qad.epochs=0"], "qad.epochs must be >= 1"),
-        (["--qad", "{student}", "--set", "qad.lr=fast"], "qad.lr takes a float"),
+        (["--qad", "{student}", "--set", "qad.epochs=0"], "config key 'qad.epochs' must be > 0"),
+        (["--qad", "{student}", "--set", "qad.lr=fast"], "config key 'qad.lr' must be float"),
         (["--qad", "{student}", "--set", "data.batch_size=8"], "only qad.<key>=<value> applies"),
+        (
+            ["--qad", "{student}", "--set", "qad.epoch=2"],
+            "unknown config key 'qad.epoch': did you mean 'epochs'",
+        ),
+        (["--qad", "{student}", "--set", "qad.lr=[1"], "is not valid YAML"),
         (["--qad", "{student}", "--config", "configs/default.yaml"], "drop --config"),
         (["--qad", "{student}", "--resume", "runs/x"], "drop --qad"),
         (["--qad", "{student}", "--set", "qad.teacher=nowhere.pt"], "nowhere.pt"),

@@ -47,8 +47,10 @@ from kdfast.checkpoint import (
     read_torch_file,
     save_checkpoint,
 )
+from kdfast.config import set_override
 from kdfast.errors import TrainingDiverged, TrainingInterrupted, UsageError
 from kdfast.quant import FakeQuant, freeze_batchnorm, uncovered_weighted_ops
+from kdfast.schema import build, positive
 from kdfast.train import QAD_SETTINGS as SETTINGS_FILE
 from kdfast.train import rundir
 
@@ -71,42 +73,30 @@ class QadConfig:
     num_workers: int = 0
     seed: int = 0
 
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "calibration_images"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"qad.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "temperature"):
-            if not getattr(self, name) > 0:
-                raise UsageError(f"qad.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "ce_weight", "num_workers"):
-            if not getattr(self, name) >= 0:
-                raise UsageError(f"qad.{name} must be >= 0, got {getattr(self, name)}")
+    def check(self, where: str = "qad") -> None:
+        """What the types cannot say (the schema already refuses negative and non-finite numbers)."""
+        for name in ("epochs", "batch_size", "calibration_images", "lr", "temperature"):
+            positive(getattr(self, name), f"{where}.{name}")
+
+
+def read_settings(raw: Any, where: str = "qad") -> QadConfig:
+    """The QAD settings from a mapping (``--set qad.*`` or a run's ``qad.yaml``), typed and checked by the
+    run schema's machinery; each fault one ConfigError line."""
+    cfg = build(QadConfig, raw, where)
+    cfg.check(where)
+    return cfg
 
 
 def parse_settings(pairs: list[str]) -> QadConfig:
-    """``qad.KEY=VALUE`` pairs (values read as YAML) over the defaults; anything else is one UsageError."""
-    types = {f.name: f.type for f in fields(QadConfig)}
-    values: dict[str, Any] = {}
+    """``qad.KEY=VALUE`` pairs (values read as YAML, as every ``--set``) over the defaults; anything else is
+    one UsageError."""
+    raw: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        name = key.removeprefix("qad.")
-        if not sep or not key.startswith("qad.") or name not in types:
-            raise UsageError(
-                f"--set {pair}: with --qad only qad.<key>=<value> applies, keys: {', '.join(types)}"
-            )
-        value = yaml.safe_load(text)
-        kind = {"int": int, "float": float, "str": str, "bool": bool}[types[name]]
-        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:  # YAML 1.1 reads 3e-5 (no dot) as a string
-                value = float(value)
-            except ValueError:
-                pass
-        if type(value) is not kind:
-            raise UsageError(f"--set {pair}: qad.{name} takes a {kind.__name__}, got {text!r}")
-        values[name] = value
-    cfg = QadConfig(**values)
-    cfg.check()
-    return cfg
+        if not pair.partition("=")[0].strip().startswith("qad."):
+            keys = ", ".join(f.name for f in fields(QadConfig))
+            raise UsageError(f"--set {pair}: with --qad only qad.<key>=<value> applies, keys: {keys}")
+        set_override(raw, pair)
+    return read_settings(raw.get("qad"))
 
 
 def _sha256(path: Path) -> str:
@@ -228,14 +218,14 @@ def _read_resume(folder: Path) -> tuple[Path, QadConfig, dict | None]:
     fault one UsageError line."""
     try:
         saved = yaml.safe_load((folder / SETTINGS_FILE).read_text())
-        student, digest, cfg = Path(saved["student"]), saved["student_sha256"], QadConfig(**saved["qad"])
-        cfg.check()
+        student, digest, raw = Path(saved["student"]), saved["student_sha256"], saved["qad"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         detail = (str(exc).strip().splitlines() or [""])[0]
         raise UsageError(
             f"--resume {folder}: {SETTINGS_FILE} is not the settings file a QAD run writes "
             f"({type(exc).__name__}: {detail}); start a new run with --qad STUDENT"
         ) from None
+    cfg = read_settings(raw, f"{folder / SETTINGS_FILE}: qad")
     if not student.is_file() or _sha256(student) != digest:
         raise UsageError(
             f"--resume {folder}: the student it started from, {student}, is gone or has changed since; "
