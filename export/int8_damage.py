@@ -30,7 +30,11 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return copy
 
 
-def _run(model: onnx.ModelProto, names: Sequence[str], images: np.ndarray, batch: int, threads: int) -> dict:
+def run_tensors(
+    model: onnx.ModelProto, names: Sequence[str], images: np.ndarray, batch: int, threads: int
+) -> dict[str, np.ndarray]:
+    """The tensors ``names`` of ``model`` (any, not only its outputs) on ``images``, by name, from ONNX
+    Runtime with graph optimizations off: a Q/DQ graph's own arithmetic, not a fused kernel's."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
@@ -64,13 +68,13 @@ def layer_sqnr(
     layers = weighted_layers(float_model)
     logits = float_model.graph.output[0].name
     names = [n.output[0] for n in layers] + [logits]
-    reference = _run(float_model, names, images, batch, threads)
+    reference = run_tensors(float_model, names, images, batch, threads)
     rows = [{"node": n.name, "layer": _layer_name(n), "op": n.op_type, "tensor": n.output[0]} for n in layers]
     rows.append({"node": "output", "layer": "logits", "op": "logits", "tensor": logits})
     for label, model in qdq_models.items():
         produced = {o for n in model.graph.node for o in n.output} | {logits}
         present = [name for name in names if name in produced]
-        quantized = _run(model, present, images, batch, threads)
+        quantized = run_tensors(model, present, images, batch, threads)
         for row in rows:
             got = quantized.get(row["tensor"])
             row[label] = None if got is None else sqnr_db(reference[row["tensor"]], got)

@@ -150,7 +150,7 @@ def _int8_section(int8: dict) -> list[str]:
         control = info["control"]
         layers = [layer for layer in info["layers"] if layer["op"] != "logits"]
         if control is None:
-            why = info.get("control_not_run") or "no labelled images"
+            why = info["control_not_run"]
             lines.append(f"  Accuracy control not run ({why}); every weighted layer is INT8.")
         else:
             first, last = control["initial"], control["final"]
