@@ -22,6 +22,8 @@ are 64-bit; within one (b, h) slice they stay 32-bit (a slice is checked to span
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +40,8 @@ DIRECTIONS = ("student_teacher", "teacher_student")
 REDUCTIONS = ("mean", "none")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_SPAN = 2**31
+# Triton picks interpreted or compiled kernels when they are defined, at import: so do the dot modes.
+_INTERPRETED = interpreting()
 
 
 def attention_kl_reference(
@@ -170,7 +174,7 @@ if triton is not None:
     @triton.autotune(configs=_FWD_CONFIGS, key=["N", "DA", "DB"])
     @triton.jit
     def _attention_kl_fwd_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, kl_ptr, lse_a_ptr, lse_b_ptr,
+        qa_ptr, ka_ptr, qb_ptr, kb_ptr, stats_ptr, rows,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
         H, N, DA, DB, scale_a, scale_b,
@@ -220,10 +224,12 @@ if triton is not None:
         lse_a = m_a + tl.log2(l_a)
         lse_b = m_b + tl.log2(l_b)
         kl = (cross / l_a - (lse_a - lse_b)) * 0.6931471805599453
+        # stats is (3, B, H, N): kl, lse_a, lse_b, rows = B * H * N floats apart (pointer sums are 64-bit).
         row = bh.to(tl.int64) * N + offs_m
-        tl.store(kl_ptr + row, kl, mask=offs_m < N)
+        lse_a_ptr = stats_ptr + rows
+        tl.store(stats_ptr + row, kl, mask=offs_m < N)
         tl.store(lse_a_ptr + row, lse_a, mask=offs_m < N)
-        tl.store(lse_b_ptr + row, lse_b, mask=offs_m < N)
+        tl.store(lse_a_ptr + rows + row, lse_b, mask=offs_m < N)
 
     @triton.autotune(
         configs=_BWD_CONFIGS,
@@ -233,7 +239,7 @@ if triton is not None:
     )
     @triton.jit
     def _attention_kl_bwd_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr,
+        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, stats_ptr, rows,
         dqa_ptr, dka_ptr, dqb_ptr, dkb_ptr,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
@@ -259,6 +265,8 @@ if triton is not None:
         qa_base = _head(qa_ptr, b_idx, h_idx, s_qa_b, s_qa_h)
         qb_base = _head(qb_ptr, b_idx, h_idx, s_qb_b, s_qb_h)
         head_rows = bh.to(tl.int64) * N
+        lse_a_ptr = stats_ptr + rows  # stats is (3, B, H, N): kl, lse_a, lse_b, rows = B * H * N apart
+        lse_b_ptr = lse_a_ptr + rows
         col_ok = offs_n < N
         scale2_a = scale_a * 1.4426950408889634
         scale2_b = scale_b * 1.4426950408889634
@@ -269,7 +277,7 @@ if triton is not None:
             row_ok = offs_m < N
             row = head_rows + offs_m
             g = tl.load(g_ptr + row * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
-            kl = tl.load(kl_ptr + row, mask=row_ok, other=0.0)
+            kl = tl.load(stats_ptr + row, mask=row_ok, other=0.0)
             lse_a = tl.load(lse_a_ptr + row, mask=row_ok, other=0.0)
             lse_b = tl.load(lse_b_ptr + row, mask=row_ok, other=0.0)
             qa = _load_tile(qa_base, offs_m, offs_da, s_qa_n, s_qa_d, N, DA)
@@ -304,13 +312,37 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def _grid(blocks: int, rows: int, block: str, meta: dict) -> tuple[int, int]:
+    return (blocks + meta[block] - 1) // meta[block], rows
+
+
+class _Plan(NamedTuple):
+    """Everything a launch needs that depends on the signature only, computed once per signature."""
+
+    signature: tuple  # the forward's Pinned key (the backward's adds the two need flags)
+    rows: int  # B * H * N: stats holds kl, lse_a and lse_b this many floats apart
+    strides: tuple[int, ...]  # the four inputs' 16 strides, checked
+    shape: dict  # the forward's launch constants
+    backward: dict  # (need_a, need_b) -> the backward's launch constants
+    fwd_grid: Callable[[dict], tuple[int, int]]
+    bwd_grid: Callable[[dict], tuple[int, int]]
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(
-    shape_a: torch.Size, shape_b: torch.Size, dtype_a: torch.dtype, dtype_b: torch.dtype, interpreted: bool
-) -> tuple[dict, dict]:
-    """The launch constants of one signature, computed once: head dims padded to a power of two and the
-    dot modes of each pair's dtype (forward), then the backward modes."""
-    (fwd_a, bwd_a), (fwd_b, bwd_b) = _dot_modes(dtype_a, interpreted), _dot_modes(dtype_b, interpreted)
+    shape_a: torch.Size, shape_b: torch.Size, dtype_a: torch.dtype, dtype_b: torch.dtype, strides: tuple
+) -> _Plan:
+    """The launch constants of one signature: head dims padded to a power of two, the dot modes of each
+    pair's dtype, the strides (a (b, h) slice must span fewer than 2^31 elements, the reach of the kernels'
+    32-bit offsets within a slice) and the grids."""
+    for i, shape in enumerate((shape_a, shape_a, shape_b, shape_b)):
+        s = strides[4 * i : 4 * i + 4]
+        if (shape[2] - 1) * s[2] + (shape[3] - 1) * s[3] >= INT32_SPAN:
+            raise ValueError(
+                f"one (b, h) slice of a {tuple(shape)} input with strides {s} spans 2^31 elements or more;"
+                " make the input contiguous"
+            )
+    (fwd_a, bwd_a), (fwd_b, bwd_b) = _dot_modes(dtype_a, _INTERPRETED), _dot_modes(dtype_b, _INTERPRETED)
     shape = {
         "H": shape_a[1],
         "N": shape_a[2],
@@ -321,41 +353,47 @@ def _plan(
         "MODE_A": fwd_a,
         "MODE_B": fwd_b,
     }
-    return shape, {"BWD_MODE_A": bwd_a, "BWD_MODE_B": bwd_b}
+    rows, n = shape_a[0] * shape_a[1], shape_a[2]
+    return _Plan(
+        (shape_a, shape_b, dtype_a, dtype_b),
+        rows * n,
+        strides,
+        shape,
+        {
+            (need_a, need_b): {
+                **shape,
+                "BWD_MODE_A": bwd_a,
+                "BWD_MODE_B": bwd_b,
+                "NEED_A": need_a,
+                "NEED_B": need_b,
+            }
+            for need_a, need_b in ((True, False), (False, True), (True, True))
+        },
+        functools.partial(_grid, n, rows, "BLOCK_M"),
+        functools.partial(_grid, n, rows, "BLOCK_N"),
+    )
 
 
-def _strides(*tensors: torch.Tensor) -> list[int]:
-    """Every stride of the four inputs; a (b, h) slice must span fewer than 2^31 elements, the reach of
-    the kernels' 32-bit offsets within a slice."""
-    strides = []
-    for t in tensors:
-        s = t.stride()
-        if (t.shape[2] - 1) * s[2] + (t.shape[3] - 1) * s[3] >= INT32_SPAN:
-            raise ValueError(
-                f"one (b, h) slice of a {tuple(t.shape)} input with strides {s} spans 2^31 elements or more;"
-                " make the input contiguous"
-            )
-        strides.extend(s)
-    return strides
+def _plan_of(q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor) -> _Plan:
+    strides = q_a.stride() + k_a.stride() + q_b.stride() + k_b.stride()
+    return _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, strides)
 
 
 def _forward(
     q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row KL(softmax(a) || softmax(b)) as (B, H, N) fp32, with lse_a and lse_b in log2 units."""
+) -> torch.Tensor:
+    """(3, B, H, N) fp32: the per-row KL(softmax(a) || softmax(b)), then lse_a and lse_b in log2 units
+    (one allocation, one pointer for the kernels)."""
     batch, heads, n = q_a.shape[:3]
-    kl, lse_a, lse_b = (torch.empty((batch, heads, n), device=q_a.device, dtype=torch.float32) for _ in "kab")
-    if kl.numel() == 0:
-        return kl, lse_a, lse_b
-    shape, _ = _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, interpreting())
-    rows = batch * heads
+    stats = torch.empty((3, batch, heads, n), device=q_a.device, dtype=torch.float32)
+    if batch * heads * n == 0:
+        return stats
+    plan = _plan_of(q_a, k_a, q_b, k_b)
     _forward_kernel(
-        (q_a.shape, q_b.shape, q_a.dtype, q_b.dtype),
-        lambda meta: ((n + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], rows),
-        q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *_strides(q_a, k_a, q_b, k_b),
-        scale_a=scale_a, scale_b=scale_b, **shape,
+        plan.signature, plan.fwd_grid, plan.shape, q_a, k_a, q_b, k_b, stats, plan.rows, *plan.strides,
+        scale_a=scale_a, scale_b=scale_b,
     )  # fmt: skip
-    return kl, lse_a, lse_b
+    return stats
 
 
 def _backward(
@@ -365,9 +403,7 @@ def _backward(
     k_a: torch.Tensor,
     q_b: torch.Tensor,
     k_b: torch.Tensor,
-    kl: torch.Tensor,
-    lse_a: torch.Tensor,
-    lse_b: torch.Tensor,
+    stats: torch.Tensor,
     scale_a: float,
     scale_b: float,
     need_a: bool,
@@ -383,24 +419,23 @@ def _backward(
     dk_a = k_a.new_empty(k_a.shape) if need_a else None
     dq_b = torch.zeros(q_b.shape, device=q_b.device, dtype=torch.float32) if need_b else None
     dk_b = k_b.new_empty(k_b.shape) if need_b else None
-    if kl.numel() == 0:
+    if stats.numel() == 0:
         return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
-    if not any(grad.stride()):  # 0-d, or expanded from one value (the backward of a mean)
+    if grad.dim() == 0:  # the backward of "mean" inside _AttentionKL: one value for every row
+        grad_stride = 0
+    elif not any(grad.stride()):  # expanded from one value (the backward of a mean outside)
         grad, grad_stride = grad[(0,) * grad.dim()], 0
     else:
         grad, grad_stride = grad.contiguous(), 1
-    batch, heads, n = q_a.shape[:3]
-    shape, bwd_modes = _plan(q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, interpreting())
+    plan = _plan_of(q_a, k_a, q_b, k_b)
     # The pair not needed is never written (NEED_A / NEED_B): the needed pair's buffers stand in for it.
     _backward_kernel(
-        (q_a.shape, q_b.shape, q_a.dtype, q_b.dtype, need_a, need_b),
-        lambda meta: ((n + meta["BLOCK_N"] - 1) // meta["BLOCK_N"], batch * heads),
-        q_a, k_a, q_b, k_b, grad, kl, lse_a, lse_b,
+        (plan.signature, need_a, need_b), plan.bwd_grid, plan.backward[need_a, need_b],
+        q_a, k_a, q_b, k_b, grad, stats, plan.rows,
         dq_b if dq_a is None else dq_a, dk_b if dk_a is None else dk_a,
         dq_a if dq_b is None else dq_b, dk_a if dk_b is None else dk_b,
-        *_strides(q_a, k_a, q_b, k_b), grad_stride, grad_scale,
+        *plan.strides, grad_stride, grad_scale,
         scale_a=scale_a, scale_b=scale_b,
-        NEED_A=need_a, NEED_B=need_b, **bwd_modes, **shape,
     )  # fmt: skip
     return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
 
@@ -409,28 +444,20 @@ def _cast(dq: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return dq if dq is None or dq.dtype == dtype else dq.to(dtype)
 
 
-def _input_grads(saved, scales, needs, grad: torch.Tensor, grad_scale: float) -> tuple:
-    """The four input gradients (None where not needed) from what the forward saved."""
-    q_a, k_a, q_b, k_b, kl, lse_a, lse_b = saved
-    need_a, need_b = needs[0] or needs[1], needs[2] or needs[3]
-    grads = _backward(grad, grad_scale, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *scales, need_a, need_b)
-    return tuple(g if need else None for g, need in zip(grads, needs[:4], strict=True))
-
-
 # --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
 
 
 @torch.library.custom_op("kdfast::attention_kl_fwd", mutates_args=())
 def _attention_kl_fwd(
     q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row KL(softmax(a) || softmax(b)) as (B, H, N) fp32, with lse_a and lse_b in log2 units."""
+) -> torch.Tensor:
+    """(3, B, H, N) fp32: the per-row KL(softmax(a) || softmax(b)), then lse_a and lse_b in log2 units."""
     return _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
 
 
 @_attention_kl_fwd.register_fake
 def _(q_a, k_a, q_b, k_b, scale_a, scale_b):
-    return tuple(q_a.new_empty(q_a.shape[:3], dtype=torch.float32) for _ in range(3))
+    return q_a.new_empty((3, *q_a.shape[:3]), dtype=torch.float32)
 
 
 def _grad_buffers(
@@ -449,38 +476,38 @@ def _attention_kl_bwd(
     k_a: torch.Tensor,
     q_b: torch.Tensor,
     k_b: torch.Tensor,
-    kl: torch.Tensor,
-    lse_a: torch.Tensor,
-    lse_b: torch.Tensor,
+    stats: torch.Tensor,
     scale_a: float,
     scale_b: float,
     need_a: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_a, dk_a, dq_b, dk_b) for the per-row upstream gradient ``grad``; a pair not needed comes
-    back as an empty tensor and its work is skipped (usually the detached teacher)."""
-    grads = _backward(grad, 1.0, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, scale_a, scale_b, need_a, need_b)
+    """(dq_a, dk_a, dq_b, dk_b) for the per-row upstream gradient ``grad`` ((B, H, N), the KL's part of the
+    stats' gradient); a pair not needed comes back as an empty tensor and its work is skipped (usually the
+    detached teacher)."""
+    grads = _backward(grad, 1.0, q_a, k_a, q_b, k_b, stats, scale_a, scale_b, need_a, need_b)
     inputs = (q_a, k_a, q_b, k_b)
     return tuple(x.new_empty((0,)) if g is None else g for g, x in zip(grads, inputs, strict=True))
 
 
 @_attention_kl_bwd.register_fake
-def _(grad, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, scale_a, scale_b, need_a, need_b):
+def _(grad, q_a, k_a, q_b, k_b, stats, scale_a, scale_b, need_a, need_b):
     return _grad_buffers(q_a, k_a, q_b, k_b, need_a, need_b)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q_a, k_a, q_b, k_b, scale_a, scale_b = inputs
-    ctx.save_for_backward(q_a, k_a, q_b, k_b, *output)
+    ctx.save_for_backward(q_a, k_a, q_b, k_b, output)
     ctx.scales = (scale_a, scale_b)
 
 
-def _op_backward(ctx, grad_kl, _grad_lse_a, _grad_lse_b):
+def _op_backward(ctx, grad_stats):
+    # Only the KL feeds a loss; the lse rows' gradient is zero (they are statistics saved for backward).
     need = ctx.needs_input_grad
     need_a, need_b = need[0] or need[1], need[2] or need[3]
-    q_a, k_a, q_b, k_b, kl, lse_a, lse_b = ctx.saved_tensors
+    q_a, k_a, q_b, k_b, stats = ctx.saved_tensors
     grads = torch.ops.kdfast.attention_kl_bwd(
-        grad_kl, q_a, k_a, q_b, k_b, kl, lse_a, lse_b, *ctx.scales, need_a, need_b
+        grad_stats[0], q_a, k_a, q_b, k_b, stats, *ctx.scales, need_a, need_b
     )
     return *(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None
 
@@ -497,16 +524,20 @@ class _AttentionKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_a, k_a, q_b, k_b, scale_a: float, scale_b: float, mean: bool):
-        kl, lse_a, lse_b = _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
-        ctx.save_for_backward(q_a, k_a, q_b, k_b, kl, lse_a, lse_b)
+        stats = _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
+        ctx.save_for_backward(q_a, k_a, q_b, k_b, stats)
         ctx.scales = (scale_a, scale_b)
+        kl = stats[0]
         ctx.grad_scale = 1.0 / max(kl.numel(), 1) if mean else 1.0
         return kl.mean() if mean else kl
 
     @staticmethod
     def backward(ctx, grad):
-        grads = _input_grads(ctx.saved_tensors, ctx.scales, ctx.needs_input_grad, grad, ctx.grad_scale)
-        return *grads, None, None, None
+        q_a, k_a, q_b, k_b, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_a, need_b = need[0] or need[1], need[2] or need[3]
+        grads = _backward(grad, ctx.grad_scale, q_a, k_a, q_b, k_b, stats, *ctx.scales, need_a, need_b)
+        return *(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None, None
 
 
 def attention_kl(

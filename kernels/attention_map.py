@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import signature_check, use_triton
+from kernels._launch import launch
 
 EPS = 1e-12
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -475,25 +476,93 @@ def _feature_plan(shape: torch.Size, strides: tuple[int, ...], grad_strides: tup
     return _FeaturePlan((B, tiles, splits), c_per_split, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, FLAT=flat))
 
 
+class _Launch(NamedTuple):
+    """One kernel launch with every argument but the tensors fixed: ``launch(kernel, grid, *tensors,
+    *args, **kwargs)``."""
+
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+class _ForwardPlan(NamedTuple):
+    pooled_shape: tuple[int, int, int, int]
+    pool: _Launch
+    resize_normalize: _Launch
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(
+    shape: torch.Size, strides: tuple[int, ...], h: int, w: int, p: float, normalize: bool
+) -> _ForwardPlan:
+    B, C, H, W = shape
+    plan = _feature_plan(shape, strides, strides)
+    splits = plan.grid[2]
+    pool = _Launch(
+        plan.grid,
+        (C, H * W, W, *strides, float(p), 1.0 / C, plan.c_per_split),
+        dict(P_MODE=_p_mode(p), **plan.meta),
+    )
+    resize_normalize = _Launch(
+        (B,),
+        (splits, B * H * W, h, w, H, W, _scale(H, h), _scale(W, w), EPS),
+        dict(NORMALIZE=normalize, BLOCK=min(_pow2(h * w), 1024)),
+    )
+    return _ForwardPlan((splits, B, H, W), pool, resize_normalize)
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(
+    shape: torch.Size,
+    strides: tuple[int, ...],
+    grad_strides: tuple[int, ...],
+    h: int,
+    w: int,
+    p: float,
+    normalize: bool,
+) -> _Launch:
+    B, C, H, W = shape
+    plan = _feature_plan(shape, strides, grad_strides)
+    return _Launch(
+        plan.grid,
+        (
+            C,
+            h,
+            w,
+            H,
+            W,
+            *strides,
+            *grad_strides,
+            _scale(H, h),
+            _scale(W, w),
+            float(p),
+            1.0 / C,
+            EPS,
+            plan.c_per_split,
+        ),
+        dict(
+            NORMALIZE=normalize,
+            P_MODE=_p_mode(p),
+            BLOCK_X=BLOCK_X,
+            BLOCK_OUT=min(_pow2(h * w), 1024),
+            **plan.meta,
+        ),
+    )
+
+
 def _attention_map_forward(
     features: torch.Tensor, h: int, w: int, p: float, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, C, H, W = features.shape
+    B = features.shape[0]
     out = torch.empty(B, h, w, device=features.device, dtype=torch.float32)
     norm = torch.empty(B, device=features.device, dtype=torch.float32)
     if B == 0:
         return out, norm
-    plan = _feature_plan(features.shape, features.stride(), features.stride())
-    splits = plan.grid[2]
-    pooled = torch.empty(splits, B, H, W, device=features.device, dtype=torch.float32)
-    _pool_kernel[plan.grid](
-        features, pooled, C, H * W, W, *features.stride(), float(p), 1.0 / C, plan.c_per_split,
-        P_MODE=_p_mode(p), **plan.meta,
-    )  # fmt: skip
-    _resize_normalize_kernel[(B,)](
-        pooled, out, norm, splits, B * H * W, h, w, H, W, _scale(H, h), _scale(W, w), EPS,
-        NORMALIZE=normalize, BLOCK=min(_pow2(h * w), 1024),
-    )  # fmt: skip
+    plan = _forward_plan(features.shape, features.stride(), h, w, p, normalize)
+    pooled = torch.empty(plan.pooled_shape, device=features.device, dtype=torch.float32)
+    launch(_pool_kernel, plan.pool.grid, features, pooled, *plan.pool.args, **plan.pool.kwargs)
+    step = plan.resize_normalize
+    launch(_resize_normalize_kernel, step.grid, pooled, out, norm, *step.args, **step.kwargs)
     return out, norm
 
 
@@ -505,20 +574,24 @@ def _attention_map_backward(
     p: float,
     normalize: bool,
 ) -> torch.Tensor:
-    B, C, H, W = features.shape
-    h, w = out.shape[1:]
     dfeatures = torch.empty_like(features)
-    if B == 0:
+    if features.shape[0] == 0:
         return dfeatures
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
-    plan = _feature_plan(features.shape, features.stride(), dfeatures.stride())
-    _attention_map_backward_kernel[plan.grid](
-        grad, out, norm, features, dfeatures, C, h, w, H, W, *features.stride(), *dfeatures.stride(),
-        _scale(H, h), _scale(W, w), float(p), 1.0 / C, EPS, plan.c_per_split,
-        NORMALIZE=normalize, P_MODE=_p_mode(p), BLOCK_X=BLOCK_X, BLOCK_OUT=min(_pow2(h * w), 1024),
-        **plan.meta,
-    )  # fmt: skip
+    h, w = out.shape[1:]
+    step = _backward_plan(features.shape, features.stride(), dfeatures.stride(), h, w, p, normalize)
+    launch(
+        _attention_map_backward_kernel,
+        step.grid,
+        grad,
+        out,
+        norm,
+        features,
+        dfeatures,
+        *step.args,
+        **step.kwargs,
+    )
     return dfeatures
 
 
@@ -526,9 +599,10 @@ def _resize_forward(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, C, H, W = maps.shape
     out = torch.empty(B, C, h, w, device=maps.device, dtype=maps.dtype)
     if out.numel():
-        _resize_forward_kernel[(B * C, _cdiv(h * w, BLOCK_HW))](
-            maps, out, C, h, w, H, W, *maps.stride(), _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW
-        )
+        launch(
+            _resize_forward_kernel, (B * C, _cdiv(h * w, BLOCK_HW)),
+            maps, out, C, h, w, H, W, *maps.stride(), _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW,
+        )  # fmt: skip
     return out
 
 
@@ -538,9 +612,10 @@ def _resize_backward(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
     if dmaps.numel():
         if grad.dtype != torch.float32 or not grad.is_contiguous():
             grad = grad.to(torch.float32).contiguous()
-        _resize_backward_kernel[(B * C, _cdiv(H * W, BLOCK_HW))](
-            grad, dmaps, h, w, H, W, _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X
-        )
+        launch(
+            _resize_backward_kernel, (B * C, _cdiv(H * W, BLOCK_HW)),
+            grad, dmaps, h, w, H, W, _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X,
+        )  # fmt: skip
     return dmaps
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import KERNEL_DEVICE
 
 from kernels._dispatch import interpreting
-from kernels.attention_kl import _strides, attention_kl, attention_kl_reference
+from kernels.attention_kl import _plan_of, attention_kl, attention_kl_reference
 
 DIRECTIONS = ("student_teacher", "teacher_student")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -161,9 +161,11 @@ def test_slice_offsets_beyond_32_bits_are_refused():
     # Offsets inside one (b, h) slice are 32-bit; a strided view whose slice spans 2^31 elements would wrap.
     base = torch.empty(2**31 + 64, device="meta")
     wide = base.as_strided((1, 1, 2, 16), (0, 0, 2**31, 1))
-    with pytest.raises(ValueError, match="spans 2\\^31 elements"):
-        _strides(wide)
-    assert _strides(torch.empty(1, 1, 2, 16, device="meta")) == [32, 32, 16, 1]
+    small = torch.empty(1, 1, 2, 16, device="meta")
+    for inputs in ((wide, small, small, small), (small, small, small, wide)):
+        with pytest.raises(ValueError, match="spans 2\\^31 elements"):
+            _plan_of(*inputs)
+    assert _plan_of(small, small, small, small).strides == (32, 32, 16, 1) * 4
 
 
 def test_triton_constant_logits():
@@ -184,21 +186,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kdfast.attention_kl_fwd.default, (q_s, k_s, q_t, k_t, 0.25, 0.2))
     # The backward op has no double-backward formula: checked on detached inputs.
     q_s, k_s = q_s.detach(), k_s.detach()
-    kl, lse_a, lse_b = torch.ops.kdfast.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.25, 0.2)
-    bwd_args = (
-        torch.rand(1, 1, 20, device=KERNEL_DEVICE),
-        q_s,
-        k_s,
-        q_t,
-        k_t,
-        kl,
-        lse_a,
-        lse_b,
-        0.25,
-        0.2,
-        True,
-        False,
-    )
+    stats = torch.ops.kdfast.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.25, 0.2)
+    assert stats.shape == (3, 1, 1, 20)
+    bwd_args = (torch.rand(1, 1, 20, device=KERNEL_DEVICE), q_s, k_s, q_t, k_t, stats, 0.25, 0.2, True, False)
     torch.library.opcheck(torch.ops.kdfast.attention_kl_bwd.default, bwd_args)
 
 
