@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import signature_check, use_triton
+from kernels._launch import launch
 
 try:
     import triton
@@ -533,14 +534,16 @@ def _launch_forward(
     batch, channels = x.shape[:2]
     plan = _plan(*x.shape, window_size, sigma, data_range, k1, k2, nonnegative)
     stats = torch.empty((batch * channels, 4), device=x.device, dtype=torch.float32)
-    _ssim_fwd_kernel[(batch * channels,)](
-        x, y, stats, *plan.forward_sizes, *x.stride(), *y.stride(), *plan.window, **plan.forward_meta
-    )
+    launch(
+        _ssim_fwd_kernel, (batch * channels,),
+        x, y, stats, *plan.forward_sizes, *x.stride(), *y.stride(), *plan.window, **plan.forward_meta,
+    )  # fmt: skip
     per_sample = torch.empty((batch,), device=x.device, dtype=x.dtype)
     loss = torch.empty((), device=x.device, dtype=x.dtype)
-    _ssim_reduce_kernel[(1,)](
-        stats, per_sample, loss, batch, channels, alpha, beta, COSINE_EPS, **plan.reduce_meta
-    )
+    launch(
+        _ssim_reduce_kernel, (1,),
+        stats, per_sample, loss, batch, channels, alpha, beta, COSINE_EPS, **plan.reduce_meta,
+    )  # fmt: skip
     return loss, per_sample, stats
 
 
@@ -569,8 +572,8 @@ def _launch_backward(
     dy = y.new_empty(y.shape if need_y else (0,))
     if not (need_x or need_y):
         return dx, dy
-    _ssim_bwd_kernel[(batch * channels,)](
-        x, y, dx, dy, stats,
+    launch(
+        _ssim_bwd_kernel, (batch * channels,), x, y, dx, dy, stats,
         x if grad_loss is None else grad_loss,
         x if grad_ssim is None else grad_ssim,
         0 if grad_ssim is None else grad_ssim.stride(0),
