@@ -36,6 +36,17 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model or platform.processor() or platform.machine(), [f for f in ISA_FLAGS if f in flags]
 
 
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's default U8S8 integer kernels can saturate on this CPU: x86 without VNNI, where
+    MLAS multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which sums each pair of products
+    into int16 and clips (255 * 127 * 2 > 32767); VNNI's ``vpdpbusd`` accumulates in int32 and is exact.
+    Unknown CPUs (no /proc/cpuinfo) count as saturating, so the exact path is the one taken there."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    _, isa = _cpuinfo()
+    return not {"avx512_vnni", "avx_vnni"} & set(isa)
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (``os.sched_getaffinity``), not the machine's count."""
     try:

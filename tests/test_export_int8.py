@@ -18,6 +18,7 @@ from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantizati
 from export.accuracy_control import Quality, sqnr_db
 from export.int8 import ControlSet, make_int8
 from export.onnx_export import export_onnx
+from export.ort_backend import EXACT_INT8_KERNELS
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import MIN_INT8_CONV_CHANNELS, ORT_CPU, TENSORRT, Int8Quantizer
 
@@ -35,6 +36,7 @@ def _session(model: onnx.ModelProto | str, level=ort.GraphOptimizationLevel.ORT_
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
+    options.add_session_config_entry(EXACT_INT8_KERNELS, "1")  # the same integers on every x86 CPU
     if dump is not None:
         options.optimized_model_filepath = str(dump)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
@@ -63,6 +65,10 @@ def test_sqnr_matches_onnxruntime_debug_tool():
 
 
 def test_tensorrt_file_tracks_pytorch_on_real_images(trained_student, quantizer, tmp_path):
+    # Gates with room: on 128 images the all-INT8 file disagrees with PyTorch on one (a Sapphire Rapids
+    # core; CI on another x86 CPU saw a second, the float kernels' rounding flipping a borderline image),
+    # so 0.99 sat at the edge and accuracy control kept layers in float on one machine and not the other.
+    # What is tested here is that every layer quantized tracks PyTorch; keeping layers is the next test.
     _, model, images, labels = trained_student
     control = ControlSet(images, _logits(model, images), labels)
     made = make_int8(
@@ -71,24 +77,30 @@ def test_tensorrt_file_tracks_pytorch_on_real_images(trained_student, quantizer,
         tmp_path / "student.int8.onnx",
         metadata={"k": "v"},
         control_set=control,
-        min_agreement=0.99,
-        max_drop=1.0,
+        min_agreement=0.95,
+        max_drop=2.0,
         threads=1,
         batch=8,
     )
     assert check_tensorrt_qdq(onnx.load(made.path)) == []
-    for batch in (1, 3):
-        x = images[10 : 10 + batch]
-        got, ref = _run(str(made.path), x), _logits(model, x)
-        assert got.shape == ref.shape and got.argmax(1).tolist() == ref.argmax(1).tolist()
-    quality = Quality.of(_run(str(made.path), images), control.reference, labels)
-    assert quality.agreement >= 0.99 and quality.accuracy_drop <= 1.0
+    assert made.control.met and made.control.keep_float == []
+    whole = _run(str(made.path), images)
+    quality = Quality.of(whole, control.reference, labels)
+    assert quality.agreement >= 0.95 and quality.accuracy_drop <= 2.0
     assert made.control.final.agreement == pytest.approx(quality.agreement)
-    # One SQNR per weighted layer (17 in edge_cnn) and the logits: a layer kept in float computes exactly
-    # what the float model does, a quantized one lies within int8's reach.
+    # The batch is dynamic: 1 and 3 images give the rows of the 128-image batch.
+    for batch in (1, 3):
+        np.testing.assert_allclose(
+            _run(str(made.path), images[10 : 10 + batch]), whole[10 : 10 + batch], atol=1e-4
+        )
+    # One SQNR per weighted layer (17 in edge_cnn) and the logits, each within int8's reach.
     assert len(made.layers) == 18 and made.layers[-1]["op"] == "logits"
     for layer in made.layers[:-1]:
-        assert (layer["sqnr_db"] > 100) if layer["float"] else (10 < layer["sqnr_db"] < 80), layer
+        assert (
+            not layer["float"]
+            and 10 < layer["sqnr_db"] < 80
+            and layer["sqnr_db"] == layer["sqnr_all_int8_db"]
+        )
     assert onnx.load(made.path).metadata_props[0].key == "k"
 
 
