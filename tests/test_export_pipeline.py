@@ -16,6 +16,7 @@ import torch
 from test_checkpoint import CLASSES, MEAN, STD
 
 from export.onnx_export import read_metadata
+from export.ort_backend import make_session
 from export.trt import main
 
 FAST_LATENCY = ["--warmup-iters", "2", "--warmup-s", "0.01", "--iters", "5", "--min-time-s", "0.01"]
@@ -34,7 +35,8 @@ def exported(trained_student, tmp_path_factory):
 
 
 def _ort(path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # the session export.trt verifies with (exact integer kernels on every x86 CPU)
+    return make_session(path, threads=1)
 
 
 def _torch(model, x: np.ndarray) -> np.ndarray:
