@@ -66,8 +66,8 @@ def test_sqnr_matches_onnxruntime_debug_tool():
 
 def test_tensorrt_file_tracks_pytorch_on_real_images(trained_student, quantizer, tmp_path):
     # Gates with room: on 128 images the all-INT8 file disagrees with PyTorch on one (a Sapphire Rapids
-    # core; CI on another x86 CPU saw a second, the float kernels' rounding flipping a borderline image),
-    # so 0.99 sat at the edge and accuracy control kept layers in float on one machine and not the other.
+    # core), so 0.99 sat at the edge: CI on another x86 CPU missed it and accuracy control kept a layer
+    # in float there and not here.
     # What is tested here is that every layer quantized tracks PyTorch; keeping layers is the next test.
     _, model, images, labels = trained_student
     control = ControlSet(images, _logits(model, images), labels)
