@@ -228,7 +228,7 @@ def junit_counts(paths: list[Path]) -> str:
 
 def gpu_test_files() -> list[str]:
     """The test files that hold a ``gpu``-marked test: collecting only these skips importing the rest."""
-    tests = (ROOT / "tests").glob("test_*.py")
+    tests = (ROOT / "tests").rglob("test_*.py")
     return sorted(str(p.relative_to(ROOT)) for p in tests if "mark.gpu" in p.read_text())
 
 

@@ -4,7 +4,7 @@ the Q/DQ file), LiteRT and ExecuTorch (fp32 and int8). The issue's target: OpenV
 fp32 p50 <= 0.5x eager.
 
 Weights are random (speed does not depend on them) and int8 is calibrated on random normal images, so only
-the times mean anything here; parity is tested in tests/test_export_runtimes.py. Every case runs with 1 and
+the times mean anything here; parity is tested in tests/export/test_backends.py. Every case runs with 1 and
 with 2 threads (on a shared machine the second thread can cost more than it gives); a runtime that is not
 installed is skipped.
 """

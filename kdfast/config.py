@@ -25,7 +25,9 @@ from kdfast.errors import ConfigError
 from kdfast.methods.registry import method, methods
 from kdfast.schema import at_most, build, closest, convert, positive
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The bundled configs ship inside the package (the checkout's top-level ``configs`` links here), so an
+# installed kdfast finds them from any folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 DEFAULT_METHODS = ("kd",)  # loss.method when a config names none: Hinton KD beside the CE
 # Upper bounds past which a value is a typo rather than a plan: they would not end, fill any memory, or
@@ -387,10 +389,25 @@ def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
     return _merge(_read_over_bases(base_path, chain), raw)
 
 
+def config_path(name: str | Path) -> Path:
+    """The config file ``name`` names: a path as given when it exists, else a bundled config under
+    ``CONFIG_DIR`` (``kd_digits``, ``kd_digits.yaml``, ``configs/kd_digits.yaml`` and
+    ``benchmarks/cifar100/kd/resnet32x4_resnet8x4`` all work from any folder)."""
+    given = Path(name)
+    if given.exists() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    for candidate in (CONFIG_DIR.joinpath(*parts), CONFIG_DIR.joinpath(*parts).with_suffix(".yaml")):
+        if parts and candidate.is_file():
+            return candidate
+    return given
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML run config (the embedded default when ``path`` is None) over its bases, apply ``--set``
-    overrides, and validate every key, type and file it names."""
-    raw = read_config_file(Path(path) if path is not None else DEFAULT_CONFIG)
+    """Read a YAML run config (the embedded default when ``path`` is None; a bundled config by name, see
+    ``config_path``) over its bases, apply ``--set`` overrides, and validate every key, type and file it
+    names."""
+    raw = read_config_file(config_path(path) if path is not None else DEFAULT_CONFIG)
     for assignment in overrides:
         set_override(raw, assignment)
     cfg = config_from_dict(raw)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from support.students import CLASSES, MEAN, write_student
 from torch import nn
 
 from kdfast.checkpoint import (
@@ -16,53 +17,9 @@ from kdfast.checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
     load_split,
-    save_checkpoint,
 )
 from kdfast.data import dataset_from_record
 from kdfast.errors import CheckpointError
-
-CLASSES = [str(i) for i in range(10)]
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-
-
-def digits_record(max_val: int = 12, max_train: int = 16) -> dict:
-    return {
-        "name": "digits",
-        "root": None,
-        "image_size": 32,
-        "val_fraction": 0.2,
-        "seed": 0,
-        "max_val_samples": max_val,
-        "max_train_samples": max_train,
-        "mean": MEAN,
-        "std": STD,
-        "classes": CLASSES,
-    }
-
-
-def write_student(
-    path: Path,
-    name: str = "test_efficientnet",
-    kwargs: dict | None = None,
-    model: nn.Module | None = None,
-    **overrides,
-) -> tuple[Path, nn.Module]:
-    """A timm student on digits at 32x32, as kdfast.train would write it."""
-    arch = {"source": "timm", "name": name, "kwargs": kwargs or {}}
-    torch.manual_seed(0)
-    if model is None:
-        model = timm.create_model(name, num_classes=len(CLASSES), **(kwargs or {})).eval()
-    fields = dict(
-        arch=arch,
-        input={"size": [3, 32, 32], "mean": MEAN, "std": STD},
-        classes=CLASSES,
-        data=digits_record(),
-        metrics={"val_accuracy": 0.5},
-        config={"seed": 0},
-    )
-    fields.update(overrides)
-    save_checkpoint(path, model, **fields)
-    return path, model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ predictions, one row per sample, one column per class):
 As in the authors' code (and mmrazor's DISTLoss), (1) adds eps = 1e-8 to the product of the norms: a row or
 column without variance correlates 0 with anything (d_p = 1), instead of 0/0. So with a batch of one, each
 class's column has one entry and no variance, and L_intra is the constant 1: only L_inter teaches
-(tests/test_method_dist.py checks this). The temperature: the authors' classification code
+(tests/methods/test_dist.py checks this). The temperature: the authors' classification code
 (hunto/image_classification_sota, ``lib/models/losses/dist_kd.py``) takes softmax(Z) with beta = gamma = 1,
 that is tau = 1, the defaults here; mmrazor's DISTLoss divides the logits by tau and multiplies each relation
 by tau^2, which (4) follows (the same numbers at tau = 1).

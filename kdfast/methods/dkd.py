@@ -17,7 +17,7 @@ summed b^S, and gets p^ by adding -1000 to the target logit before a softmax ove
 formed in log space (log p_t = log_softmax(z / tau)_t, log p_\\t = logsumexp_{k != t}(z_k / tau) -
 logsumexp(z / tau)) and p^ is a softmax over the K - 1 non-target logits gathered out: the same numbers where
 exp(-1000) underflows (always, in float32 and float64), and no log(0) = -inf when a saturated student puts
-all its mass on one side (tests/test_method_dkd.py compares the two forms).
+all its mass on one side (tests/methods/test_dkd.py compares the two forms).
 
 The supervised CE of the paper's objective is the run's ``loss.ce`` (1.0 in mdistiller's configs: CIFAR-100
 ResNet32x4 -> ResNet8x4 with alpha 1, beta 8, tau 4, warm-up 20; ImageNet ResNet-34 -> ResNet-18 with alpha 1,

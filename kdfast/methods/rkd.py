@@ -15,7 +15,7 @@ The means run over all B^2 pairs and B^3 triplets, degenerate ones included, as 
 mdistiller's do: a pair (i, i) has distance 0 and a triplet with a repeated point has cosine 0 on both sides,
 so they add nothing but count in the mean. Identical embeddings get distance 0 and unit vector 0 (with zero
 gradient): where the student embeds two samples alike and the teacher does not, the reference code's
-normalized zero vector has gradients scaled by 1/eps = 1e12 (tests/test_method_rkd.py shows both).
+normalized zero vector has gradients scaled by 1/eps = 1e12 (tests/methods/test_rkd.py shows both).
 With a batch of one there is no pair: the loss is 0.
 
 Which embedding: the penultimate one, a feature tap through :func:`kdfast.methods.features.embedding` (a

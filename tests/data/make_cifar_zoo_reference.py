@@ -4,7 +4,7 @@
 
 For each model: the parameter count, the state dict's size and name/shape hash, and the logits and features
 (``feats``, ``preact_feats``, ``pooled_feat``, keyed as kdfast's ``tap_points``) on the seeded weights and
-input of ``tests/zoo_probe.py``. Only the reference code runs here; kdfast is not imported.
+input of ``tests/support/zoo_probe.py``. Only the reference code runs here; kdfast is not imported.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zoo_probe import fingerprint, layout_sha256, probe_input, seeded_state  # noqa: E402
+from support.zoo_probe import fingerprint, layout_sha256, probe_input, seeded_state  # noqa: E402
 
 # kdfast name -> (reference file, reference builder)
 MODELS = {
