@@ -24,25 +24,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from tqdm import tqdm
 
 from export.aoti import import_cpp_extension_quietly
 from export.backends import BACKENDS, Backend, Loaded, Sources, batched, torch_runner
 from export.int8 import ControlSet, make_int8
-from export.latency import Protocol, batch_sizes, measure, summarize, wall_clock
+from export.latency import Protocol, batch_sizes, interleave, summarize, wall_clock
 from export.machine import PeakMemory, busy_warning, load_average, machine_info, usable_cpus
 from export.onnx_export import DEFAULT_OPSET, OPSETS, export_onnx, read_metadata
 from export.outdir import OutputFolder
 from export.precision import to_fp16
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import CALIBRATION_METHODS, SCHEMES, Int8Quantizer
-from export.report import precision_label, table, write_reports
+from export.report import add_speedups, precision_label, table, write_reports
 from export.verify import DEFAULT_GATES, Gates, check_gates, failed_gates, parity, unmeasured_gates
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split, preprocessing
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-ort")
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
-VARIANTS = {"int8-ort": "u8s8 for ORT CPU"}  # files that share a precision with another, by label
+PRECISIONS = ("fp32", "fp16", "int8", "int8-ort", "int8-ov")
+DEFAULT_PRECISIONS = PRECISIONS
+# Files that share a precision with another, by label: one INT8 layout per runtime (export.quantize).
+VARIANTS = {"int8-ort": "u8s8 for ORT on x86", "int8-ov": "7-bit weights for OpenVINO"}
 BASELINES = ("eager", "compile")
 RANDOM_WARNING = (
     "random inputs: parity only; top-1 agreement and accuracy drop are not measured, so the run cannot pass"
@@ -63,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=PRECISIONS,
         default=list(DEFAULT_PRECISIONS),
-        help="int8: the TensorRT-valid Q/DQ file; int8-ort (on request): U8S8 for ONNX Runtime on x86",
+        help="INT8 in the layout each runtime fuses: int8, the TensorRT-valid Q/DQ file; int8-ort, U8S8 "
+        "with 7-bit weights for ONNX Runtime on x86; int8-ov, the TensorRT placement with 7-bit weights for "
+        "OpenVINO",
     )
     p.add_argument(
         "--backends",
@@ -118,14 +122,27 @@ def _parser() -> argparse.ArgumentParser:
             )
     p.add_argument("--warmup-iters", type=int, default=Protocol.warmup_iters, help="warm-up calls, at least")
     p.add_argument("--warmup-s", type=float, default=Protocol.warmup_s, help="warm-up seconds, at least")
-    p.add_argument("--iters", type=int, default=Protocol.iters, help="timed calls per batch size, at least")
     p.add_argument(
-        "--min-time-s", type=float, default=Protocol.min_s, help="timed seconds per batch size, at least"
+        "--iters", type=int, default=Protocol.iters, help="timed calls per row and batch size, at least"
+    )
+    p.add_argument(
+        "--min-time-s",
+        type=float,
+        default=Protocol.min_s,
+        help="timed seconds per row and batch size, at least",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=Protocol.rounds,
+        help="rounds the rows of one batch size are interleaved in (order rotated each round); the "
+        "x-vs-eager figures are medians of per-round ratios",
     )
     p.add_argument(
         "--max-time-s",
         type=float,
-        help="optional cap per batch size; a series it cuts below --iters is marked with its sample count",
+        help="optional cap per row and batch size; a series it cuts below --iters is marked with its sample "
+        "count",
     )
     p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit")
     return p
@@ -143,7 +160,7 @@ def _gates(args: argparse.Namespace, prec: str) -> Gates:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    counts = ("max_batch", "verify_samples", "calib_samples", "control_samples", "threads", "iters")
+    counts = ("max_batch", "verify_samples", "calib_samples", "control_samples", "threads", "iters", "rounds")
     for name in (*counts, "workspace_mb"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -210,7 +227,7 @@ def _data(args: argparse.Namespace, ckpt: dict) -> _Data:
         source = f"imagefolder {args.verify_data}"
     else:
         source = f"{ckpt['data'].get('name')} val split from the checkpoint"
-    int8 = bool({"int8", "int8-ort"} & set(args.precision))
+    int8 = bool(set(SCHEMES) & set(args.precision))
     try:
         val, val_labels = load_split(ckpt, "val", args.verify_samples + (args.control_samples if int8 else 0))
         calibration, _ = load_split(ckpt, "train", args.calib_samples)
@@ -260,7 +277,7 @@ class _Export:
     ):
         self.args, self.model, self.data, self.folder = args, model, data, folder
         self.protocol = Protocol(
-            args.warmup_iters, args.warmup_s, args.iters, args.min_time_s, args.max_time_s
+            args.warmup_iters, args.warmup_s, args.iters, args.min_time_s, args.max_time_s, args.rounds
         )
         self.sizes = batch_sizes(args.max_batch)
         self.started = time.perf_counter()
@@ -270,6 +287,9 @@ class _Export:
         self.inputs = {b: np.ascontiguousarray(pool[:b]) for b in self.sizes}
         self._references: dict[str, np.ndarray] = {}
         self.rows: list[dict] = []
+        # Rows verified and waiting to be timed, with what runs them: all are timed together at the end.
+        self.timed: list[tuple[dict, Loaded]] = []
+        self.load_during: list[float] = []
         # A QAD student (kdfast.train --qad) was trained as the INT8 network: the file's rows are verified
         # against that network (the PyTorch fake quantization of the same layout, calibrated on the same
         # images), not against its float forward, and no layer is kept float.
@@ -294,20 +314,33 @@ class _Export:
             self._references[device] = torch.cat(logits).numpy()
         return self._references[device]
 
-    def latency(self, loaded: Loaded) -> dict:
-        """The protocol over every batch size: end to end, and device-only where the backend has it."""
-        series = {}
-        for b, x in self.inputs.items():
-            series[b] = summarize(
-                measure(wall_clock(lambda x=x: loaded.run(x)), self.protocol), b, self.protocol
-            )
-        result = {"end_to_end": list(series.values()), "compute_only": None}
-        if loaded.compute_step is not None:
-            result["compute_only"] = [
-                summarize(measure(loaded.compute_step(x), self.protocol), b, self.protocol)
-                for b, x in self.inputs.items()
-            ]
-        return result
+    def to_time(self, row: dict, loaded: Loaded) -> None:
+        """Queue ``row`` for :meth:`time_rows`, run by ``loaded``."""
+        row["latency"] = {"end_to_end": [], "compute_only": None if loaded.compute_step is None else []}
+        self.timed.append((row, loaded))
+
+    def time_rows(self) -> None:
+        """Every queued row, batch size by batch size, in interleaved rounds
+        (:func:`export.latency.interleave`): end to end, and device-only where the backend has it; a runner
+        that raises while timed gets the error on its row. The runners are released afterwards."""
+        bar = tqdm(total=len(self.sizes) * self.protocol.rounds, desc="timing", unit="round", leave=False)
+        with bar:
+            for b, x in self.inputs.items():
+                self.load_during.append(load_average())
+                steps = {}
+                for i, (_, loaded) in enumerate(self.timed):
+                    steps[f"{i}/end_to_end"] = wall_clock(lambda run=loaded.run, x=x: run(x))
+                    if loaded.compute_step is not None:
+                        steps[f"{i}/compute_only"] = loaded.compute_step(x)
+                bar.set_postfix_str(f"batch {b}, {len(steps)} series")
+                samples, failed = interleave(steps, self.protocol, on_round=lambda _: bar.update())
+                for key, series in samples.items():
+                    i, kind = key.split("/")
+                    self.timed[int(i)][0]["latency"][kind].append(summarize(series, b, self.protocol))
+                for key, e in failed.items():
+                    row = self.timed[int(key.split("/")[0])][0]
+                    row["error"] = row["error"] or f"while timed at batch {b}: {_error_line(e)}"
+        self.timed.clear()
 
     def row(self, backend: str, precision: str, **fields: object) -> dict:
         row = {
@@ -316,12 +349,15 @@ class _Export:
             "variant": VARIANTS.get(precision),
             "device": "cpu",
             "file": None,
+            "artifacts": None,  # every file the row's runtime loads (what ships)
             "size_bytes": None,
             "parity": None,
             "gates": [],
             "accuracy": None,
             "latency": None,
             "load_s": None,
+            "first_call_s": None,  # batch -> seconds of the first call (compilation, specialization)
+            "compile_s": None,  # load_s + every first call: what it takes before the timed rounds
             "peak_rss_mb": None,
             "error": None,
             "unavailable": None,  # why this backend cannot run here (then nothing else is filled in)
@@ -362,14 +398,27 @@ class _Export:
             loaded = load()
             row["load_s"] = time.perf_counter() - t0
             row["runtime"] = loaded.info
+            # Compilation and per-shape specialization (torch.compile, OpenVINO's shape inference) happen
+            # at the first call of each batch size: its own column, outside the timed rounds.
+            first = {}
+            for b, x in self.inputs.items():
+                t0 = time.perf_counter()
+                loaded.run(x)
+                first[b] = time.perf_counter() - t0
+            row["first_call_s"] = first
+            row["compile_s"] = row["load_s"] + sum(first.values())
             logits = batched(loaded.run, self.data.images, self.args.max_batch)
             self.verify(row, logits, precision, device, onnx_int8=onnx_int8)
-            row["latency"] = self.latency(loaded)
         row["peak_rss_mb"] = memory.peak_bytes / 2**20
+        self.to_time(row, loaded)
 
     def file_fields(self, files: list[Path]) -> dict:
-        """The artifact (the first of ``files``) and the bytes of every file it is loaded from."""
-        return {"file": str(self.folder.final(files[0])), "size_bytes": sum(f.stat().st_size for f in files)}
+        """The artifact (the first of ``files``), every file it is loaded from (what ships), their bytes."""
+        return {
+            "file": str(self.folder.final(files[0])),
+            "artifacts": [f.name for f in files],
+            "size_bytes": sum(f.stat().st_size for f in files),
+        }
 
 
 def _baselines(run: _Export) -> None:
@@ -377,10 +426,9 @@ def _baselines(run: _Export) -> None:
     accuracy = None if labels is None else float(np.mean(run.reference("cpu").argmax(1) == labels))
     eager = run.row("pytorch-eager", "fp32", accuracy=accuracy)
     if "eager" in run.args.baselines:
-        run.say("timing PyTorch eager (the reference)")
-        eager["latency"] = run.latency(Loaded(torch_runner(run.model)))
+        run.to_time(eager, Loaded(torch_runner(run.model)))
     if "compile" in run.args.baselines:
-        run.say("torch.compile: verifying and timing")
+        run.say("torch.compile: compiling and verifying")
         row = run.row("torch.compile", "fp32")
         try:
             run.run_loaded(
@@ -420,7 +468,7 @@ def _int8(run: _Export, files: dict[str, Path], metadata: dict[str, str], int8_r
             workdir=Path(work),
         )
         gates = _gates(args, "int8")
-        for name in (p for p in ("int8", "int8-ort") if p in args.precision):
+        for name in (p for p in SCHEMES if p in args.precision):
             scheme = SCHEMES[name]
             run.say(f"INT8 {name}: quantizing, accuracy control on {len(control.images)} held-out images")
             made = make_int8(
@@ -478,7 +526,7 @@ def _onnx(run: _Export, ckpt: dict, int8_report: dict) -> dict[str, Path]:
             files["fp16"] = to_fp16(fp32, staging / "student.fp16.onnx")
         except Exception as e:  # noqa: BLE001
             run.row("onnx", "fp16", error=_error_line(e), traceback=traceback.format_exc(limit=-4))
-    if {"int8", "int8-ort"} & set(args.precision):
+    if set(SCHEMES) & set(args.precision):
         try:
             _int8(run, files, metadata, int8_report)
         except Exception as e:  # noqa: BLE001
@@ -500,7 +548,7 @@ def _backend(run: _Export, backend: Backend, sources: Sources) -> None:
                 run.say(f"{backend.label} {label}: converting")
                 path = backend.convert(sources, precision)
                 row.update(run.file_fields(backend.artifacts(path)))
-                run.say(f"{backend.label} {label}: loading, verifying, timing")
+                run.say(f"{backend.label} {label}: loading, verifying")
                 run.run_loaded(
                     row,
                     lambda path=path: backend.load(path, run.args.threads),
@@ -601,21 +649,27 @@ def export_student(args: argparse.Namespace) -> int:
                 run.row(backend.label, "-", device=backend.device, unavailable=reasons[backend.key])
             else:
                 _backend(run, backend, sources)
+        run.say(f"timing {len(run.timed)} rows, interleaved in {run.protocol.rounds} rounds per batch size")
+        run.time_rows()
+        add_speedups(run.rows)
         onnx_files = _files(run, files)
         status, code = _verdict(run, onnx_files, {k: reasons[k] for k in missing})
         load_end = load_average()
+        load_during = max((v for v in run.load_during if v is not None), default=None)
         machine = {
             **machine_info(args.threads),
             "load_average_start": load_start,
+            "load_average_during": load_during,
             "load_average_end": load_end,
         }
-        busy = busy_warning(load_start, load_end, args.threads)
+        busy = busy_warning(load_start, load_during, load_end, args.threads)
         report = {
             "model": str(args.model),
             "out": str(out),
             "status": status,
             "exit_code": code,
             "warnings": [w for w in (busy, None if data.labels is not None else RANDOM_WARNING) if w],
+            "images": len(data.images),  # the verification images every gate is measured on
             "rows": run.rows,
             "files": onnx_files,
             "int8": int8_report,
