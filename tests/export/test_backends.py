@@ -19,8 +19,9 @@ import torch
 from support.students import digits_record
 
 from export import executorch_backend, litert_backend, openvino_backend, precision
+from export.machine import u8s8_saturates
 from export.onnx_export import export_onnx
-from export.quantize import ORT_CPU, quantize_file
+from export.quantize import OPENVINO, ORT_CPU, quantize_file
 from export.runner import import_failure
 from kdfast.data import dataset_from_record
 from kdfast.models import build_model
@@ -38,9 +39,21 @@ MAX_BATCH = 8
 # tight enough that a missing dequantization (int8 codes as logits) or a wrong scale fails.
 MAX_ABS = {"fp32": 1e-4, "fp16": 5e-2}
 INT8_MAX_ABS_FRACTION = 0.25
-MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.97, "int8-ort": 0.97}
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.97, "int8-ort": 0.97, "int8-ov": 0.97}
+# OpenVINO's int8 convolutions sum u8 x s8 products in pairs in int16 on x86 without VNNI: the full-range
+# TensorRT file saturates there (max abs error 3.4 against a limit of 2.2 on an AVX2 EPYC), which is why the
+# command gives OpenVINO the 7-bit files.
+SATURATES = pytest.mark.xfail(
+    u8s8_saturates(), reason="full-range int8 weights saturate OpenVINO's kernels on x86 without VNNI"
+)
 CASES = [
-    pytest.param(name, prec, id=f"{name}-{prec}", marks=[pytest.mark.slow] if name != "openvino" else [])
+    pytest.param(
+        name,
+        prec,
+        id=f"{name}-{prec}",
+        marks=([pytest.mark.slow] if name != "openvino" else [])
+        + ([SATURATES] if (name, prec) == ("openvino", "int8") else []),
+    )
     for name, module in BACKENDS.items()
     for prec in module.PRECISIONS
 ]
@@ -86,9 +99,12 @@ def student(tmp_path_factory):
         "fp32": fp32,
         "fp16": precision.to_fp16(fp32, out / "student.fp16.onnx"),
         "int8": quantize_file(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH),
-        "int8-ort": quantize_file(
-            fp32, out / "student.int8-ort.onnx", calibration, scheme=ORT_CPU, batch=MAX_BATCH
-        ),
+        **{
+            scheme.name: quantize_file(
+                fp32, out / f"student.{scheme.name}.onnx", calibration, scheme=scheme, batch=MAX_BATCH
+            )
+            for scheme in (ORT_CPU, OPENVINO)
+        },
     }
     return {
         "model": model,
