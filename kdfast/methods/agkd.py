@@ -367,6 +367,6 @@ METHOD = Method(
     validate=validate,
     loss=AGKDLoss,
     paper="AGKD, hybrid loss: attention-guided KD from a VGG19 + ViT-B/16 hybrid teacher into "
-    "EfficientNet-B0 (DESIGN.md; the repository does not record its bibliographic reference)",
+    "EfficientNet-B0 (no bibliographic reference recorded)",
     logits="none",
 )

@@ -121,7 +121,7 @@ def auto_threads(world_size: int) -> int:
     """``runtime.threads: auto``: one torch thread per core that other processes leave idle, shared among the
     processes of this run, at least 1 and at most torch's own default (one per physical core). On a loaded
     2-core machine two threads contend with the other jobs, and the run took several times as long as with
-    one (README, "Threads"); on an idle machine every core is used."""
+    one (docs/reliability.md, "Threads"); on an idle machine every core is used."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = math.floor(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
     return max(1, min(TORCH_THREADS, (cores - busy) // world_size))
