@@ -44,7 +44,8 @@ from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import cls_attention_map, patch_grid, spatial_feature, tap_qkv, tap_tensor
 from kdfast.methods.registry import Method
 from kdfast.models import build_model
-from kdfast.schema import closest, positive
+from kdfast.schema import positive
+from kdfast.taps import find_module
 
 Metric = Literal["mse", "ssim", "cosine", "perceptual", "hybrid"]
 SSIMForm = Literal["global", "windowed"]  # eq. 5, the paper's; a Gaussian window, kdfast's option
@@ -261,12 +262,7 @@ class PerceptualFeatures(nn.Module):
             network, layer = RandomFeatureNet(), "net.3"
         else:
             network, layer = build_model(cfg.arch, weights=cfg.weights), cfg.layer
-        modules = dict(network.named_modules())
-        if layer not in modules:
-            raise ConfigError(
-                f"loss.agkd.perceptual.layer {layer!r} is not a module of {type(network).__name__}: "
-                f"{closest(layer, [name for name in modules if name], what='module paths')}"
-            )
+        find_module(network, layer, what="loss.agkd.perceptual.layer")
         self.net = create_feature_extractor(network, return_nodes={layer: "layer"})
         self.net.requires_grad_(False)
         self.net.eval()
