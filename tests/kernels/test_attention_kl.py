@@ -183,13 +183,16 @@ def test_triton_constant_logits():
 def test_opcheck():
     q_s, k_s = _qk(1, 1, 20, 16)
     q_t, k_t = _qk(1, 1, 20, 32, grad=False)
-    torch.library.opcheck(torch.ops.kdfast.attention_kl_fwd.default, (q_s, k_s, q_t, k_t, 0.25, 0.2))
+    for mean in (True, False):
+        torch.library.opcheck(torch.ops.kdfast.attention_kl.default, (q_s, k_s, q_t, k_t, 0.25, 0.2, mean))
     # The backward op has no double-backward formula: checked on detached inputs.
     q_s, k_s = q_s.detach(), k_s.detach()
-    stats = torch.ops.kdfast.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.25, 0.2)
-    assert stats.shape == (3, 1, 1, 20)
-    bwd_args = (torch.rand(1, 1, 20, device=KERNEL_DEVICE), q_s, k_s, q_t, k_t, stats, 0.25, 0.2, True, False)
-    torch.library.opcheck(torch.ops.kdfast.attention_kl_bwd.default, bwd_args)
+    loss, kl, lse = torch.ops.kdfast.attention_kl(q_s, k_s, q_t, k_t, 0.25, 0.2, False)
+    assert loss.shape == (0,) and kl.shape == (1, 1, 20) and lse.shape == (2, 1, 1, 20)
+    rows = torch.rand(1, 1, 20, device=KERNEL_DEVICE)
+    for grads, mean in (((None, rows), False), ((torch.tensor(0.7, device=KERNEL_DEVICE), None), True)):
+        bwd_args = (*grads, q_s, k_s, q_t, k_t, kl, lse, 0.25, 0.2, mean, True, True, False, False)
+        torch.library.opcheck(torch.ops.kdfast.attention_kl_backward.default, bwd_args)
 
 
 def test_compile_fullgraph_no_graph_break():

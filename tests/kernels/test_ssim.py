@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from support.devices import KERNEL_DEVICE
 
 from kernels.ssim import (
-    _ssim_bwd,
-    _ssim_fwd,
+    _ssim,
     ssim,
     ssim_cosine_loss,
     ssim_cosine_loss_reference,
@@ -200,11 +199,11 @@ def test_triton_half_precision(dtype, rtol, grad_rtol):
 def test_opcheck():
     x, y = _pair((2, 1, 6, 6))
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), 3, 1.5, 1.0, 0.01, 0.03, True, 0.5, 0.5)
-    torch.library.opcheck(_ssim_fwd, args)
-    stats = _ssim_fwd(x, y, *args[2:])[2]
+    torch.library.opcheck(_ssim.forward_op, args)
+    stats = _ssim.forward_op(x, y, *args[2:])[2]
     grads = (torch.tensor(1.0, device=KERNEL_DEVICE), torch.randn(2, device=KERNEL_DEVICE))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, True))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, False))
+    torch.library.opcheck(_ssim.backward_op, (*grads, x, y, stats, *args[2:], True, True))
+    torch.library.opcheck(_ssim.backward_op, (*grads, x, y, stats, *args[2:], True, False))
 
 
 def test_compile_fullgraph_has_no_graph_break():
