@@ -28,8 +28,9 @@ NAMESPACE = "kdfast"
 
 class FusedOp:
     """The custom ops ``kdfast::<name>`` and ``kdfast::<name>_backward`` and an ``autograd.Function``, all
-    three around the same launchers; calling the FusedOp takes the custom op under ``torch.compile`` and the
-    Function otherwise."""
+    three around the same launchers; ``op(index, *inputs)`` returns the forward's output ``index`` (all of
+    a single-output forward when None), through the custom op under ``torch.compile`` and the Function
+    otherwise."""
 
     def __init__(
         self,
@@ -56,10 +57,11 @@ class FusedOp:
         self.forward_op.register_autograd(self._compiled_backward, setup_context=self._setup)
         self.function = self._eager_function()
 
-    def __call__(self, *inputs):
+    def __call__(self, index: int | None, *inputs):
         if torch.compiler.is_compiling():
-            return self.forward_op(*inputs)
-        return self.function.apply(*inputs)
+            outputs = self.forward_op(*inputs)
+            return outputs if index is None else outputs[index]
+        return self.function.apply(index, *inputs)
 
     def _setup(self, ctx, inputs: tuple, output) -> None:
         tensors, constants = self.save(inputs, output)
@@ -68,16 +70,15 @@ class FusedOp:
         # Unused output gradients stay None, so a backward skips them instead of reading zeros.
         ctx.set_materialize_grads(False)
 
-    def _input_grads(self, ctx, grads: tuple, backward: Callable) -> tuple:
-        """One entry per forward input: the gradient where ``ctx`` needs it, else None."""
+    def _input_grads(self, ctx, grads, backward: Callable, skip: int = 0) -> tuple:
+        """One entry per forward input: the gradient where ``ctx`` needs it, else None (``skip``: leading
+        arguments of ``ctx``'s function that are not the forward's inputs)."""
         needs = ctx.needs_input_grad
-        wanted = needs[: self.grad_inputs]
-        constants = (None,) * (len(needs) - self.grad_inputs)
+        wanted = needs[skip : skip + self.grad_inputs]
+        constants = (None,) * (len(needs) - skip - self.grad_inputs)
         if not any(wanted):
             return (None,) * self.grad_inputs + constants
-        result = backward(
-            *[grads[i] for i in self.grad_outputs], *ctx.saved_tensors, *ctx.constants, *wanted
-        )
+        result = backward(*[grads[i] for i in self.grad_outputs], *ctx.saved_tensors, *ctx.constants, *wanted)
         if self.grad_inputs == 1:
             result = (result,)
         return (*[g if need else None for g, need in zip(result, wanted, strict=True)], *constants)
@@ -89,15 +90,25 @@ class FusedOp:
         op = self
 
         class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *inputs):
-                outputs = op.forward(*inputs)
-                op._setup(ctx, inputs, outputs)
-                return outputs
+            """Returns the one output the caller asked for: each further output of an autograd.Function
+            costs host time in the forward and the backward (the others stay saved where the backward
+            reads them)."""
 
             @staticmethod
-            def backward(ctx, *grads):
-                return op._input_grads(ctx, grads, op.backward)
+            def forward(ctx, index, *inputs):
+                outputs = op.forward(*inputs)
+                op._setup(ctx, inputs, outputs)
+                ctx.index = index
+                return outputs if index is None else outputs[index]
+
+            @staticmethod
+            def backward(ctx, grad):
+                if ctx.index is None:
+                    grads = (grad,)
+                else:
+                    grads = [None] * (max(op.grad_outputs) + 1)
+                    grads[ctx.index] = grad
+                return None, *op._input_grads(ctx, grads, op.backward, skip=1)
 
         Function.__name__ = Function.__qualname__ = f"FusedOp[{self.name}]"
         return Function

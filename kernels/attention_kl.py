@@ -121,7 +121,6 @@ def _dot_modes(dtype: torch.dtype, interpreted: bool) -> tuple[str, str]:
 
 
 if triton is not None:
-
     # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, by the padded head dim (up to 64, or 128: head
     # dims 80, 96 and 128) and the heaviest operand kind of the pairs (fp32 tiles multiply as TF32; fp16's
     # backward multiplies fp32 tiles; bf16 stays native). Every entry compiles for sm_80 and sm_90 under
@@ -581,5 +580,4 @@ def attention_kl(
     else:
         args = (q_t, k_t, q_s, k_s, scale_t, scale_s)
     mean = reduction == "mean"
-    loss, kl, _ = _attention_kl(*args, mean)
-    return loss if mean else kl
+    return _attention_kl(0 if mean else 1, *args, mean)

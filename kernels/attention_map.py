@@ -704,7 +704,7 @@ def resize(maps: torch.Tensor, size: tuple[int, int], *, impl: str = "auto") -> 
     h, w = _check_size(size)
     if not triton_path:
         return resize_reference(maps, (h, w))
-    return _resize_op(maps, h, w)
+    return _resize_op(None, maps, h, w)
 
 
 def attention_map(
@@ -728,4 +728,4 @@ def attention_map(
     if not triton_path:
         return attention_map_reference(features, out_size, p=p, normalize=normalize)
     h, w = out_size if out_size is not None else features.shape[2:]
-    return _attention_map_op(features, h, w, float(p), bool(normalize))[0]
+    return _attention_map_op(0, features, h, w, float(p), bool(normalize))

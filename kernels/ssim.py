@@ -662,7 +662,7 @@ def ssim(
     _check(x, y, window_size, sigma, data_range, triton_path)
     if triton_path:
         params = (window_size, float(sigma), float(data_range), float(k[0]), float(k[1]), bool(nonnegative))
-        return _ssim(x, y, *params, 0.0, 0.0)[1]
+        return _ssim(1, x, y, *params, 0.0, 0.0)
     return ssim_reference(
         x, y, window_size=window_size, sigma=sigma, data_range=data_range, k=k, nonnegative=nonnegative
     )
@@ -688,7 +688,7 @@ def ssim_cosine_loss(
     _check(student, teacher, window_size, sigma, data_range, triton_path)
     if triton_path:
         params = (window_size, float(sigma), float(data_range), float(k[0]), float(k[1]), bool(nonnegative))
-        return _ssim(student, teacher, *params, float(alpha), float(beta))[0]
+        return _ssim(0, student, teacher, *params, float(alpha), float(beta))
     return ssim_cosine_loss_reference(
         student,
         teacher,
