@@ -240,3 +240,18 @@ def test_bad_input_raises_value_error(change, kwargs, match):
     change(inputs)
     with pytest.raises(ValueError, match=match):
         attention_kl(*inputs, **kwargs)
+
+
+def test_grid_is_one_dimensional_past_65535_heads_and_refused_past_2_31_programs():
+    # B * H used to be grid axis y (at most 65,535); the grid is now 1-D, up to 2^31 - 1 programs.
+    def heads(b, h, n):
+        return torch.empty(1, 1, 1, 16, device="meta").expand(b, h, n, 16)
+
+    many = heads(2**16, 1, 197)
+    plan = _plan_of(many, many, many, many)
+    assert plan.fwd_grid({"BLOCK_M": 16}) == (13 * 2**16,) and plan.bwd_grid({"BLOCK_N": 128}) == (2 * 2**16,)
+    # At the smallest block, 2^27 slices of 256 rows are 2^31 programs: one more than axis x holds.
+    assert _plan_of(*[heads(2**27 - 1, 1, 256)] * 4).fwd_grid({"BLOCK_M": 16}) == (2**31 - 16,)
+    too_many = heads(2**27, 1, 256)
+    with pytest.raises(ValueError, match="2147483648 programs along grid axis x.*; split the batch"):
+        _plan_of(too_many, too_many, too_many, too_many)
