@@ -121,6 +121,17 @@ SPILL_BUDGETS = [
         " 3.8, 36-64 B under 3.6. 4 warps spill 1.4-1.6 KB, 16 warps (128 registers) 1.3-2.7 KB (3.8).",
     ),
     SpillBudget(
+        "_attention_kl_bwd_kernel",
+        "every specialization",
+        lambda c: True,
+        {"3.8": {80: 128, 90: 128}, "3.6": {80: 128, 90: 128}},
+        "four logit-sized tiles (a, b, dS_a, dS_b), the dk accumulators and a dq partial take all 255"
+        " registers in the larger configs, and the 1-D grid and the separate kl / lse pointers added a few"
+        " scalars: 4-96 B per thread spill there (sm_80 most, fp32 most). On the GPU the autotuner times"
+        " every config, these included, and keeps the fastest; shared memory, which a launch cannot exceed,"
+        " is within the limit for every config.",
+    ),
+    SpillBudget(
         "_ssim_fwd_kernel",
         "32 x 32 tiles (tiled rows, columns up to 32)",
         lambda c: c["BI_H"] * c["BI_W"] == 32 * 32 and not (c["ID_H"] or c["ID_W"]),
