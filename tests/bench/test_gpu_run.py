@@ -60,7 +60,8 @@ def test_dry_run_runs_every_step_and_writes_every_result(tmp_path):
     # pytorch-msssim's baseline ran: bench/gpu.sh unpacked its wheel (bench/wheels/) into a temporary folder.
     assert "pytorch_msssim" in {r["extra_info"]["impl"] for r in kernels}
     # Compile time is its own figure: each case's first call, summed in the step's row.
-    assert all(r["extra_info"]["first_call_s"] > 0 for r in kernels)
+    assert all(r["extra_info"]["first_call_s"] >= 0 for r in kernels)
+    assert all(r["extra_info"]["first_call_s"] > 0 for r in kernels if r["extra_info"]["impl"] == "triton")
     total = sum(r["extra_info"]["first_call_s"] for r in kernels)
     assert "| kernel benchmarks | passed |" in (out / "RESULTS.md").read_text()
     assert f"{len(kernels)} cases; first calls (compile, autotune, warm-up) {total:.1f} s" in done.stdout
