@@ -18,7 +18,7 @@ import torch
 
 from export import executorch_backend, litert_backend, openvino_backend, ort_backend
 from export.onnx_export import export_onnx
-from export.quantize import OPENVINO, ORT_CPU, TENSORRT, quantize_file
+from export.quantize import ORT_CPU, TENSORRT, quantize_file
 from kdfast.models import build_model
 
 THREADS = (1, 2)
@@ -40,7 +40,7 @@ def student(tmp_path_factory):
     example = torch.from_numpy(calibration[:2].copy())
     fp32 = export_onnx(model, example, out / "student.fp32.onnx", max_batch=MAX_BATCH, metadata={})
     files = {"fp32": fp32}
-    for scheme in (TENSORRT, ORT_CPU, OPENVINO):
+    for scheme in (TENSORRT, ORT_CPU):
         files[scheme.name] = quantize_file(
             fp32, out / f"student.{scheme.name}.onnx", calibration, scheme=scheme, batch=MAX_BATCH
         )

@@ -39,7 +39,7 @@ class Sources:
     """What a converter may read and where it writes."""
 
     model: nn.Module  # the PyTorch student, eval mode, on CPU
-    onnx: dict[str, Path]  # ONNX file per precision ("fp32", "fp16", "int8", "int8-ort", "int8-ov")
+    onnx: dict[str, Path]  # ONNX file per precision ("fp32", "fp16", "int8", "int8-ort")
     example: torch.Tensor  # an input with batch 2 (keeps the batch dimension dynamic)
     calibration: np.ndarray  # (N, C, H, W) float32 training images for converters that quantize themselves
     out: Path  # the folder to write artifacts in
@@ -129,13 +129,11 @@ def _trt_load(path: Path, threads: int) -> Loaded:
     return Loaded(engine, engine.compute_step)
 
 
-def runtime_backend(
-    module: ModuleType, *, needs_onnx: bool, precisions: tuple[str, ...] | None = None
-) -> Backend:
+def runtime_backend(module: ModuleType, *, needs_onnx: bool) -> Backend:
     """A table entry for a module of the ``export/runner.py`` interface (``NAME``, ``PRECISIONS``,
     ``unavailable_reason``, ``convert``, ``load``, ``artifacts``). One that converts the PyTorch student
     names its artifacts after the ONNX file of the same precision (``student.<precision>``) whether or not
-    that file exists. ``precisions``: the ones the command runs, if not all the module builds."""
+    that file exists."""
 
     def convert(src: Sources, precision: str) -> Path:
         onnx_path = src.onnx.get(precision, src.out / f"student.{precision}.onnx")
@@ -156,7 +154,7 @@ def runtime_backend(
     return Backend(
         key=module.NAME,
         label=module.NAME,
-        precisions=precisions or module.PRECISIONS,
+        precisions=module.PRECISIONS,
         unavailable_reason=module.unavailable_reason,
         convert=convert,
         load=load,
@@ -194,11 +192,7 @@ BACKENDS: dict[str, Backend] = {
             load=_trt_load,
             device="cuda",
         ),
-        # OpenVINO runs the two 7-bit INT8 layouts: the full-range TensorRT file saturates its int8 kernels on
-        # x86 CPUs without VNNI (export.quantize.OPENVINO).
-        runtime_backend(
-            openvino_backend, needs_onnx=True, precisions=("fp32", "fp16", "int8-ov", "int8-ort")
-        ),
+        runtime_backend(openvino_backend, needs_onnx=True),
         runtime_backend(litert_backend, needs_onnx=False),
         runtime_backend(executorch_backend, needs_onnx=False),
     )

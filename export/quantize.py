@@ -11,15 +11,9 @@ set of layers kept in float, in one of two layouts.
   activations so ReLU folds away and every DQ -> Conv -> Q fuses into QLinearConv, int32 biases, 7-bit
   weights so that the fast U8S8 kernels are exact on every x86 CPU); not loadable by TensorRT.
 
-- :data:`OPENVINO` (``student.int8-ov.onnx``): the TensorRT placement with 7-bit weights, for OpenVINO's CPU
-  plugin: its low-precision transformations fuse each Q/DQ pair into an int8 convolution, whose u8 x s8
-  products on an x86 CPU without VNNI are summed in pairs in int16 and saturate with full-range weights
-  (OpenVINO's "Saturation (overflow) issue workaround": 7-bit weights). On an AVX2 EPYC the full-range
-  TensorRT file lost 4.4 points of accuracy on the default student in OpenVINO, this one 0.6, as the
-  TensorRT file does on ONNX Runtime's exact kernels.
-
-OpenVINO also runs the ONNX Runtime file (7-bit weights too); which of the two it runs faster depends on
-the network, so the command times both there.
+OpenVINO runs both (the TensorRT file's weights put on a 7-bit grid where its int8 kernels would saturate,
+:func:`export.openvino_backend.narrow_weights`); which one it runs faster depends on the network, so the
+command times both there.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ import contextlib
 import io
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +114,7 @@ ORT_CPU = Scheme(
     min_conv_channels=MIN_INT8_CONV_CHANNELS,
     reduce_range=True,
 )
-OPENVINO = replace(TENSORRT, name="int8-ov", reduce_range=True)
-SCHEMES = {s.name: s for s in (TENSORRT, ORT_CPU, OPENVINO)}
+SCHEMES = {s.name: s for s in (TENSORRT, ORT_CPU)}
 
 
 class _Batches(CalibrationDataReader):

@@ -321,14 +321,13 @@ def _runtime_section(rows: list[dict]) -> list[str]:
 # What each INT8 file is and which runtime it is for (export.quantize.SCHEMES).
 _LAYOUTS = {
     "int8": "(symmetric int8 Q/DQ on the inputs of weighted ops, full-range per-channel weights) is for "
-    "TensorRT (its Q/DQ rules, export/qdq_rules.py). ONNX Runtime runs it correctly but unfused and slowly "
-    "on CPU (its ONNX Runtime row verifies the file's numbers); OpenVINO is given the 7-bit copy.",
+    "TensorRT (its Q/DQ rules, export/qdq_rules.py) and OpenVINO (its low-precision transformations fuse "
+    "each Q/DQ pair into an int8 convolution; on x86 without VNNI the IR takes the weights on a 7-bit grid, "
+    "the row's weight_bits). ONNX Runtime runs it correctly but unfused and slowly on CPU (its ONNX Runtime "
+    "row verifies the file's numbers).",
     "int8-ort": "(uint8 activations, 7-bit int8 weights, every DQ -> op -> Q fused into an integer kernel) "
     "is for ONNX Runtime on x86 CPUs: with 7-bit weights its fast U8S8 kernels are exact on every x86 CPU. "
-    "TensorRT refuses it (uint8 activations).",
-    "int8-ov": "(the TensorRT placement with 7-bit weights) is for OpenVINO: its low-precision "
-    "transformations fuse each Q/DQ pair into an int8 convolution, whose products saturate on x86 CPUs "
-    "without VNNI with full-range weights. OpenVINO also runs the ONNX Runtime file; which of the two is "
+    "TensorRT refuses it (uint8 activations); OpenVINO runs it too, and which of the two files it runs "
     "faster depends on the network (What to ship names it).",
 }
 

@@ -2,7 +2,7 @@
 INT8), each runtime of the backend table verified against the PyTorch student on real validation images
 with the same gates and timed with the same protocol; report.md (read it first), report.json and charts.
 
-Exit codes (DESIGN, Contracts): 0 done; 1 a gate failed or could not be measured (artifacts and report
+Exit codes (docs/contracts.md): 0 done; 1 a gate failed or could not be measured (artifacts and report
 kept); 2 bad usage or input (one line, nothing written); 3 a requested backend is not available here
 (everything else done and kept).
 """
@@ -41,10 +41,10 @@ from export.verify import DEFAULT_GATES, Gates, check_gates, failed_gates, parit
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split, preprocessing
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-ort", "int8-ov")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-ort")
 DEFAULT_PRECISIONS = PRECISIONS
 # Files that share a precision with another, by label: one INT8 layout per runtime (export.quantize).
-VARIANTS = {"int8-ort": "u8s8 for ORT on x86", "int8-ov": "7-bit weights for OpenVINO"}
+VARIANTS = {"int8-ort": "u8s8 for ORT on x86"}
 BASELINES = ("eager", "compile")
 RANDOM_WARNING = (
     "random inputs: parity only; top-1 agreement and accuracy drop are not measured, so the run cannot pass"
@@ -65,9 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=PRECISIONS,
         default=list(DEFAULT_PRECISIONS),
-        help="INT8 in the layout each runtime fuses: int8, the TensorRT-valid Q/DQ file; int8-ort, U8S8 "
-        "with 7-bit weights for ONNX Runtime on x86; int8-ov, the TensorRT placement with 7-bit weights for "
-        "OpenVINO",
+        help="INT8 in the layout each runtime fuses: int8, the TensorRT-valid Q/DQ file (OpenVINO runs it "
+        "too); int8-ort, U8S8 with 7-bit weights for ONNX Runtime on x86 (and OpenVINO)",
     )
     p.add_argument(
         "--backends",

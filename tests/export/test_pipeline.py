@@ -108,7 +108,7 @@ def test_int8_agrees_with_pytorch_on_real_images(exported):
     report = json.loads((out / "report.json").read_text())
     tensorrt = [f for f in report["files"].values() if f["for_tensorrt"]]
     assert len(tensorrt) == 3 and all(f["tensorrt_violations"] == [] for f in tensorrt)
-    assert set(report["files"]) == {"fp32", "fp16", "int8", "int8-ort", "int8-ov"}
+    assert set(report["files"]) == {"fp32", "fp16", "int8", "int8-ort"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])

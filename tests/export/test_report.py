@@ -18,7 +18,7 @@ from export.trt import main
 RUNTIMES = {"openvino": openvino_backend, "litert": litert_backend, "executorch": executorch_backend}
 
 
-def _export(student, out, backends: list[str], precisions=("fp32", "int8", "int8-ov")) -> tuple[int, dict]:
+def _export(student, out, backends: list[str], precisions=("fp32", "int8")) -> tuple[int, dict]:
     argv = ["--model", str(student), "--out", str(out), "--precision", *precisions]
     argv += ["--backends", *backends] if backends else []
     code = main([*argv, *FAST, *LOOSE_INT8, "--baselines", "eager"])
@@ -51,8 +51,7 @@ def test_a_runtime_that_is_not_installed_is_one_row(trained_student, tmp_path, m
 
 def _check_like_onnxruntime(report: dict, out, key: str) -> None:
     """Every precision ``key`` builds of those asked for has a row with the gates, images and batch sizes
-    of ONNX Runtime's row of that precision (OpenVINO's int8 row: the 7-bit file made for it), its files in
-    ``--out`` and their size."""
+    of ONNX Runtime's row of that precision, its files in ``--out`` and their size."""
     rows = {(r["backend"], r["precision"]): r for r in report["rows"]}
     built = [p for p in RUNTIMES[key].PRECISIONS if p in ("fp32", "int8")]
     assert built
