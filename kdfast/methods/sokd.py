@@ -37,7 +37,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import DistillationLoss, require_tap, step_aside
 from kdfast.methods.features import resize_to, spatial_feature, tap_tensor
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 
 HEAD_WIDTH = 64  # eq. 11: the hidden width of each branch (kdfast's choice)
@@ -417,4 +417,5 @@ METHOD = Method(
     paper="Shen, Huang, Zhu, Fan & Zhang 2024, Student-Oriented Teacher Knowledge Refinement for Knowledge "
     "Distillation (arXiv:2409.18785)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )
