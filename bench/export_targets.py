@@ -1,4 +1,4 @@
-"""The export targets of the README, measured: the default student (``python -m kdfast.train``) and timm
+"""The export targets (docs/export.md), measured: the default student (``python -m kdfast.train``) and timm
 resnet18, mobilenetv3_small_100 and deit_tiny trained on digits with plain cross-entropy, each exported by
 ``python -m export.trt`` with its defaults, then one summary table.
 

@@ -1,6 +1,6 @@
 """Batch-1 CPU latency of the default student (edge_cnn, 3x32x32, fp32 input) in every runtime installed here,
 side by side with PyTorch eager in the same run: ONNX Runtime, OpenVINO (fp32 with the f32 hint, int8 from
-the Q/DQ file), LiteRT and ExecuTorch (fp32 and int8). The issue's target: OpenVINO fp32 and ONNX Runtime
+the Q/DQ file), LiteRT and ExecuTorch (fp32 and int8). The target: OpenVINO fp32 and ONNX Runtime
 fp32 p50 <= 0.5x eager.
 
 Weights are random (speed does not depend on them) and int8 is calibrated on random normal images, so only

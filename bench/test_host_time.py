@@ -28,7 +28,7 @@ reference. A fourth row, ``floor``, is the least any op with its own backward co
 only allocates the input gradients (no check, no launch), called and reduced as the others are. A target
 below the floor cannot be met by any launch path.
 
-Targets (issue 12): Triton host time per forward+backward at most 1/8 of the eager reference's for
+Targets: Triton host time per forward+backward at most 1/8 of the eager reference's for
 the hybrid loss and the attention map, under 100 us for attention KL.
 
 Time is the process's CPU time (``time.process_time``, one intra-op thread): the development machine is

@@ -2,6 +2,6 @@
 (ONNX Runtime, AOTInductor, TensorRT, OpenVINO, LiteRT, ExecuTorch), each verified against the PyTorch
 student with the same gates and timed with the same protocol.
 
-Only ``kdfast.checkpoint`` (and the standard-library ``kdfast.atomic``) are imported from kdfast (DESIGN,
-Layout); ``python -m export.trt`` is the command.
+Only ``kdfast.checkpoint`` (and the standard-library ``kdfast.atomic``) are imported from kdfast
+(docs/ARCHITECTURE.md, Layout); ``python -m export.trt`` is the command.
 """

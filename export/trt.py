@@ -2,7 +2,7 @@
 INT8), each runtime of the backend table verified against the PyTorch student on real validation images
 with the same gates and timed with the same protocol; report.md (read it first), report.json and charts.
 
-Exit codes (DESIGN, Contracts): 0 done; 1 a gate failed or could not be measured (artifacts and report
+Exit codes (docs/contracts.md): 0 done; 1 a gate failed or could not be measured (artifacts and report
 kept); 2 bad usage or input (one line, nothing written); 3 a requested backend is not available here
 (everything else done and kept).
 """

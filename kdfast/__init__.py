@@ -1,3 +1,3 @@
-"""kdfast: compiled knowledge distillation for vision students (see DESIGN.md)."""
+"""kdfast: compiled knowledge distillation for vision students (README.md, docs/)."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``student.pt`` contract (DESIGN, Contracts): writing, reading, validating and rebuilding a student.
+"""The ``student.pt`` contract (docs/contracts.md): writing, reading, validating and rebuilding a student.
 
 A checkpoint is a ``torch.save`` of a plain dict that loads with ``torch.load(weights_only=True)``, so
 loading one never runs code. Everything a user can get wrong on the reading side is one

@@ -1,4 +1,4 @@
-"""The errors a user can cause, and the exit codes the commands map them to (DESIGN, Contracts)."""
+"""The errors a user can cause, and the exit codes the commands map them to (docs/contracts.md)."""
 
 from __future__ import annotations
 

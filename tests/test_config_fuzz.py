@@ -142,7 +142,7 @@ def _base_config(name: str) -> dict:
         if name in ([used] if isinstance(used, str) else used):
             return raw
     raise AssertionError(
-        f"no config in configs/ uses method {name!r}: add one (README, Distillation methods)"
+        f"no config in configs/ uses method {name!r}: add one (docs/methods.md)"
     )
 
 

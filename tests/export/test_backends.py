@@ -286,3 +286,49 @@ def test_litert_int8_is_full_integer(built):
         np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details() if len(t["shape"]) == 4
     )
     assert weights["int8"] > 0 and weights["float32"] == 0, weights
+
+
+def test_narrow_weights_requantizes_each_channel_onto_seven_bits_by_hand():
+    """Channel 0 peaks at 127 > 63: its codes scale by 63/127 (rounded) and its scale by 127/63; channel 1
+    peaks at 50 and stays as it is. The dequantized weights move by at most half a new step."""
+    codes = np.array([[127, -64, 10], [50, -20, 3]], dtype=np.int8)
+    scales = np.array([0.01, 0.02], dtype=np.float32)
+    node = onnx.helper.make_node("DequantizeLinear", ["w", "s"], ["w_dq"], axis=0)
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [],
+        [onnx.helper.make_tensor_value_info("w_dq", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(codes, "w"), onnx.numpy_helper.from_array(scales, "s")],
+    )
+    proto = onnx.helper.make_model(graph)
+    assert openvino_backend.narrow_weights(proto) == 1
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert inits["w"].tolist() == [[63, -32, 5], [50, -20, 3]]
+    np.testing.assert_allclose(inits["s"], [0.01 * 127 / 63, 0.02], rtol=1e-6)
+    before = codes * scales[:, None]
+    after = inits["w"] * inits["s"][:, None]
+    assert np.abs(after - before).max() <= 0.5 * inits["s"][0] + 1e-7
+    assert openvino_backend.narrow_weights(proto) == 0  # already within the grid
+
+
+def test_openvino_int8_on_a_cpu_that_saturates_takes_seven_bit_weights(student, monkeypatch, tmp_path):
+    """Where u8 x s8 pair sums saturate (x86 without VNNI: forced here, so every CPU runs this branch) the IR
+    holds 7-bit weights, says so, and still computes what PyTorch computes (the int8 gate's agreement)."""
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(openvino_backend, "u8s8_saturates", lambda: True)
+    path = openvino_backend.convert(
+        student["model"],
+        student["onnx"]["int8"],
+        student["example"],
+        tmp_path,
+        precision="int8",
+        max_batch=MAX_BATCH,
+        calibration=student["calibration"],
+    )
+    runner = openvino_backend.load(path, threads=2)
+    assert runner.info["weight_bits"] == 7
+    images, reference = student["images"], student["reference"]
+    logits = np.concatenate([runner(images[i : i + MAX_BATCH]) for i in range(0, len(images), MAX_BATCH)])
+    assert np.mean(logits.argmax(1) == reference.argmax(1)) >= MIN_AGREEMENT["int8"]
+    assert np.abs(logits - reference).max() <= INT8_MAX_ABS_FRACTION * np.abs(reference).max()

@@ -1,6 +1,6 @@
-"""What the export tests share: the flags that keep ``python -m export.trt`` short, and the trained student of a
-tiny digits run exported by ``python -m export.trt`` (fp32 ONNX through ONNX Runtime) and its report read
-back."""
+"""What the export tests share: the flags that keep ``python -m export.trt`` short, and the trained student
+of a tiny digits run exported by ``python -m export.trt`` (fp32 ONNX through ONNX Runtime) and its report
+read back."""
 
 from __future__ import annotations
 
