@@ -264,10 +264,10 @@ def run_all(work: Plan, say: Any) -> dict[str, float]:
             folder = Path(cfg.out)
             seeds = cfg.seeds
             count = 1 if seeds is None else len(seeds)
-            if _finished(folder, seeds):
+            resume = check_folder(folder, cfg)
+            if resume and _finished(folder, seeds):
                 bar.update(count)
                 continue
-            resume = check_folder(folder, cfg)
             bar.set_postfix_str(name)
             say(f"benchmark: {name} ({'resuming' if resume else 'starting'}, {folder})")
             started = time.perf_counter()

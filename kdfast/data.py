@@ -404,8 +404,8 @@ def _read_images_and_labels(images_path: Path, labels_path: Path, stamp: tuple) 
         )
     if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
         raise UsageError(
-            f"{labels_path} holds label {int(labels.max())}; Fashion-MNIST has labels 0..9: it is not a "
-            "Fashion-MNIST label file"
+            f"{labels_path} holds label {int(labels.max())}, Fashion-MNIST's are 0..9: it is not its label "
+            f"file; reinstall it (apt-get install --reinstall {FASHION_MNIST_PACKAGE}) or fix data.root"
         )
     pixels = torch.from_numpy(images.copy()).unsqueeze(1).expand(-1, 3, -1, -1)
     return _Split(labels=labels.tolist(), images=pixels)
