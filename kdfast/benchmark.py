@@ -108,13 +108,11 @@ SUITES = {
 }
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    """The command line; ``seeds`` parsed to a list, ``out`` defaulted to ``runs/benchmarks/<suite>``."""
+    from kdfast.compare import ArgumentParser  # matplotlib loads with it: only once the command runs
+
+    parser = ArgumentParser(
         prog="python -m kdfast.benchmark",
         description="Train a suite's teachers once, every method over the seeds, and write the comparison "
         "(benchmark.md/.json/.png). Run the same command again to continue it.",
@@ -251,30 +249,32 @@ def plan(args: argparse.Namespace) -> Plan:
 
 
 def run_all(work: Plan, say: Any) -> dict[str, float]:
-    """Train what is not finished yet, in order, with one progress bar over the runs (rate and ETA). The
-    seconds each run took, summed over the invocations that trained it, are kept in ``SECONDS`` (written
-    after every run) and returned."""
+    """Train what is not finished yet, in order, with one progress bar over the runs (rate and ETA). Every
+    run's folder is checked (:func:`check_folder`) before the first one trains. The seconds each run took,
+    summed over the invocations that trained it, are kept in ``SECONDS`` (written after every run) and
+    returned."""
     from kdfast.train.loop import run_seeds, run_training
 
+    runs = [*work.teachers.items(), *work.entries.items()]
+    resume = {name: check_folder(Path(cfg.out), cfg) for name, cfg in runs}
     units = len(work.teachers) + sum(len(cfg.seeds) for cfg in work.entries.values())
     path = work.out / SECONDS
     spent: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
     with tqdm(total=units, desc="benchmark", unit="run", dynamic_ncols=True) as bar:
-        for name, cfg in [*work.teachers.items(), *work.entries.items()]:
+        for name, cfg in runs:
             folder = Path(cfg.out)
             seeds = cfg.seeds
             count = 1 if seeds is None else len(seeds)
-            resume = check_folder(folder, cfg)
-            if resume and _finished(folder, seeds):
+            if resume[name] and _finished(folder, seeds):
                 bar.update(count)
                 continue
             bar.set_postfix_str(name)
-            say(f"benchmark: {name} ({'resuming' if resume else 'starting'}, {folder})")
+            say(f"benchmark: {name} ({'resuming' if resume[name] else 'starting'}, {folder})")
             started = time.perf_counter()
             if seeds is None:
-                run_training(cfg, resume=resume)
+                run_training(cfg, resume=resume[name])
             else:
-                run_seeds(cfg, resume=resume)
+                run_seeds(cfg, resume=resume[name])
             spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
             atomic_write(path, json.dumps(spent, indent=2) + "\n")
             bar.update(count)

@@ -41,7 +41,10 @@ COLUMNS = (
 TEST_COLUMNS = ("test top-1 (%)", "gain over CE-only (points)")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one UsageError line (exit 2) instead of usage text; the
+    comparison commands' (this one and ``kdfast.benchmark``)."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
@@ -197,7 +200,7 @@ def compare(folders: Sequence[Path], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kdfast.compare``: exit 0 when the table is written, 2 on a bad folder or argument."""
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="kdfast.compare",
         description="One table (Markdown + PNG bar chart) of finished kdfast.train runs: method, teacher, "
         "student, last- and best-epoch top-1 (mean +- std over seeds), images/s, wall time.",

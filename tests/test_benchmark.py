@@ -84,8 +84,8 @@ SLICE = [
 
 
 def _benchmark(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["--out", str(out), "--methods", "kd", "--seeds", "0", *extra]
-    args += [a for item in SLICE for a in ("--set", item)]
+    args = ["--out", str(out), "--methods", "kd", "--seeds", "0"]
+    args += [a for item in SLICE for a in ("--set", item)] + list(extra)  # extra --set last: it wins
     command = [sys.executable, "-m", "kdfast.benchmark", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
