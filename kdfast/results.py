@@ -132,7 +132,8 @@ def _row_label(role: str, methods: Sequence[str]) -> str:
 def results_table(results: Mapping[str, Any]) -> str:
     """The Markdown table of ``results.md`` and the final printout: one row per model, last-epoch top-1
     first, then the best epoch's (with the epoch, for one run), then top-5, all on the validation split;
-    where the data set has a test split, the test top-1 after them."""
+    where the data set has a test split, the test top-1 after them. A model trained for 0 epochs has no
+    row (``results.json`` keeps it)."""
     test = "test" in results
     val = "val " if test else ""  # named only where another split stands beside it
     lines = [
@@ -141,6 +142,8 @@ def results_table(results: Mapping[str, Any]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if test else ""),
     ]
     for role, row in results["models"].items():
+        if row.get("epochs") == 0:  # a stage the config gave no epochs (a teacher-only run's student)
+            continue
         best = fmt(row.get("best_top1"))
         if row.get("best_epoch") is not None:
             best += f" (epoch {row['best_epoch']})"
