@@ -58,7 +58,9 @@ def test_a_model_trained_for_no_epochs_has_no_row() -> None:
     # a teacher-only run: the student stage had 0 epochs, its chance-level numbers are not a result
     teacher = {"arch": "resnet20", "params": 20, "top1": 80.0, "top5": 99.0, "best_top1": 81.0}
     student = {"arch": "resnet8", "params": 10, "top1": 9.0, "top5": 50.0, "epochs": 0}
-    table = results_table(run_results({"teacher": teacher, "student": student}, data="digits", methods=["kd"]))
+    table = results_table(
+        run_results({"teacher": teacher, "student": student}, data="digits", methods=["kd"])
+    )
     assert "| teacher | resnet20 |" in table
     assert "distilled student" not in table and "| 9.00 |" not in table
 
