@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
-from kdfast.errors import ConfigError
+from kdfast.errors import ConfigError, shown
 
 
 def closest(key: str, valid: Iterable[str], what: str = "keys") -> str:
@@ -29,7 +29,10 @@ def closest(key: str, valid: Iterable[str], what: str = "keys") -> str:
     valid = sorted(valid)
     if not valid:
         return "none are defined"
-    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    # a name far longer than any valid one is close to none (and difflib's time grows with its length)
+    near = []
+    if len(key) <= 4 * max(map(len, valid)):
+        near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     if near:
         return f"did you mean {' or '.join(repr(n) for n in near)}?"
     return f"valid {what}: {', '.join(valid)}"
@@ -68,20 +71,20 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 if len([a for a in args if a is not type(None)]) == 1:
                     raise
-        raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+        raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {shown(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if any(value == c and type(value) is type(c) for c in choices):
             return value
-        raise ConfigError(f"config key '{where}' must be one of {type_name(tp)}, got {value!r}")
+        raise ConfigError(f"config key '{where}' must be one of {type_name(tp)}, got {shown(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+            raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {shown(value)}")
         (item,) = typing.get_args(tp)
         return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+            raise ConfigError(f"config key '{where}' must be a mapping, got {shown(value)}")
         _, item = typing.get_args(tp)
         return {str(k): convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
@@ -99,7 +102,7 @@ def convert(value: Any, tp: Any, where: str) -> Any:
             pass
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return _non_negative(value, where) if tp in (int, float) else value
-    raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key '{where}' must be {type_name(tp)}, got {shown(value)}")
 
 
 def _non_negative(value: float | int, where: str) -> float | int:
@@ -113,14 +116,14 @@ def build(cls: type, raw: Any, where: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{where or '<top>'}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"config key '{where or '<top>'}' must be a mapping, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}': {closest(str(key), names)}")
+            raise ConfigError(f"unknown config key {shown(path)}: {closest(str(key), names)}")
         kwargs[key] = convert(value, hints[key], path)
     return cls(**kwargs)
 
