@@ -1,7 +1,12 @@
 """Compile every Triton launch of ``kernels`` for A100 (sm_80) and H100/H200 (sm_90) without a GPU, check
-each against the target's limits, and write the resource report ``bench/RESOURCES.md``.
+each against the target's limits, and write the resource report of the Triton version that runs it:
+``bench/RESOURCES.md`` for the project's Triton (3.8), ``bench/RESOURCES-triton3.6.md`` for the GPU machine's
+(scripts/triton36.sh puts Triton 3.6 in front of the project's environment).
 
-    python bench/compile_targets.py [--out bench/RESOURCES.md] [--json FILE] [--workers 2] [--targets 80 90]
+    python bench/compile_targets.py [--out FILE] [--json FILE] [--workers 2] [--targets 80 90] [--check]
+
+``--check`` (CI) compiles and checks the same way but leaves the committed report alone: it also fails when
+that report covers other specializations than the kernels launch today (regenerate it without ``--check``).
 
 1. Capture. The public ops (``ssim``, ``ssim_cosine_loss``, ``attention_kl``, ``attention_map``, ``resize``)
    run forward and backward through their real launch code on CPU tensors of the shapes, dtypes and grad
@@ -12,9 +17,11 @@ each against the target's limits, and write the resource report ``bench/RESOURCE
 2. Compile. Each distinct specialization goes through ``triton.compile`` for each target, in worker
    processes; ``ptxas -v`` (Triton runs it) gives registers and spills, Triton's metadata the shared memory,
    the PTX whether tensor cores are used (``mma.sync``: Ampere/Hopper; ``wgmma``: Hopper only).
-3. Check. A compile error, shared memory above the per-block limit, or spilled bytes above the kernel's
-   budget (``SPILL_BUDGETS``, zero unless a reason is written there) fails the run: exit 1, each problem on
-   one line. The report is written either way.
+3. Check. A compile error, shared memory above the per-block limit, spilled bytes above the kernel's budget
+   for this Triton version (``SPILL_BUDGETS``, zero unless a reason is written there) or a grid past CUDA's
+   limits fails the run: exit 1, each problem on one line. The report is written either way. Resources
+   differ between Triton versions (their LLVM and ptxas), so each version has its own report and budgets;
+   what is judged is the same for all.
 
 Nothing here needs a GPU; everything needs ``TRITON_INTERPRET`` unset (the script unsets it).
 """
@@ -33,7 +40,9 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -60,6 +69,18 @@ import shapes  # noqa: E402
 
 import kernels  # noqa: E402
 from kdfast.atomic import atomic_write  # noqa: E402
+from kernels._launch import GRID_LIMITS  # noqa: E402
+
+# The Triton versions checked, each with its committed report: the project's (torch 2.14's) and the GPU
+# machine's (torch 2.11's).
+REPORTS = {"3.8": "RESOURCES.md", "3.6": "RESOURCES-triton3.6.md"}
+TRITON = ".".join(triton.__version__.split(".")[:2])
+
+
+def report_path(version: str = TRITON) -> Path:
+    """The committed report of a Triton version (``RESOURCES-triton<version>.md`` for one not listed)."""
+    return ROOT / "bench" / REPORTS.get(version, f"RESOURCES-triton{version}.md")
+
 
 COMMAND = "python bench/compile_targets.py"
 TARGETS = {80: "A100 (sm_80)", 90: "H100 / H200 (sm_90)"}
@@ -78,13 +99,14 @@ BLOCKS_PER_SM = 32
 
 @dataclass(frozen=True)
 class SpillBudget:
-    """Spill stores (bytes per thread, per target) that the specializations of ``kernel`` matching ``when``
-    may show, and why. A specialization no budget covers may not spill at all."""
+    """Spill stores (bytes per thread) that the specializations of ``kernel`` matching ``when`` may show under
+    a Triton version on a target (``bytes[version][arch]``; a version not listed gets none), and why. A
+    specialization no budget covers may not spill at all."""
 
     kernel: str
     when: str
     applies: Callable[[dict[str, object]], bool]
-    bytes: dict[int, int]
+    bytes: dict[str, dict[int, int]]
     reason: str
 
 
@@ -93,18 +115,43 @@ SPILL_BUDGETS = [
         "_ssim_bwd_kernel",
         "row strips of 32 x 64 (56x56 maps)",
         lambda c: c["BI_H"] * c["BI_W"] >= 32 * 64,
-        {80: 512, 90: 512},
+        {"3.8": {80: 512, 90: 512}, "3.6": {80: 128, 90: 128}},
         "the strip's x and y, four moment maps, the carried dLoss/dmoments of the previous strip and two"
-        " 64 x 64 banded windows (tf32x3 operands) outgrow 255 registers at 8 warps: 244-260 B. 4 warps"
-        " spill 1.4-1.6 KB, 16 warps (128 registers) 1.3-2.7 KB; the forward at that strip spills nothing.",
+        " 64 x 64 banded windows (tf32x3 operands) outgrow 255 registers at 8 warps: 244-260 B under Triton"
+        " 3.8, 36-64 B under 3.6. 4 warps spill 1.4-1.6 KB, 16 warps (128 registers) 1.3-2.7 KB (3.8).",
+    ),
+    SpillBudget(
+        "_attention_kl_bwd_kernel",
+        "every specialization",
+        lambda c: True,
+        {"3.8": {80: 128, 90: 128}, "3.6": {80: 128, 90: 128}},
+        "four logit-sized tiles (a, b, dS_a, dS_b), the dk accumulators and a dq partial take all 255"
+        " registers in the larger configs, and the 1-D grid and the separate kl / lse pointers added a few"
+        " scalars: 4-96 B per thread spill there (sm_80 most, fp32 most). On the GPU the autotuner times"
+        " every config, these included, and keeps the fastest; shared memory, which a launch cannot exceed,"
+        " is within the limit for every config.",
+    ),
+    SpillBudget(
+        "_ssim_fwd_kernel",
+        "32 x 32 tiles (tiled rows, columns up to 32)",
+        lambda c: c["BI_H"] * c["BI_W"] == 32 * 32 and not (c["ID_H"] or c["ID_W"]),
+        {"3.6": {80: 0, 90: 64}},
+        "Triton 3.6 on sm_90 only: the tile's x and y, four moment maps and two 16 x 32 banded windows take"
+        " all 255 registers at 4 warps and spill 60 B per thread (3.8 spills nothing on the same code, 3.6"
+        " nothing on sm_80); a few stores per strip, each program reads its plane once.",
     ),
 ]
 
 
-def spill_budget(launch: Launch, arch: int) -> int:
-    """The largest budget any rule grants this specialization on this target (0: it may not spill)."""
+def spill_budget(launch: Launch, arch: int, version: str = TRITON) -> int:
+    """The largest budget any rule grants this specialization on this target under this Triton version
+    (0: it may not spill)."""
     consts = launch.named_constexprs()
-    budgets = [b.bytes[arch] for b in SPILL_BUDGETS if b.kernel == launch.kernel and b.applies(consts)]
+    budgets = [
+        b.bytes.get(version, {}).get(arch, 0)
+        for b in SPILL_BUDGETS
+        if b.kernel == launch.kernel and b.applies(consts)
+    ]
     return max(budgets, default=0)
 
 
@@ -155,6 +202,7 @@ class Capture:
 
     cases: dict[Launch, list[str]] = field(default_factory=dict)
     programs: dict[Launch, int] = field(default_factory=dict)
+    grids: dict[Launch, tuple[int, ...]] = field(default_factory=dict)  # the largest size along each axis
     launches: int = 0
     case_names: list[str] = field(default_factory=list)
     current: str = ""
@@ -189,15 +237,14 @@ class Capture:
                 if not p.is_constexpr and s[0] == "constexpr"
             ),
         )
-        grid = grid(bound) if callable(grid) else grid
-        programs = 1
-        for size in grid:
-            programs *= int(size)
+        grid = tuple(int(size) for size in (grid(bound) if callable(grid) else grid))
         self.launches += 1
         names = self.cases.setdefault(launch, [])
         if self.current not in names:
             names.append(self.current)
-        self.programs[launch] = max(self.programs.get(launch, 0), programs)
+        self.programs[launch] = max(self.programs.get(launch, 0), math.prod(grid))
+        seen = self.grids.get(launch, ())
+        self.grids[launch] = tuple(max(a, b) for a, b in itertools.zip_longest(grid, seen, fillvalue=0))
 
     @contextlib.contextmanager
     def intercepting(self) -> Iterator[Capture]:
@@ -340,11 +387,44 @@ TRAINING: list[tuple[str, Callable[[], None]]] = [
     ("api attention_map p=3", attention_map_case((8, 32, 14, 14), (7, 7), p=3)),
     ("api attention_map no norm", attention_map_case((8, 32, 14, 14), (28, 28), normalize=False)),
     ("api resize fp16", resize_case((8, 4, 14, 14), (28, 28), torch.float16)),
+    # The most channels the Triton path takes (kernels/ssim.py MAX_CHANNELS): the reductions' widest tile.
+    ("api ssim 4096 channels", ssim_case((2, 4096, 14, 14), grad="both")),
+    # A bf16 student of head dim 64 against an fp32 teacher of 128: the pruning's heaviest-operand rule.
+    ("mtd bf16 D64 / fp32 D128", attention_kl_case((8, 12, 197, 64), torch.bfloat16, d_t=128)),
 ]
+
+# Attention shapes (B, H, N, D) of the transformers kdfast distills: DeiT-S and DeiT-B (N = 198, class and
+# distillation tokens), ViT-B/16 and ViT-L/16 at 224 (N = 197), and the head dims 32, 80, 96 and 128 at
+# ViT-B's sequence. Each in every dtype and grad mode, so that every config the autotuner may pick for them
+# is compiled (80, 96 and 128 share one padded tile, 128; N = 197 and 198 one specialization).
+ATTENTION_MODELS = {
+    "DeiT-S": (64, 6, 198, 64),
+    "DeiT-B": (64, 12, 198, 64),
+    "ViT-B/16": (64, 12, 197, 64),
+    "ViT-L/16": (32, 16, 197, 64),
+    **{f"head dim {d}": (64, 12, 197, d) for d in (32, 80, 96, 128)},
+}
+GRAD_MODES = {
+    "student": ("student", "student_teacher"),
+    "both": ("both", "student_teacher"),
+    "teacher_student": ("student", "teacher_student"),
+}
+
+
+def attention_matrix() -> list[tuple[str, Callable[[], None]]]:
+    return [
+        (
+            f"{model} {DTYPE_NAMES[dtype]} {mode}",
+            attention_kl_case(shape, dtype, grad=grad, direction=direction),
+        )
+        for model, shape in ATTENTION_MODELS.items()
+        for dtype in DTYPE_NAMES
+        for mode, (grad, direction) in GRAD_MODES.items()
+    ]
 
 
 def all_cases() -> list[tuple[str, Callable[[], None]]]:
-    return benchmark_cases() + TRAINING
+    return benchmark_cases() + TRAINING + attention_matrix()
 
 
 # -------------------------------------------------------------------------------------------------- compile
@@ -457,7 +537,19 @@ def problems(results: dict[tuple[Launch, int], Compiled], capture: Capture) -> l
         budget = spill_budget(launch, arch)
         if r.spill_stores > budget:
             found.append(f"{where}: spills {r.spill_stores} B per thread (budget {budget} B)")
+    for launch, grid in sorted(capture.grids.items()):
+        for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
+            if size > limit:
+                where = f"{launch.kernel} [{launch.describe()}] ({capture.cases[launch][0]})"
+                found.append(f"{where}: {size} programs along grid axis {'xyz'[axis]} > {limit}")
     return found
+
+
+def coverage(report_text: str) -> set[tuple[str, str, str]]:
+    """(kernel, dtypes; constexprs, warps/stages) of every row of a report's "Every specialization" table."""
+    rows = report_text.split("## Every specialization", 1)[-1].splitlines()
+    cells = [row.split(" | ") for row in rows if row.startswith("| `")]
+    return {(c[0].strip("| `"), c[1], c[2]) for c in cells}
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -475,15 +567,16 @@ def report(results: dict[tuple[Launch, int], Compiled], capture: Capture, archs:
     lines = [
         "# Triton kernel resources: every launch compiled for the target GPUs",
         "",
-        f"Generated by `{COMMAND}` (no GPU needed); do not edit by hand. Triton {triton.__version__},"
-        f" torch {torch.__version__.split('+')[0]}. {len(capture.cases)} distinct specializations per target,"
+        f"Generated by `{COMMAND}` (no GPU needed) under Triton {triton.__version__}; do not edit by hand."
+        f" {len(capture.cases)} distinct specializations per target,"
         f" captured from {capture.launches} launches of {len(capture.case_names)} cases (the shapes in"
         " `bench/shapes.py` and `TRAINING` in the script, forward and backward; autotuned kernels count every"
         " config).",
         "",
         "Limits checked (CUDA C++ Programming Guide, technical specifications per compute capability):"
         f" shared memory per block {SHARED_PER_BLOCK[80]} B on sm_80, {SHARED_PER_BLOCK[90]} B on sm_90;"
-        " spill stores 0 B per thread unless a budget below allows more. Registers are per thread"
+        " spill stores 0 B per thread unless a budget below allows more (under Triton"
+        f" {TRITON}); grids within CUDA's 2^31 - 1 x 65535 x 65535. Registers are per thread"
         " (ptxas -v); CTAs/SM is the resident-block bound from registers, shared memory and threads; MMA is"
         " `mma` (mma.sync, tensor cores on sm_80 and sm_90), `wgmma` (Hopper warpgroup MMA) or `-` (none).",
         "",
@@ -528,7 +621,7 @@ def report(results: dict[tuple[Launch, int], Compiled], capture: Capture, archs:
         measured = " / ".join(
             str(max((results[launch, a].spill_stores for launch in covered), default=0)) for a in archs
         )
-        granted = " / ".join(str(budget.bytes[a]) for a in archs)
+        granted = " / ".join(str(budget.bytes.get(TRITON, {}).get(a, 0)) for a in archs)
         lines.append(f"| `{budget.kernel}` | {budget.when} | {granted} | {measured} | {budget.reason} |")
     lines += [
         "",
@@ -587,11 +680,17 @@ def to_json(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "RESOURCES.md", help="the Markdown report"
-    )
+        "--out", type=Path, default=None,
+        help="the Markdown report (default: this Triton version's in bench/; with --check: none)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write every result as JSON here")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--targets", type=int, nargs="+", default=sorted(TARGETS), choices=sorted(TARGETS))
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="also fail when the committed report covers other specializations",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
@@ -606,15 +705,35 @@ def main(argv: list[str] | None = None) -> int:
     results = compile_all(launches, args.targets, args.workers)
     found = problems(results, capture)
     wall = time.perf_counter() - start
-    atomic_write(args.out, report(results, capture, args.targets, found))
+    text = report(results, capture, args.targets, found)
+    out = args.out or (None if args.check else report_path())
+    if out is not None:
+        atomic_write(out, text)
     if args.json:
         atomic_write(args.json, json.dumps(to_json(results, capture, found, wall), indent=1))
+    if args.check:
+        found += stale(report_path(), text)
     for line in found:
         print(f"problem: {line}", file=sys.stderr)
     print(
-        f"wrote {args.out}: {len(launches)} specializations per target, {len(found)} problems, {wall:.0f} s"
+        f"Triton {triton.__version__}: {len(launches)} specializations per target, {len(found)} problems,"
+        f" {wall:.0f} s" + (f"; wrote {out}" if out else "")
     )
     return 1 if found else 0
+
+
+def stale(committed: Path, fresh: str) -> list[str]:
+    """One line when the committed report does not cover exactly the specializations of ``fresh``."""
+    regenerate = f"regenerate it with `{COMMAND}` under Triton {TRITON}"
+    if not committed.exists():
+        return [f"{committed.name} is missing: {regenerate}"]
+    now, then = coverage(fresh), coverage(committed.read_text())
+    if now == then:
+        return []
+    return [
+        f"{committed.name} is out of date: {len(now - then)} specializations launched today are not in it,"
+        f" {len(then - now)} in it are no longer launched; {regenerate}"
+    ]
 
 
 if __name__ == "__main__":

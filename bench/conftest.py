@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -104,11 +105,12 @@ def _append_jsonl(benchmark, info: dict) -> None:
 def bench_op(benchmark):
     """``bench_op(fn, device, forward=None, grads_of=(), images=None, group=..., **info)``.
 
-    Warms ``fn`` up; on CUDA records what one call adds to memory (:func:`peak_memory`) and, with the
-    profiler, device launches and kernel-only time per call (``forward``, the forward alone with grad
-    enabled, splits the launches of a forward+backward ``fn`` into the two directions); then times ``fn``
-    with a synchronize after every call so GPU time is counted. ``grads_of`` have their ``.grad`` cleared
-    before each call. ``images`` (per call) adds images/s from the median."""
+    Warms ``fn`` up (the first call's wall time, compilation included, kept as ``first_call_s``); on CUDA
+    records what one call adds to memory (:func:`peak_memory`) and, with the profiler, device launches and
+    kernel-only time per call (``forward``, the forward alone with grad enabled, splits the launches of a
+    forward+backward ``fn`` into the two directions); then times ``fn`` with a synchronize after every call
+    so GPU time is counted. ``grads_of`` have their ``.grad`` cleared before each call. ``images`` (per call)
+    adds images/s from the median."""
 
     def run(
         fn: Callable[[], object],
@@ -131,7 +133,12 @@ def bench_op(benchmark):
                 t.grad = None
             return fn()
 
-        for _ in range(warmup):
+        # The first call compiles (Triton JIT and autotuning, Inductor): its wall time is a figure of its own.
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        info["first_call_s"] = round(time.perf_counter() - start, 3)
+        for _ in range(warmup - 1):
             call()
         _sync(device)
         if device.type == "cuda":

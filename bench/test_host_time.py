@@ -139,7 +139,7 @@ OPS: dict[str, tuple[Callable, dict[str, Callable]]] = {
         _hybrid_inputs,
         {
             "triton": lambda x, y: kernels.ssim_cosine_loss(x, y, impl="triton"),
-            "custom_op": lambda x, y: torch.ops.kdfast.ssim_fwd(x, y, *SSIM_PARAMS, 0.5, 0.5)[0],
+            "custom_op": lambda x, y: torch.ops.kdfast.ssim(x, y, *SSIM_PARAMS, 0.5, 0.5)[0],
             "reference": kernels.ssim_cosine_loss_reference,
             "pytorch_msssim": _msssim_cosine,
         },
@@ -148,7 +148,7 @@ OPS: dict[str, tuple[Callable, dict[str, Callable]]] = {
         _hybrid_inputs,
         {
             "triton": lambda x, y: kernels.ssim(x, y, impl="triton"),
-            "custom_op": lambda x, y: torch.ops.kdfast.ssim_fwd(x, y, *SSIM_PARAMS, 0.0, 0.0)[1],
+            "custom_op": lambda x, y: torch.ops.kdfast.ssim(x, y, *SSIM_PARAMS, 0.0, 0.0)[1],
             "reference": kernels.ssim_reference,
         },
     ),
@@ -156,7 +156,7 @@ OPS: dict[str, tuple[Callable, dict[str, Callable]]] = {
         _kl_inputs,
         {
             "triton": lambda *x: kernels.attention_kl(*x, impl="triton"),
-            "custom_op": lambda *x: torch.ops.kdfast.attention_kl_fwd(*x, 0.25, 0.25)[0].mean(),
+            "custom_op": lambda *x: torch.ops.kdfast.attention_kl(*x, 0.25, 0.25, True)[0],
             "reference": kernels.attention_kl_reference,
         },
     ),

@@ -108,7 +108,7 @@ def test_train_step_agkd_paper_pair(bench_op, piece: str, impl: str) -> None:
     if shapes.DRY_RUN:
         batch, size, amp, rounds, warmup = 2, 32, None, 2, 1
     else:
-        batch, size, amp, rounds, warmup = 128, 224, torch.bfloat16, 20, 5
+        batch, size, amp, rounds, warmup = shapes.PAPER_PAIR_BATCH, 224, torch.bfloat16, 20, 5
     overrides = (f"teacher.arch.kwargs.image_size={size}",)
     fn = _make_case(piece, impl, "agkd_vgg19_vitb16_to_effb0.yaml", BENCH_DEVICE, batch, size, amp, overrides)
     precision = "bf16" if amp is not None else "fp32"

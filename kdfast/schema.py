@@ -24,18 +24,28 @@ from typing import Any, Literal, Union
 from kdfast.errors import ConfigError, shown
 
 
-def closest(key: str, valid: Iterable[str], what: str = "keys") -> str:
-    """'did you mean ...?' with up to three close names, else the list of every valid one."""
-    valid = sorted(valid)
-    if not valid:
+def closest(
+    key: str, valid: Iterable[str], what: str = "keys", *, cutoff: float = 0.5, listed: int | None = None
+) -> str:
+    """The end of an error line about a name ``key`` that is none of ``valid``: "did you mean ...?" with up
+    to three close names (difflib's ratio >= ``cutoff``), else the valid ``what``: every one, sorted
+    (``listed`` None), the first ``listed`` in their order (module paths), or, with ``listed`` 0 for a list
+    too long to print (timm's models), that none is similar. The one suggestion helper of config keys,
+    method and tap names, model names and module paths."""
+    names = list(valid)
+    if not names:
         return "none are defined"
     # a name far longer than any valid one is close to none (and difflib's time grows with its length)
     near = []
-    if len(key) <= 4 * max(map(len, valid)):
-        near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if len(key) <= 4 * max(map(len, names)):
+        near = difflib.get_close_matches(key, names, n=3, cutoff=cutoff)
     if near:
         return f"did you mean {' or '.join(repr(n) for n in near)}?"
-    return f"valid {what}: {', '.join(valid)}"
+    if listed == 0:
+        return f"no similar {what} exists"
+    if listed is None:
+        return f"valid {what}: {', '.join(sorted(names))}"
+    return f"valid {what} include {names[:listed]}"
 
 
 def type_name(tp: Any) -> str:

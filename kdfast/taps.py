@@ -8,7 +8,6 @@ Hooks live on the inner module, so a model wrapped in ``torch.compile`` or DDP i
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
+from kdfast.schema import closest
 
 
 class QKV(NamedTuple):
@@ -45,12 +45,7 @@ def find_module(model: nn.Module, path: str, what: str = "tap path") -> nn.Modul
         return model.get_submodule(path)
     except AttributeError:
         names = [name for name, _ in model.named_modules() if name]
-        near = difflib.get_close_matches(path, names, n=3, cutoff=0.4)
-        hint = (
-            f"did you mean {' or '.join(repr(n) for n in near)}?"
-            if near
-            else f"valid paths include {names[:5]}"
-        )
+        hint = closest(path, names, "paths", cutoff=0.4, listed=5)
         raise ConfigError(f"{what} {path!r} is not a module of {type(model).__name__}: {hint}") from None
 
 

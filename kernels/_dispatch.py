@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 
@@ -22,6 +23,37 @@ except ImportError:  # macOS / Windows
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _squeezed_index(self) -> int:
+    return int(self.handle.data.squeeze())
+
+
+def backport_interpreter_index(interpreter) -> bool:
+    """Triton 3.3-3.6's interpreter turns a scalar (a loop bound, a grid index) into an int with
+    ``int(self.handle.data)`` of a 1-element array, which numpy >= 2.4 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"): every kernel run fails. Triton 3.7 squeezes the array first; this
+    applies the same fix to ``interpreter`` (``triton.runtime.interpreter``) of an older Triton, by wrapping
+    its ``_patch_lang_tensor``. Returns whether it did (False on Triton >= 3.7 or when already applied)."""
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "kdfast_backport", False) or "squeeze" in inspect.getsource(original):
+        return False
+
+    @functools.wraps(original)
+    def patch_lang_tensor(tensor, *scope) -> None:
+        original(tensor, *scope)
+        # Set after Triton's patch: Triton 3.6 restores the attribute it replaced after each kernel run.
+        tensor.__index__ = _squeezed_index
+
+    patch_lang_tensor.kdfast_backport = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if TRITON_AVAILABLE and interpreting():
+    from triton.runtime import interpreter as _interpreter
+
+    backport_interpreter_index(_interpreter)
 
 
 def use_triton(impl: str, *tensors: torch.Tensor) -> bool:

@@ -43,3 +43,17 @@ class Pinned:
         if best is not None:
             config = best.all_kwargs()
             self.choices[signature] = {"grid": tuple(grid(config)), "warmup": False, **static, **config}
+
+
+# CUDA's grid limits (CUDA C++ Programming Guide, technical specifications per compute capability):
+# 2^31 - 1 blocks along x, 65,535 along y and z. A launch past them fails on the GPU with an opaque error.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple[int, ...], what: str, fix: str) -> None:
+    """Raise a ValueError naming the axis and ``fix`` when ``grid`` exceeds CUDA's grid limits."""
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
+        if size > limit:
+            raise ValueError(
+                f"{what} needs {size} programs along grid axis {'xyz'[axis]}, more than CUDA's {limit}; {fix}"
+            )

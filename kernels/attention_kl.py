@@ -28,7 +28,8 @@ from typing import NamedTuple
 import torch
 
 from kernels._dispatch import interpreting, signature_check, use_triton
-from kernels._launch import Pinned
+from kernels._launch import Pinned, check_grid
+from kernels._op import FusedOp
 
 try:
     import triton
@@ -120,28 +121,71 @@ def _dot_modes(dtype: torch.dtype, interpreted: bool) -> tuple[str, str]:
 
 
 if triton is not None:
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, by the padded head dim (up to 64, or 128: head
+    # dims 80, 96 and 128) and the heaviest operand kind of the pairs (fp32 tiles multiply as TF32; fp16's
+    # backward multiplies fp32 tiles; bf16 stays native). Every entry compiles for sm_80 and sm_90 under
+    # Triton 3.6 and 3.8 within the per-block shared memory and without spills (bench/RESOURCES*.md): at 128
+    # the fp32 forward's 3-stage 64-key blocks need 196-262 KB of shared memory (sm_80 allows 163 KB), and the
+    # backward's 16 x 128 blocks with both pairs' gradients 221-312 KB.
+    # Hopper: 64-128 query rows per program keep two logit tiles plus both Q tiles in registers at D=64.
+    _FWD_CHOICES = {
+        (64, "bf16"): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
+        (128, "bf16"): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)],
+        (128, "fp32"): [(128, 32, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
+    }
+    _FWD_CHOICES[64, "fp32"] = _FWD_CHOICES[64, "bf16"]
+    # The backward holds four logit-sized tiles (a, b, dS_a, dS_b), the dk accumulator and a dq partial: at
+    # 64 x 64 blocks that outgrows the registers of 4 warps, and 8 warps spill on sm_80 with fp32 inputs or
+    # D = 32. Long sequences want 128 keys per program: half the dq atomics of 64. Both pairs' gradients
+    # (dk_a and dk_b in registers, two dq partials) leave room for 16 query rows per block pair at D = 64,
+    # and at D = 128 for 32 keys (fp32) or 8 warps.
+    _BWD_CHOICES = {
+        (64, "bf16", False): [(32, 64, 4, 2), (64, 32, 4, 2), (16, 128, 4, 2)],
+        (64, "bf16", True): [(16, 128, 4, 2)],
+        (128, "bf16", False): [(16, 128, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2)],
+        (128, "bf16", True): [(16, 128, 8, 2), (16, 32, 4, 2)],
+        (128, "fp16", True): [(16, 32, 4, 2), (32, 64, 8, 2)],
+        (128, "fp32", False): [(32, 32, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)],
+        (128, "fp32", True): [(16, 32, 4, 2)],
+    }
+    # fp32 and fp16 tiles with both pairs' gradients: 16 x 128 needs 172 KB of shared memory at D = 64.
+    _BWD_CHOICES[64, "fp16", True] = _BWD_CHOICES[64, "fp32", True] = [(16, 64, 4, 2), (16, 32, 4, 2)]
+    _BWD_CHOICES[64, "fp16", False] = _BWD_CHOICES[64, "fp32", False] = _BWD_CHOICES[64, "bf16", False]
+    _BWD_CHOICES[128, "fp16", False] = _BWD_CHOICES[128, "bf16", False]
 
-    def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-        """Autotune candidates; the CPU interpreter gets one small config, as it does not benchmark."""
-        if interpreting():
-            pairs = [(32, 32, 1, 1)]
+    def _configs(choices: dict) -> list[triton.Config]:
+        """Every candidate of a table; the CPU interpreter gets one small config, as it does not benchmark."""
+        pairs = [(32, 32, 1, 1)] if interpreting() else sorted({c for cs in choices.values() for c in cs})
         return [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
         ]
 
-    # Hopper: 64-128 query rows per program keep two logit tiles plus both Q tiles in registers at D=128.
-    _FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 2), (64, 32, 4, 2)])
-    # The backward holds four logit-sized tiles (a, b, dS_a, dS_b), the dk accumulator and a dq partial: at
-    # 64 x 64 blocks that outgrows the registers of 4 warps, and 8 warps spill on sm_80 with fp32 inputs or
-    # D = 32 (bench/RESOURCES.md). Long sequences want 128 keys per program: half the dq atomics of 64.
-    _BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (16, 128, 4, 2)])
+    def _operands(kwargs: dict) -> tuple[int, str]:
+        """The padded head dim class (64 or 128) and the heaviest operand kind of the two pairs."""
+        block = 64 if max(kwargs["BLOCK_DA"], kwargs["BLOCK_DB"]) <= 64 else 128
+        kinds = []
+        for pair in "AB":
+            fwd, bwd = kwargs[f"MODE_{pair}"], kwargs.get(f"BWD_MODE_{pair}", kwargs[f"MODE_{pair}"])
+            kinds.append("fp32" if fwd != "native" else "fp16" if bwd != "native" else "bf16")
+        return block, max(kinds, key=("bf16", "fp16", "fp32").index)
+
+    def _pick(configs: list, allowed: list[tuple[int, int, int, int]]) -> list:
+        if interpreting():
+            return configs
+        return [c for c in configs if (*c.kwargs.values(), c.num_warps, c.num_stages) in allowed]
+
+    def _prune_forward(configs: list, named_args: dict, **kwargs) -> list:
+        return _pick(configs, _FWD_CHOICES[_operands(kwargs)])
 
     def _prune_backward(configs: list, named_args: dict, **kwargs) -> list:
-        """Both pairs' gradients (dk_a and dk_b in registers, two dq partials) leave room for 16 query rows
-        per block pair only."""
-        if kwargs.get("NEED_A") and kwargs.get("NEED_B"):
-            return [c for c in configs if c.kwargs["BLOCK_M"] == 16] or configs[:1]
-        return configs
+        block, kind = _operands(kwargs)
+        return _pick(configs, _BWD_CHOICES[block, kind, bool(kwargs["NEED_A"] and kwargs["NEED_B"])])
+
+    _FWD_CONFIGS = _configs(_FWD_CHOICES)
+    _BWD_CONFIGS = _configs(_BWD_CHOICES)
+    # The autotuner caches its pick by these values (and the argument dtypes): everything the pruning reads.
+    _FWD_KEY = ["N", "DA", "DB", "BLOCK_DA", "BLOCK_DB", "MODE_A", "MODE_B"]
+    _BWD_KEY = [*_FWD_KEY, "BWD_MODE_A", "BWD_MODE_B", "NEED_A", "NEED_B"]
 
     @triton.jit
     def _dot(x, y, MODE: tl.constexpr):
@@ -171,10 +215,12 @@ if triton is not None:
         ds_b = g[:, None] * (tl.exp2(log2_q) - p)
         return tl.where(valid, ds_a, 0.0), tl.where(valid, ds_b, 0.0)
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=["N", "DA", "DB"])
+    @triton.autotune(
+        configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_forward}
+    )
     @triton.jit
     def _attention_kl_fwd_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, stats_ptr, rows,
+        qa_ptr, ka_ptr, qb_ptr, kb_ptr, kl_ptr, lse_ptr, rows,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
         H, N, DA, DB, scale_a, scale_b,
@@ -182,9 +228,12 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """One program per (b, h, query block): online log-sum-exp of both logit sets and the online
-        sum_j p_j (a_j - b_j), so KL(p || q) = sum_j p_j (a_j - b_j) - (lse_a - lse_b) per row."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        sum_j p_j (a_j - b_j), so KL(p || q) = sum_j p_j (a_j - b_j) - (lse_a - lse_b) per row. The grid is
+        1-D (axis 0 holds 2^31 - 1 programs, axes 1 and 2 only 65,535): the query blocks of one (b, h) slice
+        are consecutive programs, so they share its keys in L2."""
+        blocks = tl.cdiv(N, BLOCK_M)
+        bh = tl.program_id(0) // blocks
+        pid_m = tl.program_id(0) % blocks
         b_idx = bh // H
         h_idx = bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,22 +273,21 @@ if triton is not None:
         lse_a = m_a + tl.log2(l_a)
         lse_b = m_b + tl.log2(l_b)
         kl = (cross / l_a - (lse_a - lse_b)) * 0.6931471805599453
-        # stats is (3, B, H, N): kl, lse_a, lse_b, rows = B * H * N floats apart (pointer sums are 64-bit).
+        # kl is (B, H, N); lse is (2, B, H, N): lse_a, lse_b, rows = B * H * N floats apart (64-bit sums).
         row = bh.to(tl.int64) * N + offs_m
-        lse_a_ptr = stats_ptr + rows
-        tl.store(stats_ptr + row, kl, mask=offs_m < N)
-        tl.store(lse_a_ptr + row, lse_a, mask=offs_m < N)
-        tl.store(lse_a_ptr + rows + row, lse_b, mask=offs_m < N)
+        tl.store(kl_ptr + row, kl, mask=offs_m < N)
+        tl.store(lse_ptr + row, lse_a, mask=offs_m < N)
+        tl.store(lse_ptr + rows + row, lse_b, mask=offs_m < N)
 
     @triton.autotune(
         configs=_BWD_CONFIGS,
-        key=["N", "DA", "DB"],
+        key=_BWD_KEY,
         reset_to_zero=["dqa_ptr", "dqb_ptr"],
         prune_configs_by={"early_config_prune": _prune_backward},
     )
     @triton.jit
     def _attention_kl_bwd_kernel(
-        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, stats_ptr, rows,
+        qa_ptr, ka_ptr, qb_ptr, kb_ptr, g_ptr, kl_ptr, lse_ptr, rows,
         dqa_ptr, dka_ptr, dqb_ptr, dkb_ptr,
         s_qa_b, s_qa_h, s_qa_n, s_qa_d, s_ka_b, s_ka_h, s_ka_n, s_ka_d,
         s_qb_b, s_qb_h, s_qb_n, s_qb_d, s_kb_b, s_kb_h, s_kb_n, s_kb_d,
@@ -252,9 +300,11 @@ if triton is not None:
         logit tiles are recomputed once per block pair; dk = dS^T @ q * scale stays in registers and is
         written once; dq = dS @ k * scale is added block pair by block pair to the zeroed fp32 dq buffers
         with atomics. The upstream gradient of row r is g_ptr[r * g_stride] * g_scale (g_stride 0: one
-        value for every row, as the backward of a mean)."""
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
+        value for every row, as the backward of a mean). 1-D grid, key blocks of a slice consecutive, as in
+        the forward."""
+        blocks = tl.cdiv(N, BLOCK_N)
+        bh = tl.program_id(0) // blocks
+        pid_n = tl.program_id(0) % blocks
         b_idx = bh // H
         h_idx = bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,8 +315,7 @@ if triton is not None:
         qa_base = _head(qa_ptr, b_idx, h_idx, s_qa_b, s_qa_h)
         qb_base = _head(qb_ptr, b_idx, h_idx, s_qb_b, s_qb_h)
         head_rows = bh.to(tl.int64) * N
-        lse_a_ptr = stats_ptr + rows  # stats is (3, B, H, N): kl, lse_a, lse_b, rows = B * H * N apart
-        lse_b_ptr = lse_a_ptr + rows
+        lse_b_ptr = lse_ptr + rows  # lse is (2, B, H, N): lse_a, lse_b, rows = B * H * N apart
         col_ok = offs_n < N
         scale2_a = scale_a * 1.4426950408889634
         scale2_b = scale_b * 1.4426950408889634
@@ -277,8 +326,8 @@ if triton is not None:
             row_ok = offs_m < N
             row = head_rows + offs_m
             g = tl.load(g_ptr + row * g_stride, mask=row_ok, other=0.0).to(tl.float32) * g_scale
-            kl = tl.load(stats_ptr + row, mask=row_ok, other=0.0)
-            lse_a = tl.load(lse_a_ptr + row, mask=row_ok, other=0.0)
+            kl = tl.load(kl_ptr + row, mask=row_ok, other=0.0)
+            lse_a = tl.load(lse_ptr + row, mask=row_ok, other=0.0)
             lse_b = tl.load(lse_b_ptr + row, mask=row_ok, other=0.0)
             qa = _load_tile(qa_base, offs_m, offs_da, s_qa_n, s_qa_d, N, DA)
             qb = _load_tile(qb_base, offs_m, offs_db, s_qb_n, s_qb_d, N, DB)
@@ -312,20 +361,24 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _grid(blocks: int, rows: int, block: str, meta: dict) -> tuple[int, int]:
-    return (blocks + meta[block] - 1) // meta[block], rows
+def _grid(blocks: int, rows: int, block: str, meta: dict) -> tuple[int]:
+    return (-(-blocks // meta[block]) * rows,)
+
+
+# The smallest block of any config: the most programs a launch can need.
+MIN_BLOCK = 16
 
 
 class _Plan(NamedTuple):
     """Everything a launch needs that depends on the signature only, computed once per signature."""
 
     signature: tuple  # the forward's Pinned key (the backward's adds the two need flags)
-    rows: int  # B * H * N: stats holds kl, lse_a and lse_b this many floats apart
+    rows: int  # B * H * N: lse holds lse_a and lse_b this many floats apart
     strides: tuple[int, ...]  # the four inputs' 16 strides, checked
     shape: dict  # the forward's launch constants
     backward: dict  # (need_a, need_b) -> the backward's launch constants
-    fwd_grid: Callable[[dict], tuple[int, int]]
-    bwd_grid: Callable[[dict], tuple[int, int]]
+    fwd_grid: Callable[[dict], tuple[int]]
+    bwd_grid: Callable[[dict], tuple[int]]
 
 
 @functools.lru_cache(maxsize=256)
@@ -334,7 +387,7 @@ def _plan(
 ) -> _Plan:
     """The launch constants of one signature: head dims padded to a power of two, the dot modes of each
     pair's dtype, the strides (a (b, h) slice must span fewer than 2^31 elements, the reach of the kernels'
-    32-bit offsets within a slice) and the grids."""
+    32-bit offsets within a slice), the grids and their size (within CUDA's limits at the smallest block)."""
     for i, shape in enumerate((shape_a, shape_a, shape_b, shape_b)):
         s = strides[4 * i : 4 * i + 4]
         if (shape[2] - 1) * s[2] + (shape[3] - 1) * s[3] >= INT32_SPAN:
@@ -342,10 +395,15 @@ def _plan(
                 f"one (b, h) slice of a {tuple(shape)} input with strides {s} spans 2^31 elements or more;"
                 " make the input contiguous"
             )
+    rows, n = shape_a[0] * shape_a[1], shape_a[2]
+    check_grid(
+        _grid(n, rows, "BLOCK", {"BLOCK": MIN_BLOCK}), f"attention_kl of {tuple(shape_a)} inputs",
+        "split the batch",
+    )  # fmt: skip
     (fwd_a, bwd_a), (fwd_b, bwd_b) = _dot_modes(dtype_a, _INTERPRETED), _dot_modes(dtype_b, _INTERPRETED)
     shape = {
         "H": shape_a[1],
-        "N": shape_a[2],
+        "N": n,
         "DA": shape_a[3],
         "DB": shape_b[3],
         "BLOCK_DA": _pow2(shape_a[3]),
@@ -353,7 +411,6 @@ def _plan(
         "MODE_A": fwd_a,
         "MODE_B": fwd_b,
     }
-    rows, n = shape_a[0] * shape_a[1], shape_a[2]
     return _Plan(
         (shape_a, shape_b, dtype_a, dtype_b),
         rows * n,
@@ -380,164 +437,111 @@ def _plan_of(q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch
 
 
 def _forward(
-    q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
-) -> torch.Tensor:
-    """(3, B, H, N) fp32: the per-row KL(softmax(a) || softmax(b)), then lse_a and lse_b in log2 units
-    (one allocation, one pointer for the kernels)."""
-    batch, heads, n = q_a.shape[:3]
-    stats = torch.empty((3, batch, heads, n), device=q_a.device, dtype=torch.float32)
-    if batch * heads * n == 0:
-        return stats
-    plan = _plan_of(q_a, k_a, q_b, k_b)
-    _forward_kernel(
-        plan.signature, plan.fwd_grid, plan.shape, q_a, k_a, q_b, k_b, stats, plan.rows, *plan.strides,
-        scale_a=scale_a, scale_b=scale_b,
-    )  # fmt: skip
-    return stats
-
-
-def _backward(
-    grad: torch.Tensor,
-    grad_scale: float,
     q_a: torch.Tensor,
     k_a: torch.Tensor,
     q_b: torch.Tensor,
     k_b: torch.Tensor,
-    stats: torch.Tensor,
     scale_a: float,
     scale_b: float,
-    need_a: bool,
-    need_b: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dq_a, dk_a, dq_b, dk_b) contiguous in the input dtypes, for the upstream gradient ``grad`` of the
-    per-row KL (a (B, H, N) tensor, or one value for every row: 0-d or expanded) times ``grad_scale``. A pair
-    not needed comes back as None, with no allocation and no work (usually the detached teacher)."""
-    if not (need_a or need_b):
-        return None, None, None, None
+    mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl, lse): the per-row KL(softmax(a) || softmax(b)) as a (B, H, N) fp32 tensor, its mean over the
+    rows as ``loss`` when ``mean`` (else an empty tensor: the rows are the result), and lse_a, lse_b in log2
+    units as (2, B, H, N), saved for the backward."""
+    batch, heads, n = q_a.shape[:3]
+    kl = torch.empty((batch, heads, n), device=q_a.device, dtype=torch.float32)
+    lse = torch.empty((2, batch, heads, n), device=q_a.device, dtype=torch.float32)
+    if batch * heads * n:
+        plan = _plan_of(q_a, k_a, q_b, k_b)
+        _forward_kernel(
+            plan.signature, plan.fwd_grid, plan.shape, q_a, k_a, q_b, k_b, kl, lse, plan.rows, *plan.strides,
+            scale_a=scale_a, scale_b=scale_b,
+        )  # fmt: skip
+    return kl.mean() if mean else kl.new_empty((0,)), kl, lse
+
+
+def _forward_fake(q_a, k_a, q_b, k_b, scale_a, scale_b, mean):
+    rows = q_a.shape[:3]
+    loss = q_a.new_empty(() if mean else (0,), dtype=torch.float32)
+    return loss, q_a.new_empty(rows, dtype=torch.float32), q_a.new_empty((2, *rows), dtype=torch.float32)
+
+
+def _backward(
+    grad_loss: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    q_a: torch.Tensor,
+    k_a: torch.Tensor,
+    q_b: torch.Tensor,
+    k_b: torch.Tensor,
+    kl: torch.Tensor,
+    lse: torch.Tensor,
+    scale_a: float,
+    scale_b: float,
+    mean: bool,
+    need_q_a: bool,
+    need_k_a: bool,
+    need_q_b: bool,
+    need_k_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq_a, dk_a, dq_b, dk_b) contiguous in the input dtypes, for the upstream gradient of the loss (a
+    scalar the kernel reads with stride 0 and scales by 1 / rows) or of the per-row KL (a (B, H, N) tensor,
+    or one value for every row: expanded). A pair not needed comes back as empty tensors, with no work
+    (usually the detached teacher)."""
+    need_a, need_b = need_q_a or need_k_a, need_q_b or need_k_b
     # dq sums one term per key block: in fp32, with atomics (for fp32 inputs the sum is the gradient).
-    dq_a = torch.zeros(q_a.shape, device=q_a.device, dtype=torch.float32) if need_a else None
-    dk_a = k_a.new_empty(k_a.shape) if need_a else None
-    dq_b = torch.zeros(q_b.shape, device=q_b.device, dtype=torch.float32) if need_b else None
-    dk_b = k_b.new_empty(k_b.shape) if need_b else None
-    if stats.numel() == 0:
-        return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
-    if grad.dim() == 0:  # the backward of "mean" inside _AttentionKL: one value for every row
-        grad_stride = 0
-    elif not any(grad.stride()):  # expanded from one value (the backward of a mean outside)
-        grad, grad_stride = grad[(0,) * grad.dim()], 0
-    else:
-        grad, grad_stride = grad.contiguous(), 1
-    plan = _plan_of(q_a, k_a, q_b, k_b)
-    # The pair not needed is never written (NEED_A / NEED_B): the needed pair's buffers stand in for it.
-    _backward_kernel(
-        (plan.signature, need_a, need_b), plan.bwd_grid, plan.backward[need_a, need_b],
-        q_a, k_a, q_b, k_b, grad, stats, plan.rows,
-        dq_b if dq_a is None else dq_a, dk_b if dk_a is None else dk_a,
-        dq_a if dq_b is None else dq_b, dk_a if dk_b is None else dk_b,
-        *plan.strides, grad_stride, grad_scale,
-        scale_a=scale_a, scale_b=scale_b,
-    )  # fmt: skip
+    dq_a = torch.zeros(q_a.shape, device=q_a.device, dtype=torch.float32) if need_a else q_a.new_empty((0,))
+    dk_a = k_a.new_empty(k_a.shape if need_a else (0,))
+    dq_b = torch.zeros(q_b.shape, device=q_b.device, dtype=torch.float32) if need_b else q_b.new_empty((0,))
+    dk_b = k_b.new_empty(k_b.shape if need_b else (0,))
+    if kl.numel():
+        if not mean:  # the loss output is empty, so is its gradient
+            grad_loss = None
+        if grad_loss is not None and grad_kl is not None:  # both outputs reached the loss
+            grad_kl, grad_loss = grad_kl + grad_loss / kl.numel(), None
+        if grad_loss is not None:
+            grad, grad_stride, grad_scale = grad_loss, 0, 1.0 / kl.numel()
+        elif grad_kl is None:  # neither output reached the loss: zero gradients
+            grad, grad_stride, grad_scale = kl, 0, 0.0
+        elif not any(grad_kl.stride()):  # expanded from one value (the backward of a mean outside)
+            grad, grad_stride, grad_scale = grad_kl[(0,) * grad_kl.dim()], 0, 1.0
+        else:
+            grad, grad_stride, grad_scale = grad_kl.contiguous(), 1, 1.0
+        plan = _plan_of(q_a, k_a, q_b, k_b)
+        # The pair not needed is never written (NEED_A / NEED_B): the needed pair's buffers stand in for it.
+        _backward_kernel(
+            (plan.signature, need_a, need_b), plan.bwd_grid, plan.backward[need_a, need_b],
+            q_a, k_a, q_b, k_b, grad, kl, lse, plan.rows,
+            dq_a if need_a else dq_b, dk_a if need_a else dk_b,
+            dq_b if need_b else dq_a, dk_b if need_b else dk_a,
+            *plan.strides, grad_stride, grad_scale,
+            scale_a=scale_a, scale_b=scale_b,
+        )  # fmt: skip
     return _cast(dq_a, q_a.dtype), dk_a, _cast(dq_b, q_b.dtype), dk_b
 
 
-def _cast(dq: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return dq if dq is None or dq.dtype == dtype else dq.to(dtype)
-
-
-# --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
-
-
-@torch.library.custom_op("kdfast::attention_kl_fwd", mutates_args=())
-def _attention_kl_fwd(
-    q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, scale_a: float, scale_b: float
-) -> torch.Tensor:
-    """(3, B, H, N) fp32: the per-row KL(softmax(a) || softmax(b)), then lse_a and lse_b in log2 units."""
-    return _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
-
-
-@_attention_kl_fwd.register_fake
-def _(q_a, k_a, q_b, k_b, scale_a, scale_b):
-    return q_a.new_empty((3, *q_a.shape[:3]), dtype=torch.float32)
-
-
-def _grad_buffers(
-    q_a: torch.Tensor, k_a: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, need_a: bool, need_b: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_fake(grad_loss, grad_kl, q_a, k_a, q_b, k_b, kl, lse, scale_a, scale_b, mean, *needs):
+    need_a, need_b = needs[0] or needs[1], needs[2] or needs[3]
     return tuple(
         x.new_empty(x.shape if needed else (0,))
         for x, needed in ((q_a, need_a), (k_a, need_a), (q_b, need_b), (k_b, need_b))
     )
 
 
-@torch.library.custom_op("kdfast::attention_kl_bwd", mutates_args=())
-def _attention_kl_bwd(
-    grad: torch.Tensor,
-    q_a: torch.Tensor,
-    k_a: torch.Tensor,
-    q_b: torch.Tensor,
-    k_b: torch.Tensor,
-    stats: torch.Tensor,
-    scale_a: float,
-    scale_b: float,
-    need_a: bool,
-    need_b: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_a, dk_a, dq_b, dk_b) for the per-row upstream gradient ``grad`` ((B, H, N), the KL's part of the
-    stats' gradient); a pair not needed comes back as an empty tensor and its work is skipped (usually the
-    detached teacher)."""
-    grads = _backward(grad, 1.0, q_a, k_a, q_b, k_b, stats, scale_a, scale_b, need_a, need_b)
-    inputs = (q_a, k_a, q_b, k_b)
-    return tuple(x.new_empty((0,)) if g is None else g for g, x in zip(grads, inputs, strict=True))
+def _cast(dq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dq if dq.dtype == dtype else dq.to(dtype)
 
 
-@_attention_kl_bwd.register_fake
-def _(grad, q_a, k_a, q_b, k_b, stats, scale_a, scale_b, need_a, need_b):
-    return _grad_buffers(q_a, k_a, q_b, k_b, need_a, need_b)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q_a, k_a, q_b, k_b, scale_a, scale_b = inputs
-    ctx.save_for_backward(q_a, k_a, q_b, k_b, output)
-    ctx.scales = (scale_a, scale_b)
-
-
-def _op_backward(ctx, grad_stats):
-    # Only the KL feeds a loss; the lse rows' gradient is zero (they are statistics saved for backward).
-    need = ctx.needs_input_grad
-    need_a, need_b = need[0] or need[1], need[2] or need[3]
-    q_a, k_a, q_b, k_b, stats = ctx.saved_tensors
-    grads = torch.ops.kdfast.attention_kl_bwd(
-        grad_stats[0], q_a, k_a, q_b, k_b, stats, *ctx.scales, need_a, need_b
-    )
-    return *(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None
-
-
-_attention_kl_fwd.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-# --- eager path: one autograd.Function around the same launchers -----------------------------------------
-
-
-class _AttentionKL(torch.autograd.Function):
-    """Eager calls skip the custom op's dispatcher round trips (about half the host time of a call); the
-    ``mean`` is taken inside, so its backward is a scalar the kernel reads with stride 0."""
-
-    @staticmethod
-    def forward(ctx, q_a, k_a, q_b, k_b, scale_a: float, scale_b: float, mean: bool):
-        stats = _forward(q_a, k_a, q_b, k_b, scale_a, scale_b)
-        ctx.save_for_backward(q_a, k_a, q_b, k_b, stats)
-        ctx.scales = (scale_a, scale_b)
-        kl = stats[0]
-        ctx.grad_scale = 1.0 / max(kl.numel(), 1) if mean else 1.0
-        return kl.mean() if mean else kl
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_a, k_a, q_b, k_b, stats = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_a, need_b = need[0] or need[1], need[2] or need[3]
-        grads = _backward(grad, ctx.grad_scale, q_a, k_a, q_b, k_b, stats, *ctx.scales, need_a, need_b)
-        return *(g if n else None for g, n in zip(grads, need[:4], strict=True)), None, None, None
+# Both autograd paths (eager autograd.Function, torch.compile custom ops) from one description (_op.py).
+_attention_kl = FusedOp(
+    "attention_kl",
+    forward=_forward,
+    forward_fake=_forward_fake,
+    backward=_backward,
+    backward_fake=_backward_fake,
+    grad_inputs=4,
+    grad_outputs=(0, 1),
+    save=lambda inputs, outputs: ((*inputs[:4], *outputs[1:]), inputs[4:]),
+)
 
 
 def attention_kl(
@@ -576,7 +580,5 @@ def attention_kl(
         args = (q_s, k_s, q_t, k_t, scale_s, scale_t)
     else:
         args = (q_t, k_t, q_s, k_s, scale_t, scale_s)
-    if torch.compiler.is_compiling():
-        kl = torch.ops.kdfast.attention_kl_fwd(*args)[0]
-        return kl.mean() if reduction == "mean" else kl
-    return _AttentionKL.apply(*args, reduction == "mean")
+    mean = reduction == "mean"
+    return _attention_kl(0 if mean else 1, *args, mean)

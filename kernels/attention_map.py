@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import signature_check, use_triton
-from kernels._launch import launch
+from kernels._launch import check_grid, launch
+from kernels._op import FusedOp
 
 EPS = 1e-12
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -473,6 +474,7 @@ def _feature_plan(shape: torch.Size, strides: tuple[int, ...], grad_strides: tup
     c_per_split = _cdiv(_cdiv(C, splits), block_c) * block_c
     splits = _cdiv(C, c_per_split)
     flat = _flat(shape, strides) and _flat(shape, grad_strides)
+    check_grid((B, tiles, splits), f"attention_map of {tuple(shape)} features", "use impl='reference'")
     return _FeaturePlan((B, tiles, splits), c_per_split, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, FLAT=flat))
 
 
@@ -573,12 +575,15 @@ def _attention_map_backward(
     norm: torch.Tensor,
     p: float,
     normalize: bool,
+    need: bool,
 ) -> torch.Tensor:
+    """dLoss/dfeatures from dLoss/dmap ``grad`` (``need``: the convention of kernels/_op.py, always True)."""
     dfeatures = torch.empty_like(features)
     if features.shape[0] == 0:
         return dfeatures
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         grad = grad.to(torch.float32).contiguous()
+    out = out.contiguous()
     h, w = out.shape[1:]
     step = _backward_plan(features.shape, features.stride(), dfeatures.stride(), h, w, p, normalize)
     launch(
@@ -595,143 +600,77 @@ def _attention_map_backward(
     return dfeatures
 
 
+@functools.lru_cache(maxsize=256)
+def _resize_grid(planes: int, pixels: int) -> tuple[int, int]:
+    """One program per (plane, tile of BLOCK_HW pixels), within CUDA's grid limits."""
+    grid = (planes, _cdiv(pixels, BLOCK_HW))
+    check_grid(grid, f"resize of {planes} planes of {pixels} pixels", "use impl='reference'")
+    return grid
+
+
 def _resize_forward(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, C, H, W = maps.shape
     out = torch.empty(B, C, h, w, device=maps.device, dtype=maps.dtype)
     if out.numel():
         launch(
-            _resize_forward_kernel, (B * C, _cdiv(h * w, BLOCK_HW)),
+            _resize_forward_kernel, _resize_grid(B * C, h * w),
             maps, out, C, h, w, H, W, *maps.stride(), _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW,
         )  # fmt: skip
     return out
 
 
-def _resize_backward(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
+def _resize_backward(grad: torch.Tensor, H: int, W: int, need: bool) -> torch.Tensor:
+    """dLoss/dmaps of the (H, W) maps from dLoss/dresized ``grad`` (``need``: kernels/_op.py's convention)."""
     B, C, h, w = grad.shape
     dmaps = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if dmaps.numel():
         if grad.dtype != torch.float32 or not grad.is_contiguous():
             grad = grad.to(torch.float32).contiguous()
         launch(
-            _resize_backward_kernel, (B * C, _cdiv(H * W, BLOCK_HW)),
+            _resize_backward_kernel, _resize_grid(B * C, H * W),
             grad, dmaps, h, w, H, W, _scale(H, h), _scale(W, w), BLOCK=BLOCK_HW, BLOCK_X=BLOCK_X,
         )  # fmt: skip
     return dmaps
 
 
-# --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
-
-
-@torch.library.custom_op("kdfast::attention_map", mutates_args=())
-def _attention_map_op(
-    features: torch.Tensor, h: int, w: int, p: float, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_map_forward(features, h, w, p, normalize)
-
-
-@_attention_map_op.register_fake
-def _(features, h, w, p, normalize):
+def _attention_map_fake(features, h, w, p, normalize):
     B = features.shape[0]
     return features.new_empty(B, h, w, dtype=torch.float32), features.new_empty(B, dtype=torch.float32)
 
 
-@torch.library.custom_op("kdfast::attention_map_backward", mutates_args=())
-def _attention_map_backward_op(
-    grad: torch.Tensor,
-    features: torch.Tensor,
-    out: torch.Tensor,
-    norm: torch.Tensor,
-    p: float,
-    normalize: bool,
-) -> torch.Tensor:
-    return _attention_map_backward(grad, features, out.contiguous(), norm, p, normalize)
-
-
-@_attention_map_backward_op.register_fake
-def _(grad, features, out, norm, p, normalize):
+def _attention_map_backward_fake(grad, features, out, norm, p, normalize, need):
     return torch.empty_like(features)
 
 
-def _attention_map_setup(ctx, inputs, output) -> None:
-    features, _, _, p, normalize = inputs
-    ctx.save_for_backward(features, *output)
-    ctx.p, ctx.normalize = p, normalize
-
-
-def _attention_map_grad(ctx, grad_out, _grad_norm):
-    features, out, norm = ctx.saved_tensors
-    dfeatures = _attention_map_backward_op(grad_out, features, out, norm, ctx.p, ctx.normalize)
-    return dfeatures, None, None, None, None
-
-
-_attention_map_op.register_autograd(_attention_map_grad, setup_context=_attention_map_setup)
-
-
-@torch.library.custom_op("kdfast::resize", mutates_args=())
-def _resize_op(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return _resize_forward(maps, h, w)
-
-
-@_resize_op.register_fake
-def _(maps, h, w):
+def _resize_fake(maps, h, w):
     return maps.new_empty(maps.shape[0], maps.shape[1], h, w)
 
 
-@torch.library.custom_op("kdfast::resize_backward", mutates_args=())
-def _resize_backward_op(grad: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    return _resize_backward(grad, H, W)
-
-
-@_resize_backward_op.register_fake
-def _(grad, H, W):
+def _resize_backward_fake(grad, H, W, need):
     return grad.new_empty(grad.shape[0], grad.shape[1], H, W)
 
 
-def _resize_setup(ctx, inputs, output) -> None:
-    ctx.in_size = inputs[0].shape[2:]
-
-
-def _resize_grad(ctx, grad_out):
-    return _resize_backward_op(grad_out, *ctx.in_size), None, None
-
-
-_resize_op.register_autograd(_resize_grad, setup_context=_resize_setup)
-
-
-# --- eager path: autograd.Functions around the same launchers ---------------------------------------------
-
-
-class _AttentionMap(torch.autograd.Function):
-    """Eager calls skip the custom ops' dispatcher round trips (about half the host time of a call)."""
-
-    @staticmethod
-    def forward(ctx, features, h: int, w: int, p: float, normalize: bool):
-        out, norm = _attention_map_forward(features, h, w, p, normalize)
-        ctx.save_for_backward(features, out, norm)
-        ctx.p, ctx.normalize = p, normalize
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        features, out, norm = ctx.saved_tensors
-        return (
-            _attention_map_backward(grad, features, out, norm, ctx.p, ctx.normalize),
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-class _Resize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, maps, h: int, w: int):
-        ctx.in_size = maps.shape[2:]
-        return _resize_forward(maps, h, w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _resize_backward(grad, *ctx.in_size), None, None
+# Both autograd paths of each op (eager autograd.Function, torch.compile custom ops) from one description.
+_attention_map_op = FusedOp(
+    "attention_map",
+    forward=_attention_map_forward,
+    forward_fake=_attention_map_fake,
+    backward=_attention_map_backward,
+    backward_fake=_attention_map_backward_fake,
+    grad_inputs=1,
+    grad_outputs=(0,),
+    save=lambda inputs, outputs: ((inputs[0], *outputs), inputs[3:]),
+)
+_resize_op = FusedOp(
+    "resize",
+    forward=_resize_forward,
+    forward_fake=_resize_fake,
+    backward=_resize_backward,
+    backward_fake=_resize_backward_fake,
+    grad_inputs=1,
+    grad_outputs=(0,),
+    save=lambda inputs, outputs: ((), tuple(inputs[0].shape[2:])),
+)
 
 
 # -------------------------------------------------------------------------------------- public functions
@@ -765,9 +704,7 @@ def resize(maps: torch.Tensor, size: tuple[int, int], *, impl: str = "auto") -> 
     h, w = _check_size(size)
     if not triton_path:
         return resize_reference(maps, (h, w))
-    if torch.compiler.is_compiling():
-        return _resize_op(maps, h, w)
-    return _Resize.apply(maps, h, w)
+    return _resize_op(None, maps, h, w)
 
 
 def attention_map(
@@ -791,6 +728,4 @@ def attention_map(
     if not triton_path:
         return attention_map_reference(features, out_size, p=p, normalize=normalize)
     h, w = out_size if out_size is not None else features.shape[2:]
-    if torch.compiler.is_compiling():
-        return _attention_map_op(features, h, w, float(p), bool(normalize))[0]
-    return _AttentionMap.apply(features, h, w, float(p), bool(normalize))
+    return _attention_map_op(0, features, h, w, float(p), bool(normalize))

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import signature_check, use_triton
-from kernels._launch import launch
+from kernels._launch import check_grid, launch
+from kernels._op import FusedOp
 
 try:
     import triton
@@ -102,6 +103,11 @@ MAX_WHOLE_COLS = 64
 # rides on each side in the backward.
 COL_STEP = 32
 MAX_TILED_WINDOW = 33
+# The reduction to per-sample SSIM (and the backward's cosine terms) holds one sample's channels in one tile:
+# next_pow2(C) fp32 values, at most 4096 (as many as the B x C tile of the reduction kernel holds at 4 warps;
+# bench/RESOURCES*.md compiles C = 4096 without spills). Plane offsets are 32-bit (checked).
+MAX_CHANNELS = 4096
+INT32_SPAN = 2**31
 # tf32x3 (three TF32 tensor-core products) keeps fp32 accuracy, which the variance E[x^2] - mu^2 needs:
 # plain TF32 (10-bit mantissa) would cancel away the structure term of nearly-constant maps.
 DOT_PRECISION = "tf32x3"
@@ -138,9 +144,36 @@ def _check_inputs(
         raise ValueError(f"data_range must be a finite number > 0, got {data_range!r}")
 
 
+@signature_check
+def _check_triton_limits(shape: torch.Size, x_strides: tuple[int, ...], y_strides: tuple[int, ...]) -> None:
+    """Raise a ValueError naming what to change when the kernels cannot take this signature: more channels
+    than the reduction's one tile holds, more planes than the grid holds, or a plane whose in-plane offsets
+    (32-bit: rows * stride_h + cols * stride_w) would pass 2^31 elements."""
+    batch, channels, height, width = shape
+    if channels > MAX_CHANNELS:
+        raise ValueError(
+            f"impl='triton' takes at most {MAX_CHANNELS} channels per sample, got {channels}; use"
+            " impl='reference' or split the channels over several calls"
+        )
+    check_grid((batch * channels,), f"ssim of {tuple(shape)} inputs", "split the batch")
+    if height * width >= INT32_SPAN:
+        raise ValueError(
+            f"impl='triton' takes planes of fewer than 2^31 pixels, got {height} x {width};"
+            " use impl='reference'"
+        )
+    for name, strides in (("x", x_strides), ("y", y_strides)):
+        if (height - 1) * strides[2] + (width - 1) * strides[3] >= INT32_SPAN:
+            raise ValueError(
+                f"one (b, c) plane of {name} {tuple(shape)} with strides {tuple(strides)} spans 2^31 elements"
+                " or more; make it contiguous"
+            )
+
+
 def _check(x: torch.Tensor, y: torch.Tensor, window_size, sigma, data_range, triton_path: bool) -> None:
     dtypes = DTYPES_TRITON if triton_path else DTYPES_REFERENCE
     _check_inputs(x.shape, y.shape, x.dtype, y.dtype, window_size, sigma, data_range, dtypes)
+    if triton_path:
+        _check_triton_limits(x.shape, x.stride(), y.stride())
 
 
 class _Axis(NamedTuple):
@@ -585,113 +618,29 @@ def _launch_backward(
     return dx, dy
 
 
-# --- torch.compile path: custom ops, so the graph holds them without a break ---------------------------
-
-
-@torch.library.custom_op("kdfast::ssim_fwd", mutates_args=())
-def _ssim_fwd(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    window_size: int,
-    sigma: float,
-    data_range: float,
-    k1: float,
-    k2: float,
-    nonnegative: bool,
-    alpha: float,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hybrid loss, per-sample SSIM, per-plane stats [mean SSIM, x.y, x.x, y.y] saved for backward)."""
-    return _launch_forward(x, y, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta)
-
-
-@_ssim_fwd.register_fake
-def _(x, y, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta):
+def _forward_fake(x, y, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta):
     batch, channels = x.shape[:2]
-    return (
-        x.new_empty(()),
-        x.new_empty((batch,)),
-        x.new_empty((batch * channels, 4), dtype=torch.float32),
-    )
+    stats = x.new_empty((batch * channels, 4), dtype=torch.float32)
+    return x.new_empty(()), x.new_empty((batch,)), stats
 
 
-@torch.library.custom_op("kdfast::ssim_bwd", mutates_args=())
-def _ssim_bwd(
-    grad_loss: torch.Tensor | None,
-    grad_ssim: torch.Tensor | None,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    stats: torch.Tensor,
-    window_size: int,
-    sigma: float,
-    data_range: float,
-    k1: float,
-    k2: float,
-    nonnegative: bool,
-    alpha: float,
-    beta: float,
-    need_x: bool,
-    need_y: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input gradients of kdfast::ssim_fwd given the gradients of its loss and per-sample SSIM outputs; an
-    input not needed gets an empty tensor."""
-    return _launch_backward(
-        grad_loss, grad_ssim, x, y, stats, window_size, sigma, data_range, k1, k2, nonnegative, alpha, beta,
-        need_x, need_y,
-    )  # fmt: skip
-
-
-@_ssim_bwd.register_fake
-def _(grad_loss, grad_ssim, x, y, stats, *params):
+def _backward_fake(grad_loss, grad_ssim, x, y, stats, *params):
     need_x, need_y = params[-2:]
     return x.new_empty(x.shape if need_x else (0,)), y.new_empty(y.shape if need_y else (0,))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, y, *params = inputs
-    ctx.save_for_backward(x, y, output[2])
-    ctx.params = params
-    # Leave unused output gradients as None so the backward kernel skips them instead of reading zeros.
-    ctx.set_materialize_grads(False)
-
-
-def _op_backward(ctx, grad_loss, grad_ssim, grad_stats):
-    x, y, stats = ctx.saved_tensors
-    need_x, need_y = ctx.needs_input_grad[:2]
-    dx, dy = _ssim_bwd(grad_loss, grad_ssim, x, y, stats, *ctx.params, need_x, need_y)
-    return (dx if need_x else None, dy if need_y else None) + (None,) * 8
-
-
-_ssim_fwd.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-# --- eager path: one autograd.Function around the same launchers -----------------------------------------
-
-
-class _SSIM(torch.autograd.Function):
-    """Eager calls skip the custom op's dispatcher round trips (about half the host time of a call)."""
-
-    @staticmethod
-    def forward(ctx, x, y, params: tuple, per_sample: bool):
-        loss, ssim_b, stats = _launch_forward(x, y, *params)
-        ctx.save_for_backward(x, y, stats)
-        ctx.params = params
-        ctx.per_sample = per_sample
-        return ssim_b if per_sample else loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, stats = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad[:2]
-        grads = (None, grad) if ctx.per_sample else (grad, None)
-        dx, dy = _launch_backward(*grads, x, y, stats, *ctx.params, need_x, need_y)
-        return dx if need_x else None, dy if need_y else None, None, None
-
-
-def _triton(x: torch.Tensor, y: torch.Tensor, params: tuple, per_sample: bool) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return _ssim_fwd(x, y, *params)[1 if per_sample else 0]
-    return _SSIM.apply(x, y, params, per_sample)
+# Both autograd paths (eager autograd.Function, torch.compile custom ops) from one description (_op.py): the
+# outputs are (hybrid loss, per-sample SSIM, per-plane stats [mean SSIM, x.y, x.x, y.y] saved for backward).
+_ssim = FusedOp(
+    "ssim",
+    forward=_launch_forward,
+    forward_fake=_forward_fake,
+    backward=_launch_backward,
+    backward_fake=_backward_fake,
+    grad_inputs=2,
+    grad_outputs=(0, 1),
+    save=lambda inputs, outputs: ((*inputs[:2], outputs[2]), inputs[2:]),
+)
 
 
 def ssim(
@@ -713,7 +662,7 @@ def ssim(
     _check(x, y, window_size, sigma, data_range, triton_path)
     if triton_path:
         params = (window_size, float(sigma), float(data_range), float(k[0]), float(k[1]), bool(nonnegative))
-        return _triton(x, y, (*params, 0.0, 0.0), True)
+        return _ssim(1, x, y, *params, 0.0, 0.0)
     return ssim_reference(
         x, y, window_size=window_size, sigma=sigma, data_range=data_range, k=k, nonnegative=nonnegative
     )
@@ -739,7 +688,7 @@ def ssim_cosine_loss(
     _check(student, teacher, window_size, sigma, data_range, triton_path)
     if triton_path:
         params = (window_size, float(sigma), float(data_range), float(k[0]), float(k[1]), bool(nonnegative))
-        return _triton(student, teacher, (*params, float(alpha), float(beta)), False)
+        return _ssim(0, student, teacher, *params, float(alpha), float(beta))
     return ssim_cosine_loss_reference(
         student,
         teacher,

@@ -128,6 +128,11 @@ def test_bad_path_names_the_closest_module_paths():
         Taps(model, {"mid": TapConfig(path="block.2")})
     with pytest.raises(ConfigError, match="has no 'qkv' Linear"):
         Taps(model, {"mid": TapConfig(path="blocks.2", kind="attention")})
+    # nothing close: the first five module paths in the model's order
+    first = [name for name, _ in model.named_modules() if name][:5]
+    with pytest.raises(ConfigError) as raised:
+        Taps(model, {"mid": TapConfig(path="zzqqxx")})
+    assert str(raised.value) == f"tap path 'zzqqxx' is not a module of EdgeCNN: valid paths include {first}"
 
 
 def test_feature_tap_of_tokens_and_removal():

@@ -9,9 +9,18 @@ Numbering used in the docstrings (AGKD, hybrid loss):
   (3) attention metric between the student map (resized bilinearly to the teacher grid) and the teacher map:
       MSE, 1 - SSIM, 1 - cos, perceptual (MSE between a frozen pretrained network's features of the two maps),
       or the hybrid alpha * L_SSIM + beta * L_cos
+  (5) the paper's SSIM: one global statistic per map (Wang et al. 2004, eq. 13, with the mean, variance and
+      covariance of the whole h x w map): ((2 mu_s mu_t + C1)(2 sigma_st + C2)) / ((mu_s^2 + mu_t^2 + C1)
+      (sigma_s^2 + sigma_t^2 + C2)), C1 = (0.01 L)^2, C2 = (0.03 L)^2, moments over the N = h w cells (1/N).
+      ``ssim: windowed`` is a kdfast option instead: the mean SSIM map under a Gaussian window of
+      ``window_size`` (sigma 1.5), pytorch_msssim's form
   (4) L = L_KD + lambda * 1/N sum over the N pairs of (3); this module's term is the 1/N sum (the mean over
       pairs), lambda is ``loss.agkd.weight``
-Every map op goes through ``kernels`` with ``impl``, so the Triton kernels take over on the GPU.
+Every map op goes through ``kernels`` with ``impl``, so the Triton kernels take over on the GPU. Which kernel
+computes SSIM: the windowed form runs ``kernels.ssim`` / ``kernels.ssim_cosine_loss`` (the fused Triton SSIM +
+cosine kernel on the GPU); the global form (5) is five per-map sums (means, second moments, cross moment)
+that it shares with the cosine of the hybrid (:func:`global_ssim_cosine`), which ``torch.compile`` (the GPU
+path) fuses into one reduction; no Triton kernel of ``kernels`` computes the global form.
 """
 
 from __future__ import annotations
@@ -31,13 +40,15 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import kernels
 from kdfast.config import ArchSpec, TapConfig
 from kdfast.errors import ConfigError, UsageError
-from kdfast.methods.base import DistillationLoss, require_tap
+from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import cls_attention_map, patch_grid, spatial_feature, tap_qkv, tap_tensor
 from kdfast.methods.registry import Method
 from kdfast.models import build_model
-from kdfast.schema import closest, positive
+from kdfast.schema import positive
+from kdfast.taps import find_module
 
 Metric = Literal["mse", "ssim", "cosine", "perceptual", "hybrid"]
+SSIMForm = Literal["global", "windowed"]  # eq. 5, the paper's; a Gaussian window, kdfast's option
 RANDOM_FEATURES = "random_features"  # perceptual.arch naming the seeded random network, the fallback
 
 log = logging.getLogger(__name__)
@@ -56,6 +67,39 @@ def combine_teacher_maps(
     return student[:, None].expand_as(teachers), teachers
 
 
+def _moments(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(mean_s, mean_t, mean_s^2, mean_t^2, mean_st) over each (h, w) map of (B, C, h, w) maps: (B, C) each,
+    in float32 at least."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    s, t = student.to(dtype), teacher.to(dtype)
+    return tuple(x.mean(dim=(2, 3)) for x in (s, t, s * s, t * t, s * t))
+
+
+def _global_ssim(moments: tuple[torch.Tensor, ...], data_range: float) -> torch.Tensor:
+    """Eq. 5 per (sample, channel) from :func:`_moments`, (B, C)."""
+    mu_s, mu_t, ss, tt, st = moments
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    var_s, var_t, cov = ss - mu_s * mu_s, tt - mu_t * mu_t, st - mu_s * mu_t
+    return ((2 * mu_s * mu_t + c1) * (2 * cov + c2)) / ((mu_s**2 + mu_t**2 + c1) * (var_s + var_t + c2))
+
+
+def global_ssim(student: torch.Tensor, teacher: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
+    """Eq. 5 of each sample of (B, C, h, w) maps, the mean over its C channels: (B,)."""
+    return _global_ssim(_moments(student, teacher), data_range).mean(1)
+
+
+def global_ssim_cosine(
+    student: torch.Tensor, teacher: torch.Tensor, *, alpha: float, beta: float, data_range: float = 1.0
+) -> torch.Tensor:
+    """The hybrid of eq. 3 with eq. 5's SSIM: alpha (1 - mean_b SSIM_b) + beta (1 - mean_b cos_b), cos_b
+    over the sample's flattened C h w values, both from one set of per-map moments. Scalar."""
+    moments = _moments(student, teacher)
+    _, _, ss, tt, st = moments
+    cos = st.sum(1) / (ss.sum(1) * tt.sum(1)).sqrt().clamp_min(1e-8)  # a floor, as F.cosine_similarity has
+    ssim = _global_ssim(moments, data_range).mean(1)
+    return alpha * (1 - ssim.mean()) + beta * (1 - cos.mean())
+
+
 def attention_metric(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -63,14 +107,16 @@ def attention_metric(
     metric: Metric,
     alpha: float = 0.5,
     beta: float = 0.5,
+    ssim: SSIMForm = "global",
     window_size: int = 3,
     features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Eq. 3 between (B, C, h, w) student and teacher maps, a scalar: mse; cosine 1 - mean_b cos; ssim
     1 - mean SSIM; hybrid alpha (1 - SSIM) + beta (1 - cos); perceptual mse(features(s), features(t))
-    with the teacher side detached. SSIM and the perceptual network see both maps divided by the teacher's
-    per-sample max."""
+    with the teacher side detached. SSIM is eq. 5's global statistic (``ssim="global"``) or the windowed
+    mean under a ``window_size`` Gaussian (``"windowed"``). SSIM and the perceptual network see both maps
+    divided by the teacher's per-sample max."""
     if metric == "mse":
         return F.mse_loss(student, teacher)
     if metric == "cosine":
@@ -85,6 +131,10 @@ def attention_metric(
     student, teacher = student / scale, teacher / scale
     if metric == "perceptual":
         return F.mse_loss(features(student), features(teacher).detach())
+    if ssim == "global":
+        if metric == "ssim":
+            return 1 - global_ssim(student, teacher).mean()
+        return global_ssim_cosine(student, teacher, alpha=alpha, beta=beta)
     if metric == "ssim":
         return 1 - kernels.ssim(student, teacher, window_size=window_size, data_range=1.0, impl=impl).mean()
     return kernels.ssim_cosine_loss(
@@ -117,15 +167,17 @@ class PerceptualConfig:
 @dataclass
 class AGKDConfig:
     """``loss.agkd``: weight * the mean over ``pairs`` of eq. 3 (eq. 4; ``metric``; ``alpha`` and ``beta``
-    weigh the hybrid's SSIM and cosine parts; ``window_size`` is SSIM's; ``perceptual`` the perceptual
-    metric's network) on the ``grid`` x ``grid`` teacher grid (null: the first teacher feature tap's size,
-    else the first ViT's patch grid)."""
+    weigh the hybrid's SSIM and cosine parts; ``ssim`` its form, ``global`` (eq. 5, the paper's) or
+    ``windowed`` (kdfast's option, whose Gaussian window is ``window_size`` wide); ``perceptual`` the
+    perceptual metric's network) on the ``grid`` x ``grid`` teacher grid (null: the first teacher feature
+    tap's size, else the first ViT's patch grid)."""
 
     weight: float = 1.0
     metric: Metric = "hybrid"
     alpha: float = 0.5
     beta: float = 0.5
     grid: int | None = None
+    ssim: SSIMForm = "global"
     window_size: int = 3
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     pairs: list[AttentionPairConfig] = field(default_factory=list)
@@ -210,12 +262,7 @@ class PerceptualFeatures(nn.Module):
             network, layer = RandomFeatureNet(), "net.3"
         else:
             network, layer = build_model(cfg.arch, weights=cfg.weights), cfg.layer
-        modules = dict(network.named_modules())
-        if layer not in modules:
-            raise ConfigError(
-                f"loss.agkd.perceptual.layer {layer!r} is not a module of {type(network).__name__}: "
-                f"{closest(layer, [name for name in modules if name], what='module paths')}"
-            )
+        find_module(network, layer, what="loss.agkd.perceptual.layer")
         self.net = create_feature_extractor(network, return_nodes={layer: "layer"})
         self.net.requires_grad_(False)
         self.net.eval()
@@ -237,20 +284,11 @@ class AGKDLoss(DistillationLoss):
     shapes cannot match.
     """
 
-    def __init__(
-        self,
-        cfg: AGKDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: AGKDConfig
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
         self.teacher_kinds = {name: tap.kind for name, tap in teacher_taps.items()}
-        self.perceptual = PerceptualFeatures(cfg.perceptual) if cfg.metric == "perceptual" else None
+        self.perceptual = PerceptualFeatures(self.cfg.perceptual) if self.cfg.metric == "perceptual" else None
 
     def _grid(self, pair: AttentionPairConfig, teacher_taps: Mapping[str, Any]) -> tuple[int, int]:
         """cfg grid, else the first teacher feature tap's spatial size, else the first ViT's patch grid."""
@@ -292,6 +330,7 @@ class AGKDLoss(DistillationLoss):
             metric=cfg.metric,
             alpha=cfg.alpha,
             beta=cfg.beta,
+            ssim=cfg.ssim,
             window_size=cfg.window_size,
             features=self.perceptual,
             impl=self.impl,
@@ -312,15 +351,9 @@ class AGKDLoss(DistillationLoss):
             for pair in self.cfg.pairs:
                 self.metric(*self.pair_maps(pair, student_taps, teacher_taps))
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = [self.metric(*self.pair_maps(pair, student_taps, teacher_taps)) for pair in self.cfg.pairs]
+    def term(self, batch: Batch) -> Term:
+        taps = (batch.student_taps, batch.teacher_taps)
+        terms = [self.metric(*self.pair_maps(pair, *taps)) for pair in self.cfg.pairs]
         return torch.stack(terms).mean(), {}
 
 

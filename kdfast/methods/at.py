@@ -33,7 +33,7 @@ import torch
 import kernels
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, FeaturePair, require_pairs
+from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs
 from kdfast.methods.features import pair_maps
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -88,18 +88,7 @@ class ATLoss(DistillationLoss):
     """Eq. 2 over the configured pairs, the teacher's features detached. ``forward`` returns (term, parts),
     one part per pair, named "<student tap>-<teacher tap>", summing to the term. No parameters."""
 
-    def __init__(
-        self,
-        cfg: ATConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: ATConfig
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """UsageError when a pair's taps are not maps (or ViT tokens), their batch sizes differ, or their
@@ -111,17 +100,10 @@ class ATLoss(DistillationLoss):
                     "tap spatial feature maps"
                 )
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def term(self, batch: Batch) -> Term:
+        maps = pair_maps(self.cfg.pairs, batch.student_taps, batch.teacher_taps, "at")
         parts = {
-            name: at_loss(student, teacher, p=self.cfg.p, impl=self.impl)
-            for name, student, teacher in pair_maps(self.cfg.pairs, student_taps, teacher_taps, "at")
+            name: at_loss(student, teacher, p=self.cfg.p, impl=self.impl) for name, student, teacher in maps
         }
         return sum(parts.values()), parts
 

@@ -11,16 +11,20 @@ arXiv:2207.05273):
   (5) h'_S = Proj2(h_S): the group-wise linear projector, N student pixels -> N tokens of width D, the
       pixels of one 4x4 spatial group sharing one FC
   (6) L_proj2 = ||h_T - h'_S||^2 against the teacher's patch tokens h_T
-  (7) x~ = MVG(x): the student's input transformed (colour jitter, crop, rotation, patch masking), each with
-      probability p
+  (7) x~ = MVG(x): the student's input x unchanged with probability 1 - p, else transformed by one of colour
+      jitter, crop, rotation and patch masking (chosen uniformly: eq. 7 names one transform, not which)
   (8) L_MAD = -(1/m) sum_k [log D(h_T) + log(1 - D(h'_S^(k)))], the multi-view discriminator's loss
   (9) L_MVG = (1/m) sum_k log(1 - D(h'_S^(k))), the student's (generator's) adversarial term
   (10) L = L_proj1 + L_proj2 + lambda L_MVG
 Algorithm 1 updates the student every step and the discriminator D when step % 5 == 0. Every ||.||^2 is
 taken as a mean over elements (batch mean), as every kdfast feature loss. The projectors and the
 discriminator belong to this loss module, so they are dropped at inference. The logit KD and CE of the
-example configs are the method ``kd`` and ``loss.ce`` beside this one. The attention matrices of (2)-(4) are
-formed explicitly (B x heads x N x N): 196 tokens for ViT-B/16 at 224, a few hundred kB per sample and head.
+example configs are the method ``kd`` and ``loss.ce`` beside this one. The student runs once per step, on x~,
+so ``loss.ce`` (and any composed logit method) reads the logits of x~, the input the projected features of
+(8)-(9) come from; with p = 0.5 half of the inputs are x itself. Which input the paper's CE reads is not in
+the text available here (its full text was not reachable), so kdfast does not claim to follow it there. The
+attention matrices of (2)-(4) are formed explicitly (B x heads x N x N): 196 tokens for ViT-B/16 at 224, a
+few hundred kB per sample and head.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import nn
 import kernels
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, require_tap, step_aside
+from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap, step_aside
 from kdfast.methods.features import (
     cls_attention_map,
     patch_grid,
@@ -57,6 +61,7 @@ JITTER = 0.4  # colour jitter factors in [1 - JITTER, 1 + JITTER], torchvision's
 MIN_CROP = 0.5  # a random square crop of side MIN_CROP..1 of the image, resized back
 MAX_ROTATION = 30.0  # degrees, uniform in [-MAX_ROTATION, MAX_ROTATION]
 MASK_GRID, MASK_RATIO = 8, 0.25  # patch masking: an 8x8 grid of patches, each zeroed with probability 0.25
+VIEWS = 4  # eq. 7's transforms: colour jitter, crop, rotation, patch masking
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -135,14 +140,15 @@ class CAKDConfig:
     perturbs the student's input and adds an adversarial term against a discriminator between teacher
     tokens and projected student tokens.
 
-    ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap
-    (Q, K, V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D). ``pca_weight``,
-    ``gl_weight`` and ``adversarial_weight`` (lambda) weigh the three terms of eq. 10; ``replace_prob`` is
-    eq. 3's p, ``dropout`` the GL projector's, ``view_prob`` eq. 7's p (per transform). ``adversarial``:
-    ``minimax`` is eq. 9; ``non_saturating`` (-log D) is a kdfast option, off in the paper's setting. The
-    discriminator (3 FC layers of width ``discriminator_width`` on a sample's flattened N x D projected
-    feature; the width is kdfast's choice) takes one Adam step at ``discriminator_lr`` on the optimizer
-    steps whose 0-based index is a multiple of ``discriminator_every`` (Algorithm 1: step % 5 == 0).
+    ``student`` is a student feature tap (B, C, H, W); ``teacher_attention`` a teacher attention tap (Q, K,
+    V); ``teacher_tokens`` a teacher feature tap with the block's tokens (B, N, D). ``pca_weight``,
+    ``gl_weight`` and ``adversarial_weight`` (lambda) weigh the three terms of eq. 10; ``replace_prob`` is eq.
+    3's p, ``dropout`` the GL projector's, ``view_prob`` eq. 7's p (an input is transformed, by one transform,
+    with probability p). ``adversarial``: ``minimax`` is eq. 9; ``non_saturating`` (-log D) is a kdfast
+    option, off in the paper's setting. The discriminator (3 FC layers of width ``discriminator_width`` on a
+    sample's flattened N x D projected feature; the width is kdfast's choice) takes one Adam step at
+    ``discriminator_lr`` on the optimizer steps whose 0-based index is a multiple of ``discriminator_every``
+    (Algorithm 1: step % 5 == 0).
     """
 
     weight: float = 1.0
@@ -318,21 +324,12 @@ class CAKDLoss(DistillationLoss):
     those parameters (``functional_call``) and hands them to its own Adam, so no flag is ever toggled.
     """
 
-    def __init__(
-        self,
-        cfg: CAKDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.pca: PCAProjector | None = None
-        self.gl: GLProjector | None = None
-        self.discriminator: nn.Sequential | None = None
+    cfg: CAKDConfig
+    pca: PCAProjector
+    gl: GLProjector
+    discriminator: nn.Sequential
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
         self.disc_optimizer: torch.optim.Adam | None = None
         self.steps = 0
         self.last_disc_loss: torch.Tensor | None = None
@@ -354,14 +351,16 @@ class CAKDLoss(DistillationLoss):
         _, prefix = patch_grid(tokens.shape[1])
         return feature, attention, tokens[:, prefix:]
 
-    def _build(self, feature: torch.Tensor, attention: QKV, tokens: torch.Tensor) -> None:
-        channels, (_, count, dim) = feature.shape[1], tokens.shape
-        side, _ = patch_grid(count)
-        self.pca = PCAProjector(channels, heads=attention.q.shape[1], head_dim=attention.q.shape[3])
-        self.gl = GLProjector(channels, dim, side, self.cfg.dropout)
-        self.discriminator = discriminator(count, dim, self.cfg.discriminator_width).requires_grad_(False)
-        self.to(feature.device)
-        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.discriminator_lr)
+    def _networks(
+        self, channels: int, heads: int, head_dim: int, count: int, dim: int
+    ) -> dict[str, nn.Module]:
+        """Eq. 1, 5 and 8: the two projectors and the discriminator for (student channels, heads, head width,
+        tokens, token width)."""
+        return {
+            "pca": PCAProjector(channels, heads=heads, head_dim=head_dim),
+            "gl": GLProjector(channels, dim, patch_grid(count)[0], self.cfg.dropout),
+            "discriminator": discriminator(count, dim, self.cfg.discriminator_width).requires_grad_(False),
+        }
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """Raise UsageError when the taps of a real batch cannot be matched (a tap of the wrong kind,
@@ -383,27 +382,30 @@ class CAKDLoss(DistillationLoss):
                 f"loss.cakd: the teacher attention tap has {patches} patch tokens and the token tap "
                 f"{tokens.shape[1]}; tap the same block (its .attn and the block itself)"
             )
-        if self.pca is None:
-            self._build(feature, attention, tokens)
-        built = (self.pca.q.in_channels, self.pca.heads, self.pca.q.out_channels // self.pca.heads)
-        built += (self.gl.side**2, self.gl.weight.shape[1])
         found = (feature.shape[1], attention.q.shape[1], attention.q.shape[3], *tokens.shape[1:])
-        if built != found:
-            raise UsageError(
-                "loss.cakd: the projectors were built for (student channels, heads, head width, tokens, "
-                f"token width) = {built}, but these taps give {found}"
-            )
+        built = self.build_once(
+            found,
+            lambda: self._networks(*found),
+            feature.device,
+            "loss.cakd: the projectors were built for (student channels, heads, head width, tokens, "
+            "token width) =",
+        )
+        if built:
+            parameters = self.discriminator.parameters()
+            self.disc_optimizer = torch.optim.Adam(parameters, lr=self.cfg.discriminator_lr)
 
     def _draw_views(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Eq. 7's draws: (4, B) bool, whether colour jitter, crop, rotation and patch masking each apply to
-        each sample, independently with probability view_prob."""
-        return torch.rand(4, batch, device=device) < self.cfg.view_prob
+        """Eq. 7's draws: (4, B) bool, whether colour jitter, crop, rotation or patch masking applies to each
+        sample: with probability view_prob exactly one of the four, chosen uniformly, else none."""
+        transformed = torch.rand(batch, device=device) < self.cfg.view_prob
+        which = torch.randint(VIEWS, (batch,), device=device)
+        return (torch.arange(VIEWS, device=device)[:, None] == which) & transformed
 
     def student_view(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 7, the multi-view generator: in training, each sample gets each of colour jitter, a random
-        crop, a random rotation and patch masking independently with probability view_prob (crop and
-        rotation run as one resampling); every sample in eval mode, and those that drew no transform, are
-        returned unchanged. The teacher keeps seeing ``images``. Strengths: the module constants."""
+        """Eq. 7, the multi-view generator: in training, each sample is transformed with probability
+        view_prob by one of colour jitter, a random crop, a random rotation and patch masking; every sample
+        in eval mode, and those not drawn, are returned unchanged. The teacher keeps seeing ``images``.
+        Strengths: the module constants."""
         if not self.training or self.cfg.view_prob == 0:
             return images
         batch, device = images.shape[0], images.device
@@ -427,23 +429,15 @@ class CAKDLoss(DistillationLoss):
     ) -> tuple[QKV, QKV, torch.Tensor, torch.Tensor]:
         """(student Q/K/V (eq. 1), teacher Q/K/V with every token (detached), GL-projected student tokens
         (eq. 5), teacher patch tokens (detached)); the projectors must be built."""
-        if self.pca is None:
-            raise UsageError("CAKDLoss: call check() on a real batch first; it sizes the projectors")
+        self.require_built("projectors")
         feature, attention, tokens = self._inputs(student_taps, teacher_taps)
         grid = (self.gl.side, self.gl.side)
         feature = resize_to(feature, grid, self.impl)
         return self.pca(feature), QKV(*(x.detach() for x in attention)), self.gl(feature), tokens.detach()
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def term(self, batch: Batch) -> Term:
         cakd = self.cfg
-        student, attention, projected, tokens = self.projections(student_taps, teacher_taps)
+        student, attention, projected, tokens = self.projections(batch.student_taps, batch.teacher_taps)
         swap = swap_masks(student, cakd.replace_prob) if self.training and cakd.replace_prob > 0 else None
         fooled = self.discriminator(projected.float())
         parts = {

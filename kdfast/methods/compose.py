@@ -10,14 +10,14 @@ that rule and the weights. One method is the case of a list of one, so the loop 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdfast.config import LossConfig, TapConfig
-from kdfast.methods.base import NO_TAPS, DistillationLoss, supervised_ce
+from kdfast.methods.base import Batch, DistillationLoss, Term, supervised_ce
 from kdfast.methods.registry import method
 
 
@@ -27,22 +27,16 @@ class CompositeLoss(DistillationLoss):
 
     ``forward`` returns (loss, parts): "ce" (the weighted CE term, when the run adds it) and, per method m,
     "m" (weight_m * L_m) sum to the loss; "m/<part>" are m's own parts as m reports them (before its weight).
-    The hooks reach every member in ``loss.method`` order (``student_view`` chains the members' views),
-    ``check`` checks every member, ``maps`` concatenates their maps. The members are submodules, so their
-    parameters and state (projectors, task weights, side optimizers) are optimized and checkpointed with
-    the student.
+    The hooks reach every member in ``loss.method`` order (``student_view`` and ``teacher_view`` chain the
+    members' views, so every member reads the taps every other member refined), ``check`` checks every
+    member, ``maps`` concatenates their maps. The members are submodules, so their parameters and state
+    (projectors, task weights, side optimizers) are optimized and checkpointed with the student.
     """
 
-    def __init__(
-        self,
-        cfg: LossConfig,
-        student_taps: Mapping[str, TapConfig] = NO_TAPS,
-        teacher_taps: Mapping[str, TapConfig] = NO_TAPS,
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        super().__init__(kernels_impl, label_smoothing)
+    cfg: LossConfig
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
+        cfg = self.cfg
         self.ce = cfg.ce_weight()
         self.weights = {name: cfg.sections[name].weight for name in cfg.method}
         self.members = nn.ModuleDict(
@@ -51,27 +45,21 @@ class CompositeLoss(DistillationLoss):
                     cfg.sections[name],
                     student_taps,
                     teacher_taps,
-                    kernels_impl=kernels_impl,
-                    label_smoothing=label_smoothing,
+                    kernels_impl=self.impl,
+                    label_smoothing=self.label_smoothing,
                 )
                 for name in cfg.method
             }
         )
 
-    def forward(
-        self,
-        student_logits: Any,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def term(self, batch: Batch) -> Term:
+        """Every member's term on this batch, whose teacher taps every member's :meth:`teacher_view` saw."""
         terms: dict[str, torch.Tensor] = {}
         details: dict[str, torch.Tensor] = {}
         if self.ce is not None:
-            terms["ce"] = self.ce * supervised_ce(student_logits, targets, self.label_smoothing)
+            terms["ce"] = self.ce * supervised_ce(batch.student_logits, batch.targets, self.label_smoothing)
         for name, member in self.members.items():
-            term, parts = member(student_logits, teacher_logits, targets, student_taps, teacher_taps)
+            term, parts = member.term(batch)
             terms[name] = self.weights[name] * term
             details.update({f"{name}/{key}": value for key, value in parts.items()})
         return sum(terms.values()), {**terms, **details}
@@ -97,6 +85,12 @@ class CompositeLoss(DistillationLoss):
             images = member.student_view(images)
         return images
 
+    def teacher_view(self, teacher_taps: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Each member's view of the teacher taps applied in turn (only SoKD refines one today)."""
+        for member in self.members.values():
+            teacher_taps = member.teacher_view(teacher_taps)
+        return teacher_taps
+
     def after_step(self) -> None:
         for member in self.members.values():
             member.after_step()
@@ -104,6 +98,14 @@ class CompositeLoss(DistillationLoss):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         for member in self.members.values():
             member.start_epoch(epoch, epochs)
+
+    def held_out_share(self) -> float:
+        """The largest share any member needs held out (one held-out split serves them all)."""
+        return max(member.held_out_share() for member in self.members.values())
+
+    def use_held_out(self, taps: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]]) -> None:
+        for member in self.members.values():
+            member.use_held_out(taps)
 
     def no_weight_decay(self) -> set[str]:
         """Every member's exempt parameters, named as in this module's ``named_parameters()``."""

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from kdfast.config import TapConfig
-from kdfast.methods.base import NO_TAPS, DistillationLoss
+from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term
 from kdfast.methods.logits import loss_logits, single_head
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -115,30 +114,12 @@ class DISTLoss(DistillationLoss):
     """Eq. 4 between the student's and the teacher's logits (the teacher's detached). ``forward`` returns
     (term, {"inter", "intra"}), the parts weighted by tau^2 and beta or gamma, so they sum to the term."""
 
-    def __init__(
-        self,
-        cfg: DISTConfig,
-        student_taps: Mapping[str, TapConfig] = NO_TAPS,
-        teacher_taps: Mapping[str, TapConfig] = NO_TAPS,
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: DISTConfig
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def term(self, batch: Batch) -> Term:
         inter, intra = dist_relations(
-            single_head(student_logits, "dist"),
-            teacher_logits.detach(),
+            single_head(batch.student_logits, "dist"),
+            batch.teacher_logits.detach(),
             temperature=self.cfg.temperature,
             standardize=self.cfg.standardize,
         )

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import NO_TAPS, DistillationLoss, warmup_factor
+from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term, hard_labels, warmup_factor
 from kdfast.methods.logits import loss_logits, single_head
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -144,37 +143,20 @@ class DKDLoss(DistillationLoss):
     ``start_epoch`` for every epoch, resumed ones included).
     """
 
-    def __init__(
-        self,
-        cfg: DKDConfig,
-        student_taps: Mapping[str, TapConfig] = NO_TAPS,
-        teacher_taps: Mapping[str, TapConfig] = NO_TAPS,
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.register_buffer("warmup", torch.tensor(warmup_factor(0, cfg.warmup)), persistent=False)
+    cfg: DKDConfig
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
+        self.register_buffer("warmup", torch.tensor(warmup_factor(0, self.cfg.warmup)), persistent=False)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Eq. 5: the warm-up factor of this epoch (the stage's epoch count is not needed)."""
         self.warmup.fill_(warmup_factor(epoch, self.cfg.warmup))
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = targets.argmax(dim=1) if targets.is_floating_point() else targets
+    def term(self, batch: Batch) -> Term:
         tckd, nckd = decoupled_kl(
-            single_head(student_logits, "dkd"),
-            teacher_logits.detach(),
-            labels,
+            single_head(batch.student_logits, "dkd"),
+            batch.teacher_logits.detach(),
+            hard_labels(batch.targets),
             temperature=self.cfg.temperature,
             standardize=self.cfg.standardize,
         )

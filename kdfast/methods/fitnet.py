@@ -27,7 +27,7 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, FeaturePair, require_pairs
+from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs
 from kdfast.methods.features import pair_maps, resize_to
 from kdfast.methods.registry import Method
 
@@ -104,19 +104,8 @@ class FitNetLoss(DistillationLoss):
     part per pair, named "<student tap>-<teacher tap>", summing to the term. :meth:`check` on a real batch
     builds the regressors from the tapped shapes (any CNN or ViT pair; token taps are read as maps)."""
 
-    def __init__(
-        self,
-        cfg: FitNetConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.regressors: nn.ModuleList | None = None
+    cfg: FitNetConfig
+    regressors: nn.ModuleList
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """UsageError when a pair's batch sizes differ or its shapes are not those the regressors were built
@@ -124,28 +113,18 @@ class FitNetLoss(DistillationLoss):
         maps = pair_maps(self.cfg.pairs, student_taps, teacher_taps, "fitnet")
         shapes = [(tuple(s.shape[1:]), tuple(t.shape[1:])) for _, s, t in maps]
         self.build_once(
-            "regressors",
             shapes,
-            lambda: nn.ModuleList(HintRegressor(s, t, self.cfg.relu) for s, t in shapes),
+            lambda: {"regressors": nn.ModuleList(HintRegressor(s, t, self.cfg.relu) for s, t in shapes)},
             maps[0][1].device,
             "loss.fitnet: the regressors were built for (student, teacher) shapes",
         )
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.regressors is None:
-            raise UsageError("FitNetLoss: call check() on a real batch first; it sizes the regressors")
+    def term(self, batch: Batch) -> Term:
+        self.require_built("regressors")
+        maps = pair_maps(self.cfg.pairs, batch.student_taps, batch.teacher_taps, "fitnet")
         parts = {
             name: hint_loss(regressor(student, self.impl), teacher)
-            for regressor, (name, student, teacher) in zip(
-                self.regressors, pair_maps(self.cfg.pairs, student_taps, teacher_taps, "fitnet"), strict=True
-            )
+            for regressor, (name, student, teacher) in zip(self.regressors, maps, strict=True)
         }
         return sum(parts.values()), parts
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kdfast.config import TapConfig
-from kdfast.methods.base import NO_TAPS, DistillationLoss
+from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term
 from kdfast.methods.logits import loss_logits, single_head
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -73,30 +72,12 @@ class KDLoss(DistillationLoss):
     """Eq. 1 (with eq. 2 when ``standardize``) between the student's and the teacher's logits; the teacher's
     are detached. Returns (term, {}): the term is the whole of KD."""
 
-    def __init__(
-        self,
-        cfg: KDConfig,
-        student_taps: Mapping[str, TapConfig] = NO_TAPS,
-        teacher_taps: Mapping[str, TapConfig] = NO_TAPS,
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: KDConfig
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def term(self, batch: Batch) -> Term:
         term = kd_loss(
-            single_head(student_logits, "kd"),
-            teacher_logits.detach(),
+            single_head(batch.student_logits, "kd"),
+            batch.teacher_logits.detach(),
             temperature=self.cfg.temperature,
             standardize=self.cfg.standardize,
         )

@@ -6,7 +6,9 @@ Numbering used in the docstrings:
   (2) VR = softmax(V V^T / sqrt(d_v)),   L_VR = KL(VR_s || VR_t)
   (3) relation heads (MiniLMv2, a kdfast extension, off unless ``relation_heads`` is set): heads concatenated,
       (B, H, N, d) -> (B, N, H * d), and re-split into R heads for both models, so teacher and student may
-      have different head counts; MTD itself pairs each model's own heads
+      have different head counts; MTD itself pairs each model's own heads. With R one model's own head count
+      that model keeps its heads (the re-split is the identity) and only the other is re-split: R = the
+      student's count distills the attention the student computes
   (4) task weighting, task 0 being the supervised task loss L_0 = CE(y, p_S) and tasks 1..K the distillation
       terms, one per (layer, relation) ("layer_kind", 25D for 12 layers) or one per layer with CAD and VR
       summed ("layer", 13D):
@@ -33,7 +35,7 @@ from torch import nn
 import kernels
 from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
-from kdfast.methods.base import DistillationLoss, require_tap, supervised_ce
+from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap, supervised_ce
 from kdfast.methods.features import cls_attention_map, patch_grid
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -66,13 +68,14 @@ class MTDConfig:
     """``loss.mtd``: per layer pair, L_CAD (eq. 1) and L_VR (eq. 2) of ``relations``; the terms and the
     supervised task loss L_0 = CE(y, p_S) combined by ``weighting`` (eq. 4).
 
-    ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers);
-    "layer" shares one weight per layer ("13D"). ``manual_weights`` lists one weight per distillation task
-    for ``weighting: manual``. ``relation_heads`` (a kdfast extension, eq. 3; null in the paper's setting)
-    re-splits the concatenated heads of both models into this many heads, for a pair whose head counts
-    differ. ``direction`` "teacher_student" computes KL(t || s) instead: MiniLM's direction, and what the
-    authors' code computes (``F.kl_div(log CAD_s, CAD_t)`` is KL(CAD_t || CAD_s)), where the paper writes
-    KL(CAD_s || CAD_t).
+    ``granularity`` "layer_kind" gives each (layer, CAD|VR) term its own weight ("25D" for 12 layers); "layer"
+    shares one weight per layer ("13D"). ``manual_weights`` lists one weight per distillation task for
+    ``weighting: manual``. ``relation_heads`` (a kdfast extension, eq. 3; null in the paper's setting)
+    re-splits the concatenated heads of both models into this many heads, for a pair whose head counts differ;
+    set to the student's count, the student's own heads are kept and only the teacher's re-split.
+    ``direction`` "teacher_student" computes KL(t || s) instead: MiniLM's direction, and what the authors'
+    code computes (``F.kl_div(log CAD_s, CAD_t)`` is KL(CAD_t || CAD_s)), where the paper writes KL(CAD_s ||
+    CAD_t).
     """
 
     weight: float = 1.0
@@ -131,22 +134,13 @@ class MTDLoss(DistillationLoss):
     shapes cannot be matched.
     """
 
-    def __init__(
-        self,
-        cfg: MTDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.tasks = task_names(cfg)
-        if cfg.weighting == "learnable":
+    cfg: MTDConfig
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
+        self.tasks = task_names(self.cfg)
+        if self.cfg.weighting == "learnable":
             self.task_logits = nn.Parameter(torch.zeros(len(self.tasks) + 1))
-        elif cfg.weighting == "uncertainty":
+        elif self.cfg.weighting == "uncertainty":
             self.task_w = nn.Parameter(torch.ones(len(self.tasks) + 1))
 
     def no_weight_decay(self) -> set[str]:
@@ -184,18 +178,11 @@ class MTDLoss(DistillationLoss):
             coefficients = torch.ones_like(losses)
         return (coefficients * losses).sum(), coefficients
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        supervised = supervised_ce(student_logits, targets, self.label_smoothing)
+    def term(self, batch: Batch) -> Term:
+        supervised = supervised_ce(batch.student_logits, batch.targets, self.label_smoothing)
         parts = {"ce": supervised}
         layers = [
-            self.relations(pair, student_taps[pair.student], teacher_taps[pair.teacher])
+            self.relations(pair, batch.student_taps[pair.student], batch.teacher_taps[pair.teacher])
             for pair in self.cfg.pairs
         ]
         if self.cfg.granularity == "layer":

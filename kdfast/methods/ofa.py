@@ -50,7 +50,7 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
-from kdfast.methods.base import DistillationLoss, require_tap
+from kdfast.methods.base import Batch, DistillationLoss, Term, hard_labels, require_tap
 from kdfast.methods.features import patch_grid, tap_tensor
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -204,19 +204,10 @@ class OFALoss(DistillationLoss):
     the hook and builds the branches from the tapped shapes.
     """
 
-    def __init__(
-        self,
-        cfg: OFAConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.branches: nn.ModuleList | None = None
+    cfg: OFAConfig
+    branches: nn.ModuleList
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
         self.classes: int | None = None
         self._classes_hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -254,9 +245,8 @@ class OFALoss(DistillationLoss):
                 )
         shapes = [tuple(f.shape[1:]) for f in features]
         self.build_once(
-            "branches",
             shapes,
-            lambda: self._branches(shapes),
+            lambda: {"branches": self._branches(shapes)},
             features[0].device,
             "loss.ofa: the branches were built for stage shapes",
         )
@@ -276,28 +266,20 @@ class OFALoss(DistillationLoss):
         init_branch(branches)
         return branches
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.branches is None:
-            raise UsageError("OFALoss: call check() on a real batch first; it sizes the branches")
+    def term(self, batch: Batch) -> Term:
+        self.require_built("branches")
         ofa = self.cfg
-        labels = targets.argmax(dim=1) if targets.is_floating_point() else targets
-        teacher = teacher_logits.detach()
+        labels = hard_labels(batch.targets)
+        teacher = batch.teacher_logits.detach()
 
         def loss_of(logits: torch.Tensor) -> torch.Tensor:
             return ofa_loss(logits, teacher, labels, eps=ofa.eps, temperature=ofa.temperature)
 
         parts = {
-            name: loss_of(branch(tap_tensor(student_taps, name, "student")))
+            name: loss_of(branch(tap_tensor(batch.student_taps, name, "student")))
             for name, branch in zip(ofa.stages, self.branches, strict=True)
         }
-        parts[FINAL_PART] = ofa.final_weight * loss_of(student_logits)
+        parts[FINAL_PART] = ofa.final_weight * loss_of(batch.student_logits)
         return sum(parts.values()), parts
 
 

@@ -32,8 +32,9 @@ class Method:
     that multiplies the method's whole term. ``validate(section, student_taps, teacher_taps, where)``: the
     checks that need the run (tap names and kinds, files), raising one ConfigError line that names keys
     under ``where`` (``loss.<name>``); the loader calls it before any work and the loss module's
-    constructor calls it too. ``loss``: the :class:`~kdfast.methods.base.DistillationLoss` subclass, built
-    as ``loss(section, student_taps, teacher_taps, kernels_impl=..., label_smoothing=...)``. ``paper``: the
+    constructor calls it too (:func:`declaring`). ``loss``: the
+    :class:`~kdfast.methods.base.DistillationLoss` subclass, built as ``loss(section, student_taps,
+    teacher_taps, kernels_impl=..., label_smoothing=...)``. ``paper``: the
     citation. ``supervised``: the method computes the supervised term itself (its own CE or task loss), so
     the run adds no ``loss.ce`` term (:class:`kdfast.methods.compose.CompositeLoss`). ``logits``: what the
     method reads of the student's output: "one" (B, K) tensor (the default), the (class, distillation)
@@ -82,3 +83,12 @@ def method(name: str, where: str = "loss.method") -> Method:
             f"config key '{where}' names no method {name!r}: {closest(name, registered, what='methods')}"
         )
     return registered[name]
+
+
+def declaring(loss_class: type) -> Method | None:
+    """The registered method whose ``loss`` is ``loss_class`` or one of its bases (a subclass keeps its
+    method's validation); None for a loss class no method declares (the interface itself, the composite)."""
+    for declared in methods().values():
+        if issubclass(loss_class, declared.loss):
+            return declared
+    return None

@@ -9,7 +9,8 @@ Numbering used in the docstrings (Sec. 3):
       (nearest) to X's grid, and X give two attention maps A = sigmoid(conv1x1([X, R])) (2 channels), and
       X <- A_0 X + A_1 R; X is resized (nearest) to T_i's grid, Y_i = BN(conv3x3(X)) at T_i's width, R_i = X
   (3) HCL, hierarchical context loss: per pair, MSE(Y, T) plus MSE after adaptive average pooling of both to
-      4x4, 2x2 and 1x1 (a level not smaller than the map is skipped), weighted 1, 1/2, 1/4, 1/8 in the order
+      4x4, 2x2 and 1x1 (a level not smaller than the map's height is skipped, as mdistiller's ``hcl_loss``
+      reads only H: on a non-square map the width does not decide), weighted 1, 1/2, 1/4, 1/8 in the order
       the levels are used, divided by the sum of the weights used
   (4) the term: sum over pairs of (3), times the warm-up min(e / warmup, 1) of epoch e counted from 1
       (:func:`kdfast.methods.base.warmup_factor`)
@@ -35,7 +36,7 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, FeaturePair, require_pairs, warmup_factor
+from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs, warmup_factor
 from kdfast.methods.features import pair_maps
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -46,7 +47,8 @@ HCL_LEVELS = (4, 2, 1)  # eq. 3: the pyramid's pooled grids, finest first
 def hcl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Eq. 3 for one pair of (B, C, H, W) maps of one shape, in float32 at least: (MSE + sum_k w_k
     MSE(pool_l_k(student), pool_l_k(teacher))) / (1 + sum_k w_k) over the levels l_k of HCL_LEVELS smaller
-    than min(H, W), w_k = 2^-k (k = 1, 2, ... in the order used). Scalar."""
+    than H (mdistiller's rule, also on a non-square map: an 8 x 4 map is pooled to 4 x 4, 2 x 2 and 1 x 1),
+    w_k = 2^-k (k = 1, 2, ... in the order used), each pool l_k x l_k. Scalar."""
     if student.shape != teacher.shape:
         raise UsageError(
             f"ReviewKD: the student's fused map {tuple(student.shape)} and the teacher's map "
@@ -56,7 +58,7 @@ def hcl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     student, teacher = student.to(dtype), teacher.to(dtype)
     loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
     for level in HCL_LEVELS:
-        if level >= min(student.shape[2:]):
+        if level >= student.shape[2]:
             continue
         weight /= 2
         pooled = (F.adaptive_avg_pool2d(x, level) for x in (student, teacher))
@@ -142,20 +144,11 @@ class ReviewKDLoss(DistillationLoss):
     the term. :meth:`check` on a real batch builds the ABFs from the tapped shapes. The warm-up factor is a
     buffer that :meth:`start_epoch` sets, so a compiled step reads the new value without recompiling."""
 
-    def __init__(
-        self,
-        cfg: ReviewKDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.abfs: nn.ModuleList | None = None
-        self.register_buffer("warmup", torch.tensor(warmup_factor(0, cfg.warmup)), persistent=False)
+    cfg: ReviewKDConfig
+    abfs: nn.ModuleList
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
+        self.register_buffer("warmup", torch.tensor(warmup_factor(0, self.cfg.warmup)), persistent=False)
 
     def check(self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]) -> None:
         """UsageError when a pair's batch sizes differ or its channel counts are not those the ABFs were
@@ -164,10 +157,10 @@ class ReviewKDLoss(DistillationLoss):
         maps = pair_maps(self.cfg.pairs, student_taps, teacher_taps, "reviewkd")
         channels = [(student.shape[1], teacher.shape[1]) for _, student, teacher in maps]
         mid, last = min(self.cfg.max_mid_channels, channels[-1][0]), len(channels) - 1
+        abfs = lambda: nn.ModuleList(ABF(s, mid, t, fuse=i < last) for i, (s, t) in enumerate(channels))
         self.build_once(
-            "abfs",
             channels,
-            lambda: nn.ModuleList(ABF(s, mid, t, fuse=i < last) for i, (s, t) in enumerate(channels)),
+            lambda: {"abfs": abfs()},
             maps[0][1].device,
             "loss.reviewkd: the ABFs were built for (student, teacher) channels",
         )
@@ -176,18 +169,10 @@ class ReviewKDLoss(DistillationLoss):
         """Eq. 4: the warm-up factor of this epoch (the stage's length does not enter it)."""
         self.warmup.fill_(warmup_factor(epoch, self.cfg.warmup))
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.abfs is None:
-            raise UsageError("ReviewKDLoss: call check() on a real batch first; it sizes the ABFs")
+    def term(self, batch: Batch) -> Term:
+        self.require_built("ABFs")
         names, students, teachers = zip(
-            *pair_maps(self.cfg.pairs, student_taps, teacher_taps, "reviewkd"), strict=True
+            *pair_maps(self.cfg.pairs, batch.student_taps, batch.teacher_taps, "reviewkd"), strict=True
         )
         fused = review(self.abfs, students, [tuple(t.shape[2:]) for t in teachers])
         parts = {

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, require_tap
+from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import embedding
 from kdfast.methods.registry import Method
 from kdfast.schema import positive
@@ -117,18 +117,7 @@ class RKDLoss(DistillationLoss):
     """Eq. 5 between the pooled embeddings of the two taps; the teacher's are detached. ``forward`` returns
     (term, {"distance", "angle"}), the parts weighted, so they sum to the term."""
 
-    def __init__(
-        self,
-        cfg: RKDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: RKDConfig
 
     def embeddings(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
@@ -141,15 +130,8 @@ class RKDLoss(DistillationLoss):
         """Raise UsageError when the taps of a real batch are not embeddings of one batch."""
         rkd_parts(*self.embeddings(student_taps, teacher_taps))
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        distance, angle = rkd_parts(*self.embeddings(student_taps, teacher_taps))
+    def term(self, batch: Batch) -> Term:
+        distance, angle = rkd_parts(*self.embeddings(batch.student_taps, batch.teacher_taps))
         parts = {"distance": self.cfg.distance_weight * distance, "angle": self.cfg.angle_weight * angle}
         return parts["distance"] + parts["angle"], parts
 

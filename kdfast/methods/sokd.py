@@ -9,6 +9,8 @@ Refinement for Knowledge Distillation", ACM MM 2024, arXiv:2409.18785):
   (10) magnitudes take the straight-through gradient dF/dm = 1 (the operations need not be differentiable
       in m)
   (L_aug) 1/2 (s(F^t) - F^s)^2, the consistency loss that trains the DAFA parameters during the search
+  (7) the search: DAFA's parameters minimize L_aug as a validation loss, on held-out images the student does
+      not train on, while the student minimizes eq. 15 on the training images (a bi-level problem)
   (11) DAM: a detection head of three branches (heatmap, size, offset; each 3x3 conv + ReLU + 1x1 conv),
       shared by the student branch Phi_s(F^s) (Phi_s: a 1x1 adapter to the teacher's channels) and the
       teacher branch
@@ -17,10 +19,13 @@ Refinement for Knowledge Distillation", ACM MM 2024, arXiv:2409.18785):
   (13) the areas A_1..A_P decoded from heatmap, size and offset as CenterNet boxes
   (14) L_DA = sum_p ||M(A_p) Phi_s(F^s) - M(A_p) s(F^t)||^2, the feature loss inside the areas
   (15) L = L_task + alpha L_D + beta L_DA; L_task is the base method's objective (CE, and the base feature
-      method's loss when SoKD plugs into one: compose ``loss.method: [fitnet, sokd]`` and so on)
-The search lasts ``search_epochs`` (the paper's best: 20 of 240 epochs); the student trains against s(F^t)
-throughout: the sampled sub-policy while searching, the argmax sub-policy once the search ends. Every
-||.||^2 is taken as a mean over elements (batch mean), as every kdfast feature loss.
+      method's loss when SoKD plugs into one: compose ``loss.method: [fitnet, sokd]`` and so on; the base
+      method reads s(F^t) in place of F^t, :meth:`SoKDLoss.teacher_view`)
+The search lasts ``search_epochs`` (the paper's best: 20 of 240 epochs) and reads a held-out share
+``search_split`` of the training split (eq. 7; the run trains every stage on the rest, so the student never
+fits those images; the share is kdfast's, the text available here does not state the paper's); the student
+trains against s(F^t) throughout: the sampled sub-policy while searching, the argmax sub-policy once the
+search ends. Every ||.||^2 is taken as a mean over elements (batch mean), as every kdfast feature loss.
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import DistillationLoss, require_tap, step_aside
-from kdfast.methods.features import resize_to, spatial_feature, tap_tensor
+from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap, step_aside
+from kdfast.methods.features import patch_grid, resize_to, spatial_feature, tap_tensor
 from kdfast.methods.registry import Method
-from kdfast.schema import positive
+from kdfast.schema import at_most, positive
 
 HEAD_WIDTH = 64  # eq. 11: the hidden width of each branch (kdfast's choice)
 PEAK_KERNEL = 3  # eq. 13: a peak is a heatmap cell equal to the maximum of its 3x3 neighbourhood (CenterNet)
@@ -153,10 +158,10 @@ class SoKDConfig:
 
     DAFA searches ``sub_policies`` sub-policies of ``ops_per_policy`` operations (Gumbel-softmax and relaxed
     Bernoulli at ``temperature``) by L_aug with Adam at ``search_lr`` for ``search_epochs`` epochs (null: the
-    paper's best 20 of 240, scaled to the run: round(epochs / 12), at least 1); DAM decodes ``areas`` (P)
-    areas of mutual interest. ``feature_weight`` adds the unmasked feature loss 1/2 mean (s(F^t) -
-    Phi_s(F^s))^2: a kdfast addition (not in eq. 15), 0 (off) in the paper's setting; it stands in for a
-    FitNet-style base method where none is composed.
+    paper's best 20 of 240, scaled to the run: round(epochs / 12), at least 1) on the held-out share
+    ``search_split`` of the training images (eq. 7); DAM decodes ``areas`` (P) areas of mutual interest.
+    ``feature_weight`` adds the unmasked feature loss 1/2 mean (s(F^t) - Phi_s(F^s))^2: a kdfast addition
+    (not in eq. 15), 0 (off) in the paper's setting, where the composed base method gives L_task.
     """
 
     weight: float = 1.0
@@ -170,6 +175,7 @@ class SoKDConfig:
     ops_per_policy: int = 2
     temperature: float = 0.5
     search_lr: float = 3e-3
+    search_split: float = 0.1
     feature_weight: float = 0.0
 
 
@@ -180,13 +186,15 @@ def validate(
     where: str = "loss.sokd",
 ) -> None:
     """Two feature taps; a search of >= 0 epochs; positive areas, search sizes, temperature and rate; a
-    feature weight >= 0."""
+    held-out share in (0, 0.5]; a feature weight >= 0."""
     require_tap(student_taps, cfg.student, role="student", where=f"{where}.student", kind="feature")
     require_tap(teacher_taps, cfg.teacher, role="teacher", where=f"{where}.teacher", kind="feature")
     if cfg.search_epochs is not None:
         positive(cfg.search_epochs, f"{where}.search_epochs", allow_zero=True)
     for key in ("areas", "sub_policies", "ops_per_policy", "temperature", "search_lr"):
         positive(getattr(cfg, key), f"{where}.{key}")
+    positive(cfg.search_split, f"{where}.search_split")
+    at_most(cfg.search_split, 0.5, f"{where}.search_split", "the student would train on fewer images")
     positive(cfg.feature_weight, f"{where}.feature_weight", allow_zero=True)
 
 
@@ -275,40 +283,34 @@ class SoKDLoss(DistillationLoss):
 
     ``forward`` returns (term, parts): "dam" (alpha L_D), "areas" (beta L_DA) and, when ``feature_weight``
     is set, "feat" sum to the term; "aug" is L_aug of the batch, logged, not part of the student's loss.
-    The target is s(F^t) (the teacher feature on the student's grid, refined by DAFA, detached): the
-    sampled sub-policy in the search epochs, the searched one afterwards. The areas (eq. 13) are decoded
-    from the student branch's outputs: the head is shared and L_D aligns the branches, so they are the
-    areas both find.
+    The target is s(F^t), refined by DAFA (the sampled sub-policy in the search epochs, the searched one
+    afterwards) and detached: :meth:`teacher_view` puts it in place of the teacher tap, so the feature method
+    SoKD plugs into (``loss.method: [fitnet, sokd]``, L_task of eq. 15) distills s(F^t) too; SoKD's own terms
+    read it on the student's grid. The areas (eq. 13) are decoded from the student branch's outputs: the head
+    is shared and L_D aligns the branches, so they are the areas both find.
 
     The adapter and the detection head train with the student. DAFA's parameters are registered (saved
     in ``state_dict``) but have requires_grad False, so the training loop leaves them out of the student
     optimizer; in the search epochs :meth:`after_step` gives them one Adam step (``search_lr``) on L_aug
-    over the last training batch, through detached aliases (``functional_call``), as CAKD trains its
-    discriminator. :meth:`check` on a real batch sizes and builds the sub-networks.
+    over the next batch of the held-out images (:meth:`use_held_out`), through detached aliases
+    (``functional_call``), as CAKD trains its discriminator. :meth:`check` on a real batch sizes and
+    builds the sub-networks.
     """
 
-    def __init__(
-        self,
-        cfg: SoKDConfig,
-        student_taps: Mapping[str, TapConfig],
-        teacher_taps: Mapping[str, TapConfig],
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
-        self.adapter: nn.Conv2d | None = None
-        self.head: DetectionHead | None = None
-        self.dafa: DAFA | None = None
+    cfg: SoKDConfig
+    adapter: nn.Conv2d
+    head: DetectionHead
+    dafa: DAFA
+
+    def setup(self, student_taps: Mapping[str, TapConfig], teacher_taps: Mapping[str, TapConfig]) -> None:
         self.dafa_optimizer: torch.optim.Adam | None = None
-        self.searching = cfg.search_epochs is None or cfg.search_epochs > 0
-        self._stash: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.searching = self.cfg.search_epochs is None or self.cfg.search_epochs > 0
+        self._held_out: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]] | None = None
 
     def _features(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F^s, F^t) as (B, C, H, W) maps (ViT tokens on their patch grid), each on its own grid."""
         sokd = self.cfg
         student = spatial_feature(tap_tensor(student_taps, sokd.student, "student"), sokd.student)
         teacher = spatial_feature(tap_tensor(teacher_taps, sokd.teacher, "teacher"), sokd.teacher)
@@ -324,47 +326,63 @@ class SoKDLoss(DistillationLoss):
                 f"loss.sokd: student and teacher features have batch sizes {student.shape[0]} and "
                 f"{teacher.shape[0]}; tap one forward pass each"
             )
-        if self.adapter is None:
-            sokd = self.cfg
-            self.adapter = nn.Conv2d(student.shape[1], teacher.shape[1], 1)
-            self.head = DetectionHead(teacher.shape[1])
-            self.dafa = DAFA(sokd.sub_policies, sokd.ops_per_policy, sokd.temperature).requires_grad_(False)
-            self.to(student.device)
+        sokd, channels = self.cfg, (student.shape[1], teacher.shape[1])
+        built = self.build_once(
+            channels,
+            lambda: {
+                "adapter": nn.Conv2d(*channels, 1),
+                "head": DetectionHead(channels[1]),
+                "dafa": DAFA(sokd.sub_policies, sokd.ops_per_policy, sokd.temperature).requires_grad_(False),
+            },
+            student.device,
+            "loss.sokd: the adapter was built for (student, teacher) channels",
+        )
+        if built:
             self.dafa_optimizer = torch.optim.Adam(self.dafa.parameters(), lr=sokd.search_lr)
-        built = (self.adapter.in_channels, self.adapter.out_channels)
-        if built != (student.shape[1], teacher.shape[1]):
-            raise UsageError(
-                f"loss.sokd: the adapter was built for (student, teacher) channels {built}, but these taps "
-                f"give {(student.shape[1], teacher.shape[1])}"
-            )
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """The search runs in epochs 0 .. n - 1 of the ``epochs`` (n: :func:`search_length`); DAFA is frozen
         from then on."""
         self.searching = epoch < search_length(self.cfg.search_epochs, epochs)
 
+    def held_out_share(self) -> float:
+        """Eq. 7: L_aug is a validation loss, so the search reads images the student does not train on: the
+        share ``search_split`` of the training split (none when the run has no search epochs)."""
+        return 0.0 if self.cfg.search_epochs == 0 else self.cfg.search_split
+
+    def use_held_out(self, taps: Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]]) -> None:
+        """``taps()``: the (student, teacher) taps of the next held-out batch, read by the search."""
+        self._held_out = taps
+
+    def teacher_view(self, teacher_taps: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The teacher taps with the tap ``teacher`` replaced by s(F^t), detached: DAFA on its map (ViT
+        tokens on their patch grid, the prefix tokens kept as they are), in float32; unchanged in eval mode,
+        where DAFA is the identity."""
+        self.require_built("adapter")
+        name = self.cfg.teacher
+        feature = tap_tensor(teacher_taps, name, "teacher").detach().float()
+        refined = self.dafa(spatial_feature(feature, name), self.searching).detach()
+        if feature.dim() == 3:
+            prefix = patch_grid(feature.shape[1])[1]
+            refined = torch.cat([feature[:, :prefix], refined.flatten(2).transpose(1, 2)], dim=1)
+        return {**teacher_taps, name: refined}
+
     def aligned(
         self, student_taps: Mapping[str, Any], teacher_taps: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Phi_s(F^s), the adapted student feature; F^t, the teacher feature on the student's grid,
-        detached); the sub-networks must be built."""
-        if self.adapter is None:
-            raise UsageError("SoKDLoss: call check() on a real batch first; it sizes the adapter")
+        """(Phi_s(F^s), the adapted student feature; the teacher tap on the student's grid, detached); the
+        sub-networks must be built."""
+        self.require_built("adapter")
         student, teacher = self._features(student_taps, teacher_taps)
-        teacher = resize_to(teacher.detach().float(), tuple(student.shape[-2:]), self.impl)
-        return self.adapter(student.float()), teacher
+        return self.adapter(student.float()), self.on_student_grid(teacher.detach(), student)
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def on_student_grid(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """A teacher map resized bilinearly to the student map's grid, in float32."""
+        return resize_to(teacher.float(), tuple(student.shape[-2:]), self.impl)
+
+    def term(self, batch: Batch) -> Term:
         sokd = self.cfg
-        f_s, f_t = self.aligned(student_taps, teacher_taps)
-        target = self.dafa(f_t, self.searching).detach()
+        f_s, target = self.aligned(batch.student_taps, batch.teacher_taps)  # s(F^t): teacher_view's
         # The shared head learns from both branches: with the teacher's detached, its own output is a
         # target that moves with the head's weights.
         student_head, teacher_head = self.head(f_s), self.head(target)
@@ -377,19 +395,29 @@ class SoKDLoss(DistillationLoss):
             parts["feat"] = sokd.feature_weight * consistency_loss(target, f_s)
         loss = sum(parts.values())
         parts["aug"] = consistency_loss(target, f_s.detach())
-        if self.training and self.searching:
-            self._stash = (f_t, f_s.detach())
         return loss, parts
 
     def after_step(self) -> None:
-        """In the search epochs, one Adam step of DAFA's parameters on L_aug = 1/2 mean (s(F^t) - F^s)^2
-        over the last training batch, with a freshly sampled sub-policy; nothing once frozen."""
-        if not self.searching or self._stash is None:
+        """In the search epochs, one Adam step of DAFA's parameters on L_aug = 1/2 mean (s(F^t) -
+        Phi_s(F^s))^2 over the next held-out batch (eq. 7), with a freshly sampled sub-policy; nothing once
+        frozen."""
+        if not self.searching:
             return
-        teacher, student = self._stash
-        self._stash = None
-        searched = lambda dafa: consistency_loss(dafa(teacher, True), student)
-        step_aside(self.dafa, self.dafa_optimizer, searched)
+        if self._held_out is None:
+            raise UsageError(
+                "SoKDLoss: the search reads held-out images; give use_held_out() the taps of held-out "
+                "batches (the training loop does when held_out_share() > 0)"
+            )
+        student_taps, teacher_taps = self._held_out()
+        with torch.no_grad():
+            student, teacher = self._features(student_taps, teacher_taps)
+            f_s = self.adapter(student.float())
+        teacher = teacher.detach().float()
+
+        def l_aug(dafa: Callable[..., torch.Tensor]) -> torch.Tensor:
+            return consistency_loss(self.on_student_grid(dafa(teacher, True), f_s), f_s)
+
+        step_aside(self.dafa, self.dafa_optimizer, l_aug)
 
     def get_extra_state(self) -> dict[str, Any]:
         """DAFA's Adam state, so a resumed search continues where it stopped."""
@@ -407,7 +435,6 @@ class SoKDLoss(DistillationLoss):
         """[(student, teacher)] (B, h, w) DAM heatmaps sigmoid(H) (eq. 11) on the student's grid."""
         f_s, f_t = self.aligned(student_taps, teacher_taps)
         return [(torch.sigmoid(self.head(f_s)[0])[:, 0], torch.sigmoid(self.head(f_t)[0])[:, 0])]
-
 
 METHOD = Method(
     name="sokd",

@@ -30,7 +30,7 @@ from torch import nn
 
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
-from kdfast.methods.base import NO_TAPS, DistillationLoss, supervised_ce
+from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term, supervised_ce
 from kdfast.methods.registry import Method
 from kdfast.schema import unit_interval
 from kdfast.taps import Taps, unwrap
@@ -80,18 +80,7 @@ class TITNLoss(DistillationLoss):
     takes the tap configs only to share the interface of the other methods.
     """
 
-    def __init__(
-        self,
-        cfg: TITNConfig,
-        student_taps: Mapping[str, TapConfig] = NO_TAPS,
-        teacher_taps: Mapping[str, TapConfig] = NO_TAPS,
-        *,
-        kernels_impl: str = "auto",
-        label_smoothing: float = 0.0,
-    ) -> None:
-        validate(cfg, student_taps, teacher_taps)
-        super().__init__(kernels_impl, label_smoothing)
-        self.cfg = cfg
+    cfg: TITNConfig
 
     def prepare_student(self, student: nn.Module) -> None:
         """Switch on the distillation head's output (DeiT): the student must have a distillation token."""
@@ -139,19 +128,12 @@ class TITNLoss(DistillationLoss):
         if student_logits is not None and teacher_logits is not None:
             self.heads(student_logits, teacher_logits)
 
-    def forward(
-        self,
-        student_logits: Any,
-        teacher_logits: torch.Tensor,
-        targets: torch.Tensor,
-        student_taps: Mapping[str, Any],
-        teacher_taps: Mapping[str, Any],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, distill = self.heads(student_logits, teacher_logits)
+    def term(self, batch: Batch) -> Term:
+        logits, distill = self.heads(batch.student_logits, batch.teacher_logits)
         alpha = self.cfg.alpha
         parts = {
-            "cls": alpha * supervised_ce(logits, targets, self.label_smoothing),
-            "distill": (1 - alpha) * hard_distillation_loss(distill, teacher_logits),
+            "cls": alpha * supervised_ce(logits, batch.targets, self.label_smoothing),
+            "distill": (1 - alpha) * hard_distillation_loss(distill, batch.teacher_logits),
         }
         return sum(parts.values()), parts
 

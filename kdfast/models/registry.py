@@ -6,7 +6,6 @@ Nothing here downloads: pretrained weights come from local files only, loaded wi
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from kdfast.checkpoint import read_torch_file
 from kdfast.config import ArchSpec
 from kdfast.errors import CheckpointError, ConfigError, UsageError
+from kdfast.schema import closest
 
 _KDFAST_MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -39,24 +39,23 @@ def kdfast_models() -> list[str]:
     return sorted(_KDFAST_MODELS)
 
 
-def _closest_names(name: str, names: Iterable[str]) -> str:
-    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
-    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else "no similar name exists"
+def _unknown(source: str, name: str, names: Iterable[str]) -> ConfigError:
+    return ConfigError(f"unknown {source} model {name!r}: {closest(name, names, 'name', listed=0)}")
 
 
 def _builder(source: str, name: str) -> Callable[..., nn.Module]:
     if source == "kdfast":
         if name not in _KDFAST_MODELS:
-            raise ConfigError(f"unknown kdfast model {name!r}: {_closest_names(name, _KDFAST_MODELS)}")
+            raise _unknown("kdfast", name, _KDFAST_MODELS)
         return _KDFAST_MODELS[name]
     if source == "timm":
         if not timm.is_model(name):
-            raise ConfigError(f"unknown timm model {name!r}: {_closest_names(name, timm.list_models())}")
+            raise _unknown("timm", name, timm.list_models())
         return lambda **kwargs: timm.create_model(name, **kwargs)
     if source == "torchvision":
         names = torchvision.models.list_models()
         if name not in names:
-            raise ConfigError(f"unknown torchvision model {name!r}: {_closest_names(name, names)}")
+            raise _unknown("torchvision", name, names)
         return lambda **kwargs: torchvision.models.get_model(name, **kwargs)
     raise ConfigError(f"arch.source must be one of 'timm', 'torchvision', 'kdfast', got {source!r}")
 

@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -242,6 +243,7 @@ class Run:
     log: MetricsLog | None = None  # created once the checks passed and the output folder is claimed
     position: str = "before the first training step"  # where Ctrl-C found the run
     resume_dir: Path | None = None  # what --resume takes to continue: the output folder, or its seeds folder
+    held_out_ds: Dataset | None = None  # training images a loss reads (SoKD search) and no stage trains on
 
     @property
     def num_classes(self) -> int:
@@ -409,6 +411,38 @@ def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tup
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         yield images, targets.to(run.rt.device, non_blocking=True)
+
+
+def hold_out(dataset: Dataset, share: float, seed: int) -> tuple[Subset, Subset]:
+    """(the rest, the held-out ``share``) of ``dataset``, a fixed draw of ``seed`` (at least one image held
+    out): the images a loss module's search reads (``DistillationLoss.held_out_share``) and no stage trains
+    on."""
+    count = max(1, round(len(dataset) * share))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(order[count:])), Subset(dataset, sorted(order[:count]))
+
+
+def held_out_taps(run: Run, student: Taps, teacher: Taps) -> Callable[[], tuple[dict, dict]]:
+    """``taps()``: both models' taps, without gradient, on the next batch of ``run.held_out_ds``, which it
+    cycles through in a fresh order each pass (``DistillationLoss.use_held_out`` takes it)."""
+    size = min(run.cfg.data.batch_size, len(run.held_out_ds))
+    loader = DataLoader(
+        run.held_out_ds,
+        batch_size=size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(run.cfg.seed),
+        num_workers=run.cfg.data.num_workers,
+        persistent_workers=run.cfg.data.num_workers > 0,
+    )
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+
+    def taps() -> tuple[dict, dict]:
+        images = next(batches)[0].to(run.rt.device, non_blocking=True)
+        with torch.no_grad(), run.rt.autocast():
+            return student(images)[1], teacher(images)[1]
+
+    return taps
 
 
 def validate_model(model: nn.Module, run: Run) -> dict[str, float]:
@@ -961,6 +995,9 @@ def run_training(
         label_smoothing=cfg.student.train.label_smoothing,
     )
     loss_fn = loss_fn.to(rt.device)
+    if loss_fn.held_out_share():  # drawn as the train/val split is, so that seeds share it
+        split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+        run.train_ds, run.held_out_ds = hold_out(train_ds, loss_fn.held_out_share(), split_seed)
     _probe(run, teacher, student, teacher_taps, student_taps, loss_fn)
     _check_resume_fits(resumed, teacher, student, loss_fn)
     del resumed
@@ -1075,6 +1112,8 @@ def _train_stages(
         }
         del baseline
 
+    if run.held_out_ds is not None:
+        loss_fn.use_held_out(held_out_taps(run, student_taps, teacher_taps))
     metrics = run_stage(
         "distill",
         student,

@@ -15,17 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = [
     "environment",
-    "gpu tests",
+    "qad",
+    "export",
     "kernel benchmarks",
+    "gpu tests",
     "train step eager",
     "train step compiled",
-    "export",
-    "qad",
 ]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_run  # noqa: E402
 
 
-def _gpu_sh(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable}
+def _gpu_sh(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env_vars}
     env.pop("TRITON_INTERPRET", None)  # the driver sets what its steps need
     command = ["bash", str(ROOT / "bench" / "gpu.sh"), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -36,6 +38,14 @@ def test_dry_run_runs_every_step_and_writes_every_result(tmp_path):
     out = tmp_path / "run"
     done = _gpu_sh("--dry-run", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The plan comes first, the same as a GPU run's with the dry run's factor, every step inside the budget.
+    lines = done.stdout.splitlines()
+    assert lines[: len(STEPS) + 1] == gpu_run.plan_lines(
+        gpu_run.BUDGET_S * gpu_run.DRY_FACTOR, gpu_run.DRY_FACTOR
+    )
+    # pytorch-msssim came from the wheel bench/gpu.sh unpacked (it is not installed in CI's environment).
+    kernels_log = (out / "kernels.log").read_text()
+    assert "pytorch_msssim" not in kernels_log or "SKIPPED" not in kernels_log
     env = json.loads((out / "env.json").read_text())
     assert env["dry_run"] is True and env["torch"] and env["triton"]
     # Every gpu test was collected and skipped (no CUDA here), none errored.
@@ -47,6 +57,14 @@ def test_dry_run_runs_every_step_and_writes_every_result(tmp_path):
     for op in groups:
         impls = {r["extra_info"]["impl"] for r in kernels if r["group"].startswith(op)}
         assert {"triton", "reference", "compiled_reference"} <= impls, (op, impls)
+    # pytorch-msssim's baseline ran: bench/gpu.sh unpacked its wheel (bench/wheels/) into a temporary folder.
+    assert "pytorch_msssim" in {r["extra_info"]["impl"] for r in kernels}
+    # Compile time is its own figure: each case's first call, summed in the step's row.
+    assert all(r["extra_info"]["first_call_s"] >= 0 for r in kernels)
+    assert all(r["extra_info"]["first_call_s"] > 0 for r in kernels if r["extra_info"]["impl"] == "triton")
+    total = sum(r["extra_info"]["first_call_s"] for r in kernels)
+    assert "| kernel benchmarks | passed |" in (out / "RESULTS.md").read_text()
+    assert f"{len(kernels)} cases; first calls (compile, autotune, warm-up) {total:.1f} s" in done.stdout
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert {r["extra_info"]["piece"] for r in train} == {"teacher_forward", "ce_step", "distill_step"}
     assert all(r["extra_info"]["images_per_s"] > 0 for r in train)
@@ -62,6 +80,30 @@ def test_dry_run_runs_every_step_and_writes_every_result(tmp_path):
     # The summary table comes last on stdout.
     assert done.stdout.rstrip().splitlines()[-1].startswith("results: ")
     assert "| measured | value | target |" in done.stdout.split("=== summary ===")[-1]
+
+
+def test_the_plan_fits_8_minutes_with_qad_before_any_compiling_step():
+    assert [p.name for p in gpu_run.PLAN] == STEPS
+    assert sum(p.cap_s for p in gpu_run.PLAN) <= gpu_run.BUDGET_S == 480
+    # Nothing that compiles runs before QAD; the steps that compile most come last.
+    assert [p.compile_s for p in gpu_run.PLAN[:2]] == [0, 0]
+    lines = gpu_run.plan_lines(gpu_run.BUDGET_S, 1)
+    assert lines[0].startswith(
+        f"plan: 7 steps, caps {sum(p.cap_s for p in gpu_run.PLAN)} s of a 480 s budget"
+    )
+    assert all(line.endswith(f"(ends by {end} s)") for line, end in zip(lines[1:], _ends(), strict=True))
+    assert not any("past the budget" in line for line in lines)
+    # A budget too short for the plan says which steps may be cut.
+    short = gpu_run.plan_lines(200, 1)
+    assert "past the budget" not in short[2] and "may be cut short: past the budget" in short[-1]
+
+
+def _ends() -> list[int]:
+    ends, used = [], 0
+    for p in gpu_run.PLAN:
+        used += p.cap_s
+        ends.append(used)
+    return ends
 
 
 def test_refuses_a_folder_that_holds_results(tmp_path):

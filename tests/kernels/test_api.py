@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import operator
+import types
+
+import numpy as np
 import pytest
 import torch
 from support.devices import KERNEL_DEVICE
 
 import kernels
-from kernels._dispatch import TRITON_AVAILABLE, use_triton
+from kernels._dispatch import TRITON_AVAILABLE, backport_interpreter_index, interpreting, use_triton
 from kernels._launch import Pinned, launch
 
 if TRITON_AVAILABLE:
@@ -107,3 +112,32 @@ def test_launch_is_kernel_grid_call():
     _scale_kernel.fn[(4,)](x, expected, 50, 1.5, BLOCK=16)
     torch.testing.assert_close(y, x * 1.5, rtol=0, atol=0)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_interpreter_backport_gives_an_int_for_a_one_element_array():
+    # Triton 3.3-3.6's interpreter does int() of a 1-element array, which numpy >= 2.4 refuses; Triton 3.7
+    # squeezes it first. The backport wraps the function that installs that conversion.
+    class Scalar:
+        handle = types.SimpleNamespace(data=np.array([7], dtype=np.int32))
+
+    def _patch_lang_tensor(tensor, scope):
+        tensor.__index__ = lambda self: int(self.handle.data)
+
+    interpreter = types.SimpleNamespace(_patch_lang_tensor=_patch_lang_tensor)
+    assert backport_interpreter_index(interpreter)
+    interpreter._patch_lang_tensor(Scalar, None)
+    assert operator.index(Scalar()) == 7 and len(range(Scalar())) == 7
+    assert not backport_interpreter_index(interpreter)  # applied once
+
+    def _fixed(tensor, scope):
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+
+    assert not backport_interpreter_index(types.SimpleNamespace(_patch_lang_tensor=_fixed))
+
+
+@pytest.mark.skipif(not (TRITON_AVAILABLE and interpreting()), reason="needs the Triton interpreter")
+def test_the_interpreter_in_use_converts_one_element_arrays():
+    from triton.runtime import interpreter
+
+    fixed = getattr(interpreter._patch_lang_tensor, "kdfast_backport", False)
+    assert fixed or "squeeze" in inspect.getsource(interpreter._patch_lang_tensor)

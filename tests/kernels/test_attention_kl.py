@@ -183,13 +183,16 @@ def test_triton_constant_logits():
 def test_opcheck():
     q_s, k_s = _qk(1, 1, 20, 16)
     q_t, k_t = _qk(1, 1, 20, 32, grad=False)
-    torch.library.opcheck(torch.ops.kdfast.attention_kl_fwd.default, (q_s, k_s, q_t, k_t, 0.25, 0.2))
+    for mean in (True, False):
+        torch.library.opcheck(torch.ops.kdfast.attention_kl.default, (q_s, k_s, q_t, k_t, 0.25, 0.2, mean))
     # The backward op has no double-backward formula: checked on detached inputs.
     q_s, k_s = q_s.detach(), k_s.detach()
-    stats = torch.ops.kdfast.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.25, 0.2)
-    assert stats.shape == (3, 1, 1, 20)
-    bwd_args = (torch.rand(1, 1, 20, device=KERNEL_DEVICE), q_s, k_s, q_t, k_t, stats, 0.25, 0.2, True, False)
-    torch.library.opcheck(torch.ops.kdfast.attention_kl_bwd.default, bwd_args)
+    loss, kl, lse = torch.ops.kdfast.attention_kl(q_s, k_s, q_t, k_t, 0.25, 0.2, False)
+    assert loss.shape == (0,) and kl.shape == (1, 1, 20) and lse.shape == (2, 1, 1, 20)
+    rows = torch.rand(1, 1, 20, device=KERNEL_DEVICE)
+    for grads, mean in (((None, rows), False), ((torch.tensor(0.7, device=KERNEL_DEVICE), None), True)):
+        bwd_args = (*grads, q_s, k_s, q_t, k_t, kl, lse, 0.25, 0.2, mean, True, True, False, False)
+        torch.library.opcheck(torch.ops.kdfast.attention_kl_backward.default, bwd_args)
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -237,3 +240,18 @@ def test_bad_input_raises_value_error(change, kwargs, match):
     change(inputs)
     with pytest.raises(ValueError, match=match):
         attention_kl(*inputs, **kwargs)
+
+
+def test_grid_is_one_dimensional_past_65535_heads_and_refused_past_2_31_programs():
+    # B * H used to be grid axis y (at most 65,535); the grid is now 1-D, up to 2^31 - 1 programs.
+    def heads(b, h, n):
+        return torch.empty(1, 1, 1, 16, device="meta").expand(b, h, n, 16)
+
+    many = heads(2**16, 1, 197)
+    plan = _plan_of(many, many, many, many)
+    assert plan.fwd_grid({"BLOCK_M": 16}) == (13 * 2**16,) and plan.bwd_grid({"BLOCK_N": 128}) == (2 * 2**16,)
+    # At the smallest block, 2^27 slices of 256 rows are 2^31 programs: one more than axis x holds.
+    assert _plan_of(*[heads(2**27 - 1, 1, 256)] * 4).fwd_grid({"BLOCK_M": 16}) == (2**31 - 16,)
+    too_many = heads(2**27, 1, 256)
+    with pytest.raises(ValueError, match="2147483648 programs along grid axis x.*; split the batch"):
+        _plan_of(too_many, too_many, too_many, too_many)

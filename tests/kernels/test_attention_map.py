@@ -209,12 +209,12 @@ def test_opcheck_and_compile_without_graph_break():
     torch.library.opcheck(torch.ops.kdfast.attention_map.default, (features, 4, 3, 2.0, True))
     out, norm = torch.ops.kdfast.attention_map(features.detach(), 4, 3, 2.0, True)
     grad = torch.randn(2, 4, 3, device=KERNEL_DEVICE)
-    args = (grad, features.detach(), out, norm, 2.0, True)
+    args = (grad, features.detach(), out, norm, 2.0, True, True)
     torch.library.opcheck(torch.ops.kdfast.attention_map_backward.default, args)
     maps = torch.randn(1, 2, 5, 4, device=KERNEL_DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.kdfast.resize.default, (maps, 3, 6))
     grad_maps = torch.randn(1, 2, 3, 6, device=KERNEL_DEVICE)
-    torch.library.opcheck(torch.ops.kdfast.resize_backward.default, (grad_maps, 5, 4))
+    torch.library.opcheck(torch.ops.kdfast.resize_backward.default, (grad_maps, 5, 4, True))
 
     def loss(f):
         return resize(attention_map(f, (4, 4), impl="triton")[:, None], (3, 3), impl="triton").square().sum()

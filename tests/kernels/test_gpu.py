@@ -1,7 +1,8 @@
 """Every kernel op on CUDA, forward and backward, against its reference evaluated in float64
 (``pytest -m gpu``; skipped without a CUDA GPU).
 
-Inputs are fresh random numbers every run (the seed is printed with any failure); every buffer the ops
+Inputs are fresh random numbers every run (the ``seed`` fixture of tests/kernels/conftest.py: each test's seed
+is listed in the summary and printed with any failure); every buffer the ops
 allocate is filled with NaN before their kernels run, so an element a kernel fails to write fails the test;
 each dtype has its own tolerance, relative to the largest reference entry (gradients span decades); sizes are
 odd. A compiled (``torch.compile(fullgraph=True)``, Inductor) AGKD and MTD loss step closes the file.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import random
 from collections.abc import Callable, Iterator, Sequence
 from unittest import mock
 
@@ -31,14 +31,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (1.6e-2, 3e-2)}
 # attention_kl multiplies fp32 inputs on TF32 tensor cores: 10 mantissa bits, as fp16, so fp16's tolerance.
 TF32_TOL = TOL[torch.float16]
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed each run, so each run draws new inputs; printed with any failure to reproduce it."""
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 @contextlib.contextmanager

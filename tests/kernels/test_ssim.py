@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from support.devices import KERNEL_DEVICE
 
 from kernels.ssim import (
-    _ssim_bwd,
-    _ssim_fwd,
+    MAX_CHANNELS,
+    _check_triton_limits,
+    _ssim,
     ssim,
     ssim_cosine_loss,
     ssim_cosine_loss_reference,
@@ -200,11 +201,11 @@ def test_triton_half_precision(dtype, rtol, grad_rtol):
 def test_opcheck():
     x, y = _pair((2, 1, 6, 6))
     args = (x.clone().requires_grad_(), y.clone().requires_grad_(), 3, 1.5, 1.0, 0.01, 0.03, True, 0.5, 0.5)
-    torch.library.opcheck(_ssim_fwd, args)
-    stats = _ssim_fwd(x, y, *args[2:])[2]
+    torch.library.opcheck(_ssim.forward_op, args)
+    stats = _ssim.forward_op(x, y, *args[2:])[2]
     grads = (torch.tensor(1.0, device=KERNEL_DEVICE), torch.randn(2, device=KERNEL_DEVICE))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, True))
-    torch.library.opcheck(_ssim_bwd, (*grads, x, y, stats, *args[2:], True, False))
+    torch.library.opcheck(_ssim.backward_op, (*grads, x, y, stats, *args[2:], True, True))
+    torch.library.opcheck(_ssim.backward_op, (*grads, x, y, stats, *args[2:], True, False))
 
 
 def test_compile_fullgraph_has_no_graph_break():
@@ -263,3 +264,38 @@ def test_bad_dtype_raises_value_error():
     with pytest.raises(ValueError, match="share a dtype"):
         ssim(x, x.float(), impl="reference")
     assert ssim(x, x, impl="reference").dtype == torch.float64
+
+
+# --- the limits of the Triton path (meta tensors: shapes and strides without memory) -------------------
+
+
+def _meta_view(shape, strides):
+    return torch.empty(2**32, device="meta").as_strided(shape, strides)
+
+
+def test_plane_offsets_past_32_bits_are_refused_at_exactly_2_31():
+    # In-plane offsets are rows * stride_h + cols * stride_w in 32 bits: the last pixel of a 2 x 2 plane sits
+    # at stride_h + 1. 2^31 - 1 is the largest offset int32 holds; one more wraps.
+    fits = _meta_view((1, 1, 2, 2), (4, 4, 2**31 - 2, 1))
+    wraps = _meta_view((1, 1, 2, 2), (4, 4, 2**31 - 1, 1))
+    _check_triton_limits(fits.shape, fits.stride(), fits.stride())
+    small = torch.empty(1, 1, 2, 2, device="meta")
+    for x, y, name in ((wraps, small, "x"), (small, wraps, "y")):
+        with pytest.raises(ValueError, match=f"one \\(b, c\\) plane of {name} .* spans 2\\^31 elements"):
+            ssim_cosine_loss(x, y, impl="triton")
+    with pytest.raises(ValueError, match="fewer than 2\\^31 pixels"):
+        ssim(*[_meta_view((1, 1, 2**16, 2**15), (0, 0, 2**15, 1))] * 2, impl="triton")
+
+
+def test_at_most_4096_channels_and_the_grid_of_planes():
+    # 4096 channels compile without spills (bench/compile_targets.py, "api ssim 4096 channels").
+    at_limit = torch.empty(1, MAX_CHANNELS, 2, 2, device="meta")
+    _check_triton_limits(at_limit.shape, at_limit.stride(), at_limit.stride())
+    over = torch.empty(1, MAX_CHANNELS + 1, 2, 2, device="meta")
+    with pytest.raises(ValueError, match="at most 4096 channels per sample, got 4097; use impl='reference'"):
+        ssim(over, over, impl="triton")
+    wide = torch.rand(1, MAX_CHANNELS + 1, 2, 2)
+    assert ssim(wide, wide, impl="reference").shape == (1,)
+    planes = _meta_view((2**20, 2**11, 1, 1), (2**11, 1, 1, 1))  # 2^31 planes: one past grid axis x
+    with pytest.raises(ValueError, match="2147483648 programs along grid axis x, more than CUDA.s"):
+        ssim(planes, planes, impl="triton")

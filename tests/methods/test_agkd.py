@@ -15,7 +15,14 @@ import torchvision
 
 from kdfast.config import TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
-from kdfast.methods.agkd import AGKDConfig, AGKDLoss, AttentionPairConfig, PerceptualConfig
+from kdfast.methods.agkd import (
+    AGKDConfig,
+    AGKDLoss,
+    AttentionPairConfig,
+    PerceptualConfig,
+    attention_metric,
+    global_ssim,
+)
 from kdfast.methods.compose import CompositeLoss
 from kdfast.methods.features import cls_attention_map
 from kdfast.models import build_model
@@ -33,9 +40,9 @@ def _taps(seed: int = 0, tokens: int = 1 + 16):
     return student, {"vgg": torch.randn(B, 7, 8, 8, generator=g), "vit": qkv}
 
 
-def _loss(metric: str = "mse", teacher=("vgg",), combine: str = "add", **agkd) -> AGKDLoss:
+def _loss(metric: str = "mse", teacher=("vgg",), combine: str = "add", ssim="windowed", **agkd) -> AGKDLoss:
     pairs = [AttentionPairConfig(student="mid", teacher=list(teacher), combine=combine)]
-    cfg = AGKDConfig(metric=metric, pairs=pairs, window_size=3, **agkd)
+    cfg = AGKDConfig(metric=metric, pairs=pairs, ssim=ssim, window_size=3, **agkd)
     return AGKDLoss(cfg, STUDENT_TAPS, TEACHER_TAPS, kernels_impl="reference")
 
 
@@ -82,6 +89,59 @@ def test_metrics_match_independent_references(metric):
     term, parts = loss_fn(logits, teacher_logits, y, student_taps, teacher_taps)
     torch.testing.assert_close(term, expected, atol=1e-5, rtol=1e-4)
     assert parts == {}
+
+
+def _global_ssim_by_hand(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Wang et al. 2004, eq. 13, with the statistics of the whole map (AGKD's SSIM), in float64, one loop per
+    (sample, channel): (B,) means over the channels."""
+    c1, c2 = 0.01**2, 0.03**2
+    values = torch.zeros(x.shape[:2], dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            u, v = x[b, c].flatten().double(), y[b, c].flatten().double()
+            mu_u, mu_v = u.sum() / u.numel(), v.sum() / v.numel()
+            var_u = ((u - mu_u) ** 2).sum() / u.numel()
+            var_v = ((v - mu_v) ** 2).sum() / v.numel()
+            cov = ((u - mu_u) * (v - mu_v)).sum() / u.numel()
+            values[b, c] = ((2 * mu_u * mu_v + c1) * (2 * cov + c2)) / (
+                (mu_u**2 + mu_v**2 + c1) * (var_u + var_v + c2)
+            )
+    return values.mean(1)
+
+
+@pytest.mark.parametrize("metric", ["ssim", "hybrid"])
+def test_global_ssim_is_one_statistic_over_the_whole_map(metric):
+    student_taps, teacher_taps = _taps()
+    s = _at_map(student_taps["mid"].double(), (8, 8)).requires_grad_(True)
+    t = _at_map(teacher_taps["vgg"].double(), (8, 8))
+    peak = t.flatten(1).amax(1).view(-1, 1, 1, 1)
+    ssim = _global_ssim_by_hand(s / peak, t / peak)
+    cos = F.cosine_similarity(s.flatten(1), t.flatten(1))
+    expected = {"ssim": 1 - ssim.mean(), "hybrid": 0.2 * (1 - ssim.mean()) + 0.8 * (1 - cos.mean())}[metric]
+    got = attention_metric(s, t, metric=metric, alpha=0.2, beta=0.8, ssim="global")
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(*(torch.autograd.grad(x, s)[0] for x in (got, expected)))
+    # the loss module's default (the paper's form) on float32 taps, and its distance from the windowed form
+    loss_fn = AGKDLoss(
+        AGKDConfig(metric=metric, alpha=0.2, beta=0.8, pairs=[AttentionPairConfig("mid", ["vgg"])]),
+        STUDENT_TAPS,
+        TEACHER_TAPS,
+        kernels_impl="reference",
+    )
+    assert loss_fn.cfg.ssim == "global"
+    args = (torch.randn(B, K), torch.randn(B, K), torch.tensor([0, 1, 2]), student_taps, teacher_taps)
+    term = loss_fn(*args)[0]
+    torch.testing.assert_close(term, expected.float(), rtol=1e-5, atol=1e-6)
+    assert abs(term - _loss(metric, alpha=0.2, beta=0.8)(*args)[0]) > 1e-3
+
+
+def test_global_ssim_by_hand_on_a_two_cell_map():
+    # x = (1, 0), y = (0, 1): means 1/2, variances 1/4, covariance -1/4
+    x, y = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 1.0]]]])
+    c1, c2 = 1e-4, 9e-4
+    expected = (2 * 0.25 + c1) * (-0.5 + c2) / ((0.5 + c1) * (0.5 + c2))
+    assert global_ssim(x, y).item() == pytest.approx(expected, rel=1e-6)
+    assert global_ssim(x, x).item() == pytest.approx(1.0, rel=1e-6)
 
 
 def test_combine_add_and_concat():

@@ -88,21 +88,61 @@ def test_both_directions_and_gradients():
     student_term, teacher_term = crd_loss(s, t, queue_s, queue_t, temperature=0.2, normalizers=(1.5, 0.7))
     torch.testing.assert_close(student_term, _critic_loss(s, t, queue_t, 0.2, 1.5))
     torch.testing.assert_close(teacher_term, _critic_loss(t, s, queue_s, 0.2, 0.7))
-    raw_s = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    raw_t = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    # each direction's gradient is its anchor's (the positive is fixed, eq. 6): against finite differences
+    raw = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, b: sum(
-            crd_loss(
-                F.normalize(a, dim=1),
-                F.normalize(b, dim=1),
-                queue_s,
-                queue_t,
-                temperature=0.2,
-                normalizers=(1.5, 0.7),
-            )
-        ),
-        (raw_s, raw_t),
+        lambda a: contrastive_nce(F.normalize(a, dim=1), t, queue_t, temperature=0.2, normalizer=1.5), (raw,)
     )
+
+
+def _repdistiller_crd(v1, v2, memory_v1, memory_v2, idx, tau, n_data):
+    """RepDistiller's CRD for one batch, transcribed from github.com/HobbitLong/RepDistiller (commit b84f547)
+    ``crd/memory.py`` (ContrastMemory.forward: the sampled memory rows read with ``.detach()``, exp(score /
+    T), Z = mean * outputSize set on the first batch) and ``crd/criterion.py`` (ContrastLoss, eps = 1e-7;
+    CRDLoss: s_loss + t_loss). v1, v2: the student's and the teacher's embeddings (B, d); idx (B, K + 1),
+    column 0 the sample's own memory row (its positive)."""
+    batch, k1 = idx.shape
+    weight_v1 = torch.index_select(memory_v1, 0, idx.view(-1)).detach().view(batch, k1, -1)
+    out_v2 = torch.exp(torch.div(torch.bmm(weight_v1, v2.view(batch, -1, 1)), tau))
+    weight_v2 = torch.index_select(memory_v2, 0, idx.view(-1)).detach().view(batch, k1, -1)
+    out_v1 = torch.exp(torch.div(torch.bmm(weight_v2, v1.view(batch, -1, 1)), tau))
+    z_v1, z_v2 = (out.mean().detach() * n_data for out in (out_v1, out_v2))
+    out_v1, out_v2 = torch.div(out_v1, z_v1), torch.div(out_v2, z_v2)
+
+    def contrast_loss(x):
+        bsz, m, pn, eps = x.shape[0], x.size(1) - 1, 1 / float(n_data), 1e-7
+        p_pos = x.select(1, 0)
+        log_d1 = torch.div(p_pos, p_pos.add(m * pn + eps)).log()
+        p_neg = x.narrow(1, 1, m)
+        log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log()
+        return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
+
+    return (contrast_loss(out_v1) + contrast_loss(out_v2)).squeeze(), (z_v1 / n_data, z_v2 / n_data)
+
+
+def test_gradients_are_repdistillers_whose_positives_carry_no_gradient():
+    # The memory holds this batch's head outputs (the positives, rows 0..B-1) and the queues (the shared
+    # negatives, rows B..B+K-1): RepDistiller's loss on it is the queue variant's, values and gradients
+    batch, dim, k, tau = 4, 8, 12, 0.07
+    raw_s = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
+    raw_t = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
+    s, t = F.normalize(raw_s, dim=1), F.normalize(raw_t, dim=1)
+    queue_s, queue_t = _unit(k, dim, seed=8), _unit(k, dim, seed=9)
+    memory_v1, memory_v2 = torch.cat([s.detach(), queue_s]), torch.cat([t.detach(), queue_t])
+    idx = torch.cat([torch.arange(batch)[:, None], batch + torch.arange(k).expand(batch, k)], dim=1)
+    n_data = k  # K / n_data = 1, so RepDistiller's eps moves the loss by 1e-7 relative
+    expected, (z_s, z_t) = _repdistiller_crd(s, t, memory_v1, memory_v2, idx, tau, n_data)
+    got = sum(crd_loss(s, t, queue_s, queue_t, temperature=tau, normalizers=(z_s, z_t)))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    theirs = torch.autograd.grad(expected, (raw_s, raw_t), retain_graph=True)
+    mine = torch.autograd.grad(got, (raw_s, raw_t), retain_graph=True)
+    for ours, reference in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-12)
+    # a live positive (the earlier form) gives the student's embedding a second gradient, as L_T's positive
+    live = contrastive_nce(s, t, queue_t, temperature=tau, normalizer=z_s)
+    live = live + contrastive_nce(t, s, queue_s, temperature=tau, normalizer=z_t)
+    (live_grad,) = torch.autograd.grad(live, raw_s)
+    assert not torch.allclose(live_grad, theirs[0])
 
 
 def test_bf16_autocast_does_not_round_the_scores():

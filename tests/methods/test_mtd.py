@@ -233,6 +233,37 @@ def _tiny_vit(depth: int, dim: int, heads: int) -> nn.Module:
     )
 
 
+def test_cad_with_relation_heads_at_the_students_count_is_the_students_own_attention():
+    # DeiT-S under DeiT-B as the paper config pairs them, scaled down: a student of 6 heads x 8 against a
+    # teacher of 12 heads x 8, relation_heads 6. CAD_s must be the attention the student computes, read
+    # from inside its timm Attention (the softmax entering attn_drop, fused attention off); CAD_t the
+    # teacher's Q, K concatenated and cut into 6 heads of 16 (MiniLMv2), from its qkv Linear output, float64
+    torch.manual_seed(0)
+    taps = {"a": TapConfig(path="blocks.0.attn", kind="attention")}
+    student_vit, teacher_vit = _tiny_vit(1, 48, 6), _tiny_vit(1, 96, 12).eval()
+    student_vit.blocks[0].attn.fused_attn = False
+    seen = {}
+    student_vit.blocks[0].attn.attn_drop.register_forward_hook(lambda m, i, o: seen.update(student=i[0]))
+    teacher_vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(teacher=o))
+    student, teacher = Taps(student_vit, taps), Taps(teacher_vit, taps)
+    pair = MTDPairConfig(student="a", teacher="a")
+    loss = MTDLoss(MTDConfig(pairs=[pair], relation_heads=6), taps, taps, kernels_impl="reference")
+    images = torch.randn(B, 3, 16, 16)
+    with torch.no_grad():
+        student_out, teacher_out = student(images)[1], teacher(images)[1]
+    loss.check(student_out, teacher_out)
+    cad_s = seen["student"].double()  # (B, 6, 17, 17)
+    tokens = seen["teacher"].shape[1]
+    # timm's qkv layout: q | k | v, the heads side by side inside each
+    q, k, _ = seen["teacher"].double().reshape(B, tokens, 3, 96).unbind(2)
+    q_r, k_r = (x.reshape(B, tokens, 6, 16).transpose(1, 2) for x in (q, k))
+    cad_t = torch.softmax(q_r @ k_r.transpose(-1, -2) / math.sqrt(16), dim=-1)
+    expected = (cad_s * (cad_s.log() - cad_t.log())).sum(-1).mean()  # KL(CAD_s || CAD_t) per row, mean
+    got = loss.relations(pair, student_out["a"], teacher_out["a"])["cad"]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)
+    assert expected > 0 and cad_s.shape == (B, 6, tokens, tokens)
+
+
 def test_mtd_loss_end_to_end_on_timm_vits():
     torch.manual_seed(0)
     teacher_taps = {
@@ -387,7 +418,7 @@ def test_manual_weights_per_layer_count_through_config():
     assert cfg.loss.sections["mtd"].manual_weights == [1.0, 2.0]
 
 
-def test_deit_paper_config_distills_every_block_as_25_tasks_on_the_teachers_own_heads(tmp_path):
+def test_deit_paper_config_distills_every_block_as_25_tasks_on_the_students_own_heads(tmp_path):
     weights = tmp_path / "deit_b.pth"
     weights.write_bytes(b"stand-in: load_config only checks that the file exists")
     cfg = load_config(
@@ -399,11 +430,11 @@ def test_deit_paper_config_distills_every_block_as_25_tasks_on_the_teachers_own_
     assert [(p.student, p.teacher) for p in section.pairs] == [(f"s{i}", f"t{i}") for i in range(12)]
     loss = MTDLoss(section, cfg.student.taps, cfg.teacher.taps, kernels_impl="reference")
     assert len(loss.tasks) + 1 == 25 and loss.task_w.shape == (25,)  # the paper's "25D"
-    # DeiT-B's Q (12 heads x 64) re-split into 12 relation heads is DeiT-B's own heads; DeiT-S's 6 x 64
-    # becomes 12 slices of 32
+    # DeiT-S's Q (6 heads x 64) re-split into 6 relation heads is DeiT-S's own heads, the attention it
+    # computes; DeiT-B's 12 x 64 becomes 6 relation heads of 128
     q_teacher, q_student = torch.randn(2, 12, 197, 64), torch.randn(2, 6, 197, 64)
-    assert torch.equal(relation_heads(q_teacher, section.relation_heads), q_teacher)
-    assert relation_heads(q_student, section.relation_heads).shape == (2, 12, 197, 32)
+    assert torch.equal(relation_heads(q_student, section.relation_heads), q_student)
+    assert relation_heads(q_teacher, section.relation_heads).shape == (2, 6, 197, 128)
     assert (
         cfg.data.augment.rand_augment is not None and cfg.data.augment.cutmix + cfg.data.augment.mixup == 1.0
     )

@@ -75,6 +75,28 @@ def test_hcl_matches_the_authors_loop_with_gradients(side):
         hcl_loss(student, teacher[:, :2])
 
 
+def test_hcl_on_a_non_square_map_follows_mdistiller():
+    # mdistiller (github.com/megvii-research/mdistiller, commit a08d46f, mdistiller/distillers/ReviewKD.py,
+    # hcl_loss) skips a level l >= h, the height only: an 8 x 4 map keeps the 4 x 4 level (the width 4 would
+    # drop it under a min(h, w) rule) and a 4 x 8 map drops it
+    for height, width in ((8, 4), (4, 8)):
+        g = torch.Generator().manual_seed(height)
+        student = torch.randn(2, 3, height, width, generator=g, dtype=torch.float64, requires_grad=True)
+        teacher = torch.randn(2, 3, height, width, generator=g, dtype=torch.float64)
+        loss, expected = hcl_loss(student, teacher), authors_hcl(student, teacher)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(*(torch.autograd.grad(x, student)[0] for x in (loss, expected)))
+    # the 8 x 4 case by hand: levels 4, 2, 1 at weights 1/2, 1/4, 1/8 beside the full MSE
+    student, teacher = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4)
+    student[0, 0, :2, :] = 4.0  # the top quarter: the 4 x 4 level's first row of cells, 2 x 1 pixels each
+    full = 4.0**2 * 8 / 32
+    level4 = 4.0**2 * 4 / 16  # the top row of 4 cells at 4
+    level2 = 2.0**2 * 2 / 4  # the top row of 2 cells at the mean of 4 rows, 2
+    level1 = 1.0**2  # the mean over the map, 1
+    expected = (full + level4 / 2 + level2 / 4 + level1 / 8) / (1 + 1 / 2 + 1 / 4 + 1 / 8)
+    assert hcl_loss(student, teacher).item() == pytest.approx(expected, rel=1e-7)
+
+
 def _batch_norm(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
     """Training-mode BatchNorm with the batch's own statistics, written out."""
     mean = x.mean(dim=(0, 2, 3), keepdim=True)

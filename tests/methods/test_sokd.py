@@ -7,13 +7,18 @@ load_config, and real Taps on hybrid_teacher_small and edge_cnn."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from support.runs import TINY_CONFIG
 
 from kdfast.config import CONFIG_DIR, LossConfig, TapConfig, load_config
 from kdfast.errors import ConfigError, UsageError
+from kdfast.methods.base import FeaturePair
 from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.fitnet import FitNetConfig
 from kdfast.methods.kd import KDConfig
 from kdfast.methods.sokd import (
     DAFA,
@@ -35,6 +40,7 @@ from kdfast.methods.sokd import (
 )
 from kdfast.models import build_model
 from kdfast.taps import Taps
+from kdfast.train import loop, main
 
 B, CS, CT, CLASSES = 2, 3, 5, 4
 STUDENT_TAPS = {"s": TapConfig(path="a", kind="feature")}
@@ -317,6 +323,7 @@ def test_dafa_trains_in_search_epochs_and_is_frozen_after():
     student_params = [p for p in loss.parameters() if p.requires_grad]
     assert not any(p is q for p in loss.dafa.parameters() for q in student_params)
     loss.start_epoch(0, 5)
+    loss.use_held_out(lambda: _taps(seed=3))
     before = _dafa_params(loss)
     loss(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
     loss.after_step()
@@ -383,6 +390,8 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
     with torch.no_grad():
         teacher_logits, teacher_out = teacher(images)
         loss.check(student(images)[1], teacher_out)
+    held_out = torch.randn(2, 3, 32, 32)
+    loss.use_held_out(lambda: tuple(model(held_out)[1] for model in (student, teacher)))
     assert teacher_out["vgg"].shape[-2:] == (8, 8) and student(images)[1]["mid"].shape[-2:] == (8, 8)
     loss.train()
     student.train()
@@ -403,14 +412,122 @@ def test_sokd_end_to_end_hybrid_teacher_edge_cnn_student():
     assert maps[0][0].shape == maps[0][1].shape == (2, 8, 8)
 
 
-def test_benchmark_config_is_the_papers_plug_in_setting_with_its_stand_in_base(tmp_path):
-    path = CONFIG_DIR / "benchmarks" / "cifar100" / "sokd" / "resnet32x4_resnet8x4.yaml"
+def test_the_search_reads_only_the_held_out_batch():
+    # Eq. 7: one Adam step of DAFA on L_aug = 1/2 mean (resize(s(F^t)) - Phi_s(F^s))^2 of the held-out
+    # batch, recomputed here with a copy of DAFA, the same random draws and torch.optim.Adam; the training
+    # batch the step follows does not enter it
+    torch.manual_seed(0)
+    loss = _loss(search_epochs=1, search_lr=0.05, sub_policies=4)
+    train_taps = _taps(teacher_side=8)
+    loss.check(*train_taps)
+    loss.train()
+    loss.start_epoch(0, 5)
+    held_student, held_teacher = _taps(seed=3, teacher_side=8)
+    loss.use_held_out(lambda: (held_student, held_teacher))
+    assert loss.held_out_share() == 0.1
+    before = _dafa_params(loss)
+    reference = copy.deepcopy(loss.dafa).requires_grad_(True)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.05)
+    with torch.no_grad():
+        f_s = F.conv2d(held_student["s"], loss.adapter.weight, loss.adapter.bias)
+    torch.manual_seed(11)
+    refined = reference(held_teacher["t"].detach(), True)
+    resized = F.interpolate(refined, size=(4, 4), mode="bilinear", align_corners=False)
+    (0.5 * ((resized - f_s) ** 2).mean()).backward()
+    optimizer.step()
+    loss(*_logits(), torch.tensor([0, 1]), *train_taps)  # a training forward between, as in the loop
+    torch.manual_seed(11)
+    loss.after_step()
+    for got, expected in zip(loss.dafa.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected)
+    assert not torch.equal(_dafa_params(loss), before)
+    # without held-out batches the search refuses to run on the training batch
+    fresh = _loss(search_epochs=1)
+    fresh.check(*train_taps)
+    fresh.train()
+    with pytest.raises(UsageError, match="the search reads held-out images"):
+        fresh.after_step()
+
+
+def test_the_feature_method_sokd_plugs_into_distills_s_of_f_t():
+    # [fitnet, sokd]: L_task's FitNet hint is the refined s(F^t) (eq. 15), here the sub-policy forced to
+    # 0.7 F^t + 0.3 roll(F^t); without SoKD the same FitNet reads F^t
+    torch.manual_seed(0)
+    sections = {
+        "fitnet": FitNetConfig(pairs=[FeaturePair("s", "t")], relu=False),
+        "sokd": SoKDConfig(student="s", teacher="t", search_epochs=1, sub_policies=4),
+    }
+    composite = CompositeLoss(
+        LossConfig(method=["fitnet", "sokd"], sections=sections),
+        STUDENT_TAPS,
+        TEACHER_TAPS,
+        kernels_impl="reference",
+    )
+    student_taps, teacher_taps = _taps()
+    composite.check(student_taps, teacher_taps)
+    sokd, fitnet = composite.members["sokd"], composite.members["fitnet"]
+    _searched(sokd.dafa)
+    with torch.no_grad():
+        sokd.dafa.policy_logits[2] = 200.0
+        sokd.dafa.op_logits[2, 1] = -200.0
+    composite.train()
+    composite.start_epoch(0, 10)
+    _, parts = composite(*_logits(), torch.tensor([0, 1]), student_taps, teacher_taps)
+    f_t = teacher_taps["t"].detach()
+    target = 0.7 * f_t + 0.3 * torch.roll(f_t, shifts=(1, 1), dims=(2, 3))
+    regressed = fitnet.regressors[0](student_taps["s"], "reference")
+    torch.testing.assert_close(parts["fitnet/s-t"], F.mse_loss(regressed, target))
+    assert not torch.allclose(parts["fitnet/s-t"], F.mse_loss(regressed, f_t))
+    assert teacher_taps["t"].grad is None and torch.equal(teacher_taps["t"], f_t)  # the taps are not changed
+
+
+@pytest.mark.slow
+def test_a_run_holds_out_a_split_only_the_search_reads(tmp_path, monkeypatch):
+    # sokd_digits on 64 training images with a quarter held out: the run trains on the other 48 (3 steps of
+    # 16 per epoch) and the search reads one held-out batch per step of its one epoch, none in the second
+    seen: dict = {"reads": 0}
+    real = loop.held_out_taps
+
+    def recording(run, student, teacher):
+        seen["run"] = run
+        taps = real(run, student, teacher)
+
+        def counted():
+            seen["reads"] += 1
+            return taps()
+
+        return counted
+
+    monkeypatch.setattr(loop, "held_out_taps", recording)
+    overrides = [
+        *TINY_CONFIG,
+        "data.batch_size=16",
+        "student.train.epochs=2",
+        "loss.sokd.search_epochs=1",
+        "loss.sokd.search_split=0.25",
+        "runtime.device=cpu",
+    ]
+    argv = ["--config", str(CONFIG), "--out", str(tmp_path / "run")]
+    assert main([*argv, *(arg for item in overrides for arg in ("--set", item))]) == 0
+    run = seen["run"]
+    train, held_out = set(run.train_ds.indices), set(run.held_out_ds.indices)
+    assert len(held_out) == 16 and len(train) == 48 and train.isdisjoint(held_out)
+    assert train | held_out == set(range(64))
+    assert seen["reads"] == 3
+
+
+def test_benchmark_configs_are_the_papers_plug_in_rows_on_the_registered_base_methods(tmp_path):
     weights = tmp_path / "resnet32x4.pth"
     weights.touch()
-    cfg = load_config(path, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
-    sokd = cfg.loss.sections["sokd"]
-    assert cfg.loss.method == ["sokd"] and cfg.loss.ce_weight() == 1.0
-    assert (cfg.teacher.arch.name, cfg.student.arch.name) == ("resnet32x4", "resnet8x4")
-    assert cfg.teacher.taps["hint"].path == cfg.student.taps["hint"].path == "layer2"
-    assert search_length(sokd.search_epochs, cfg.student.train.epochs) == 20  # the paper's 20 of 240
-    assert sokd.feature_weight == 200.0  # FitNet's hint (100 x MSE) until a base method is registered
+    for base, target in (("fitnet", "74.41"), ("reviewkd", "77.41")):
+        path = CONFIG_DIR / "benchmarks" / "cifar100" / f"{base}_sokd" / "resnet32x4_resnet8x4.yaml"
+        assert f"Target: {target} top-1 (SoKD Table 1" in path.read_text()
+        cfg = load_config(path, [f"data.root={tmp_path}", f"teacher.weights={weights}"])
+        sokd = cfg.loss.sections["sokd"]
+        assert cfg.loss.method == [base, "sokd"] and cfg.loss.ce_weight() == 1.0
+        assert (cfg.teacher.arch.name, cfg.student.arch.name) == ("resnet32x4", "resnet8x4")
+        assert search_length(sokd.search_epochs, cfg.student.train.epochs) == 20  # the paper's 20 of 240
+        assert sokd.feature_weight == 0.0 and sokd.search_split > 0  # eq. 15 alone, searched on held-out
+        # the feature SoKD refines is one the base method distills, so the base reads s(F^t)
+        base_pairs = cfg.loss.sections[base].pairs
+        assert (sokd.student, sokd.teacher) in {(pair.student, pair.teacher) for pair in base_pairs}

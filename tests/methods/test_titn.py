@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 from export.onnx_export import INPUT_NAME, export_onnx
 from kdfast.config import CONFIG_DIR, LossConfig, load_config
@@ -299,14 +300,68 @@ def test_tnt_ti_student_has_the_papers_parameter_count():
         model = build_model(cifar, num_classes=classes)
         count = sum(p.numel() for p in model.parameters())
         assert count == _tnt_parameters(classes=classes, **shape)
-    # TITN's 5.85M student: this shape counted with 10 classes' heads (5,853,956); 5,888,696 at 100
+        paper_arch = {**ti, "kwargs": {"img_size": 32, "patch_size": 8, "sub_patch": 2}}
+        paper = build_model(paper_arch, num_classes=classes)
+        paper_count = sum(p.numel() for p in paper.parameters())
+        assert paper_count == _tnt_parameters(classes=classes, **{**shape, "patch": 8, "sub": 2})
+    # TITN's 5.85M: this shape counted with 10 classes' heads (5,853,956), the paper's 8 x 8 patches of 2 x 2
+    # words 5,844,848: the count hardly tells the geometries apart (their FLOPs do, test below)
     assert round(_tnt_parameters(classes=10, **shape) / 1e6, 2) == 5.85
+    assert _tnt_parameters(classes=10, **{**shape, "patch": 8, "sub": 2}) == 5_844_848
     assert _tnt_parameters(classes=100, **shape) == 5_888_696
     # at its native 224x224 with 16x16 patches of 4x4 words and one 1000-class head it is TNT-Ti's 6.1M
     native = sum(p.numel() for p in build_model(ti, num_classes=1000).parameters())
     one_head = native - (192 * 1000 + 1000)
     assert native == _tnt_parameters(classes=1000, img=224, patch=16, sub=4, outer=192, inner=12, depth=12)
     assert round(one_head / 1e6, 1) == 6.1
+
+
+def _tnt_macs(*, classes, img, patch, sub, outer=192, inner=12, depth=12) -> int:
+    """Multiply-accumulates of one image through TNT with two prefix tokens and two heads, counted from its
+    equations (Han et al. 2021, Sec. 2.2): a transformer block of width d on t tokens does 12 t d^2 (qkv 3,
+    projection 1, MLP 8) and 2 t^2 d (Q K^T and A V); per layer the inner block runs on each of the n
+    patches' m words, the words' projection adds n (m c) D, the outer block runs on the n + 2 tokens."""
+    n, m, tokens = (img // patch) ** 2, (patch // sub) ** 2, (img // patch) ** 2 + 2
+
+    def block(t: int, d: int) -> int:
+        return 12 * t * d * d + 2 * t * t * d
+
+    embed = n * m * inner * 3 * sub * sub + n * m * inner * outer  # eq. 1 (sub-patch projection), eq. 5 FC
+    per_layer = n * block(m, inner) + n * m * inner * outer + block(tokens, outer)  # eq. 2-4
+    return embed + depth * per_layer + 2 * outer * classes
+
+
+def _counted_macs(patch: int, sub: int) -> int:
+    """The MACs torch's FlopCounterMode sees in one forward of the TITN student at 32 x 32 (attention as
+    explicit matmuls, so they are counted), FLOPs / 2."""
+    geometry = {"img_size": 32, "patch_size": patch, "sub_patch": sub}
+    model = build_model({"source": "kdfast", "name": "tnt_distilled_ti", "kwargs": geometry}, num_classes=100)
+    model.eval()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.slow
+def test_titn_geometry_is_told_apart_by_its_flops_not_its_parameters():
+    # The paper's TITN at 32 x 32: 8 x 8 patches of 2 x 2-pixel words (16 patches). Its Table 1 gives
+    # 111.40 and 36.09 (M) for this geometry and for 16 x 16 patches of 4 x 4 words: a ratio of 3.09
+    geometries = {"paper": (8, 2), "coarse": (16, 4), "fine": (4, 1)}
+    macs = {name: _counted_macs(*g) for name, g in geometries.items()}
+    for name, (patch, sub) in geometries.items():
+        assert macs[name] == _tnt_macs(classes=100, img=32, patch=patch, sub=sub), name
+    assert macs["paper"] / macs["coarse"] == pytest.approx(111.40 / 36.09, rel=0.015)
+    assert macs["paper"] / 1e6 == pytest.approx(111.40, rel=0.002)
+    # 4 x 4 patches of single-pixel words cost 3.8 times the paper's geometry for nearly the same
+    # parameters (5,888,696 and 5,879,588 at 100 classes: 0.15% apart)
+    assert macs["fine"] / macs["paper"] == pytest.approx(3.84, abs=0.01)
+    shape = {"img": 32, "outer": 192, "inner": 12, "depth": 12, "classes": 100}
+    fine, paper = (_tnt_parameters(patch=p, sub=q, **shape) for p, q in ((4, 1), (8, 2)))
+    assert (fine, paper) == (5_888_696, 5_879_588)
 
 
 def test_head_fusion_max_gives_the_top1_of_the_concatenated_heads():
@@ -349,7 +404,15 @@ def test_paper_config_has_the_papers_teacher_student_and_recipe(tmp_path):
     assert cfg.data.augment.cutmix == 1.0 and cfg.data.augment.cutmix_beta == 0.5
     assert cfg.loss.method == ["titn"] and cfg.loss.sections["titn"].alpha == 0.5
     student = build_model(cfg.student.arch, num_classes=100)
-    assert sum(p.numel() for p in student.parameters()) == 5_888_696 and student.head_fusion == "mean"
+    assert (student.grid, student.side) == (4, 4)  # Table 1: 16 patches of 4 x 4 words (2 x 2 pixels each)
+    assert sum(p.numel() for p in student.parameters()) == 5_879_588 and student.head_fusion == "mean"
+    # Sec. 4.1: SGD, momentum 0.9, weight decay 1e-4, lr 0.1, cosine, batch 1024; the teacher 600 epochs
+    assert cfg.data.batch_size == 1024
+    for stage in (cfg.student.train, cfg.teacher.train):
+        sgd = stage.optimizer
+        assert (sgd.name, sgd.lr, sgd.momentum, sgd.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
+        assert (stage.schedule.name, stage.schedule.warmup_epochs) == ("cosine", 0.0)
+    assert cfg.teacher.train.epochs == 600
     teacher = build_model(cfg.teacher.arch, num_classes=100)
     assert isinstance(teacher, torchvision.models.VGG) and (
         cfg.teacher.arch.source,

@@ -47,6 +47,11 @@ def test_unknown_name_names_the_closest(source, name, suggestion):
         build_model({"source": source, "name": name})
 
 
+def test_a_name_like_none_says_so_instead_of_listing_every_model():
+    with pytest.raises(ConfigError, match="unknown timm model 'zzqqxx': no similar name exists$"):
+        build_model({"source": "timm", "name": "zzqqxx"})
+
+
 def test_bad_kwargs_is_a_config_error():
     with pytest.raises(ConfigError, match="arch.kwargs for kdfast edge_cnn"):
         build_model({"source": "kdfast", "name": "edge_cnn", "kwargs": {"widht": 3}})

@@ -152,7 +152,9 @@ def test_fake_quant_computes_what_the_int8_file_computes(which, trained_student,
                 source = producers.get(name)
                 assert source is None or source.op_type != "DequantizeLinear", f"{node.name} reads {name}"
     assert np.abs(fake_logits - file_logits).max() < 0.5 * np.abs(float_logits - file_logits).max()
-    assert np.mean(fake_logits.argmax(1) == file_logits.argmax(1)) >= 0.99
+    # 64 images cannot tell 99% from one borderline image: on an AVX2 EPYC one of the DeiT's 64 flips (float
+    # sums of another order in MLAS's kernels), on AVX512-VNNI Xeons none; the logit bound above is the test.
+    assert np.mean(fake_logits.argmax(1) == file_logits.argmax(1)) >= 0.95
 
 
 def test_attention_matmuls_stay_float_in_the_tensorrt_layout(tiny_deit, tmp_path):
