@@ -23,7 +23,7 @@ import yaml
 from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError, shown
 from kdfast.methods.registry import method, methods
-from kdfast.schema import at_most, build, closest, convert, positive
+from kdfast.schema import at_most, build, closest, convert, positive, read_yaml, set_override
 
 # The bundled configs ship inside the package (the checkout's top-level ``configs`` links here), so an
 # installed kdfast finds them from any folder.
@@ -313,50 +313,6 @@ class Config:
         return {**dataclasses.asdict(self), "loss": self.loss.to_dict()}
 
 
-def set_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to the raw config mapping."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set takes KEY=VALUE (for example data.batch_size=32), got {shown(assignment)}")
-    key, text = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"--set {shown(key, bare=True)}: the value {shown(text)} is not valid YAML "
-            f"({exc.__class__.__name__})"
-        ) from None
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {shown(key, bare=True)}: {shown(part)} holds a value, not a mapping")
-        # a copy: a YAML alias (``train: *recipe``) makes two keys hold one mapping; change only this one
-        node[part] = child = dict(child)
-        node = child
-    node[parts[-1]] = value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text: give a YAML run config") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{at}") from None
-    if raw is None:
-        raise ConfigError(f"config file {path} is empty: give a YAML run config (e.g. configs/default.yaml)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return raw
-
-
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``: mappings merge key by key; any other value (list, scalar, null) replaces."""
     merged = dict(base)
@@ -385,7 +341,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     base = raw.pop(BASE_KEY, None)
     if children:
         _check_base(raw, path)

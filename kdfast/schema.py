@@ -4,11 +4,12 @@ value.
 ``build(cls, raw, where)`` turns a mapping into the dataclass ``cls``, checking every key against its fields
 and every value against its type hint (nested dataclasses, lists, mappings, ``Literal`` choices, unions);
 ``where`` is the dotted key path that errors name (``loss.agkd.pairs[0].student``). The run schema
-(``kdfast.config``) and every method's section (``kdfast.methods``) are read this way, so all config errors
-look alike: an unknown key names the closest valid ones, a wrong type names the expected one. Every number
-a config holds is finite and >= 0 (no setting of the run or of a method is negative, and a NaN or an infinity
-is never a setting), checked here for every key at once; ``positive``, ``unit_interval`` and ``at_most``
-are the further range checks the validators share.
+(``kdfast.config``), every method's section (``kdfast.methods``) and the export's (``export.config``) are
+read this way, from a YAML file (``read_yaml``) and ``--set KEY=VALUE`` (``set_override``), so all config
+errors look alike: an unknown key names the closest valid ones, a wrong type names the expected one. Every
+number a config holds is finite and >= 0 (no setting of the run or of a method is negative, and a NaN or an
+infinity is never a setting), checked here for every key at once; ``positive``, ``unit_interval`` and
+``at_most`` are the further range checks the validators share.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import math
 import types
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal, Union
+
+import yaml
 
 from kdfast.errors import ConfigError, shown
 
@@ -154,3 +158,50 @@ def unit_interval(value: float, where: str) -> None:
     """ConfigError unless 0 <= ``value`` <= 1 (a probability or a mixing weight)."""
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"config key '{where}' must be in [0, 1], got {value}")
+
+
+def set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to the raw config mapping, as both commands
+    take it."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set takes KEY=VALUE (for example data.batch_size=32), got {shown(assignment)}")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"--set {shown(key, bare=True)}: the value {shown(text)} is not valid YAML "
+            f"({exc.__class__.__name__})"
+        ) from None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {shown(key, bare=True)}: {shown(part)} holds a value, not a mapping")
+        # a copy: a YAML alias (``train: *recipe``) makes two keys hold one mapping; change only this one
+        node[part] = child = dict(child)
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: Path, what: str = "run config", example: str = "configs/default.yaml") -> dict[str, Any]:
+    """The mapping of the YAML config file ``path`` (``what`` it should be, as errors say, with an
+    ``example``); a missing, non-text, invalid, empty or non-mapping file is one ConfigError line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text: give a YAML {what}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty: give a YAML {what} (e.g. {example})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
