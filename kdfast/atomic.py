@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from kdfast.errors import WriteError, write_fault
+from kdfast.errors import UsageError, WriteError, shown, shown_path, write_fault
 
 TEMP_SUFFIX = ".tmp"
 
@@ -119,3 +119,49 @@ def append_line(path: str | os.PathLike, line: str) -> None:
                 raise
         finally:
             os.close(fd)
+
+
+def deepest_existing(folder: Path) -> Path:
+    """The deepest existing folder (or file) on the way to ``folder``, found from the root down, so that a
+    name too long to look up ends the walk instead of raising."""
+    absolute = folder.absolute()
+    existing = Path(absolute.anchor)
+    for part in absolute.parts[1:]:
+        try:
+            if not (existing / part).exists():
+                break
+        except OSError:  # ENAMETOOLONG: the name cannot exist
+            break
+        existing = existing / part
+    return existing
+
+
+# Room for the longest path either command writes inside its output folder, as a temporary file: a state
+# file's ".state_baseline.pt.<8 random>.tmp", an export's ".export-staging-<pid>-<8 random>/" around one.
+_LONGEST_INSIDE = 96
+# Room kept in a folder's own name for the "-<n>" of a numbered run folder.
+_NUMBER_ROOM = 8
+
+
+def check_length(folder: Path, flag: str) -> None:
+    """UsageError, before anything is created, when a name in ``folder`` (the output folder ``flag`` gave) or
+    the path of a file written inside it is longer than its file system takes: ENAMETOOLONG said with its
+    cause."""
+    existing = deepest_existing(folder)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096  # Linux's limits
+    for part in folder.parts:
+        if len(os.fsencode(part)) > name_max - _NUMBER_ROOM:
+            raise UsageError(
+                f"{flag} {shown_path(folder)}: the name {shown(part)} is {len(os.fsencode(part))} bytes; the "
+                f"file system takes at most {name_max}: choose a shorter output folder"
+            )
+    length = len(os.fsencode(folder.absolute()))
+    if length + _LONGEST_INSIDE > path_max:
+        raise UsageError(
+            f"{flag} {shown_path(folder)}: the path is {length} bytes, too long for the files written inside "
+            f"(at most {path_max} in all): choose a shorter output folder"
+        )

@@ -48,7 +48,7 @@ _WRITE_FAULTS = {
     errno.EPERM: ("it is not permitted there", "fix the permission or choose another output folder"),
     errno.ENAMETOOLONG: (
         "the path is too long (a name over 255 bytes or a whole path over 4096)",
-        "choose a shorter output folder",
+        "choose a shorter path",
     ),
     errno.EIO: ("an input/output error of the disk", "check the disk or choose another output folder"),
 }

@@ -15,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from kdfast.errors import UsageError, shown, shown_path
+from kdfast.atomic import check_length, deepest_existing
+from kdfast.errors import UsageError
 
 RUN_FILES = (
     "config.yaml",
@@ -51,58 +52,14 @@ def _numbered(folder: Path, n: int) -> Path:
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless ``folder`` is a folder, or can be created, that this process may write into;
     ``flag`` names where the folder came from (``--out``, ``--resume``). Nothing is created."""
-    existing = _deepest_existing(folder)
-    _check_length(folder, existing, flag)
+    check_length(folder, flag)
+    existing = deepest_existing(folder)
     if existing == folder.absolute() and not folder.is_dir():
         raise UsageError(f"{flag} {folder} is a file, not a folder: choose another output folder")
     if not existing.is_dir():
         raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder: choose another output folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {folder}: {existing} is not writable: choose another output folder")
-
-
-def _deepest_existing(folder: Path) -> Path:
-    """The deepest existing folder (or file) on the way to ``folder``, found from the root down, so that a
-    name too long to look up ends the walk instead of raising."""
-    absolute = folder.absolute()
-    existing = Path(absolute.anchor)
-    for part in absolute.parts[1:]:
-        try:
-            if not (existing / part).exists():
-                break
-        except OSError:  # ENAMETOOLONG: the name cannot exist
-            break
-        existing = existing / part
-    return existing
-
-
-# Room for the longest name a run writes inside its folder, as a temporary file (kdfast.atomic):
-# ".state_baseline.pt.<8 random characters>.tmp", and a numbered folder's "-<n>".
-_LONGEST_INSIDE = 64
-
-
-def _check_length(folder: Path, existing: Path, flag: str) -> None:
-    """UsageError when a name in ``folder`` or the whole path of a file in it is longer than the file system
-    under ``existing`` takes: said before anything is created, with the cause."""
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-        path_max = os.pathconf(existing, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        name_max, path_max = 255, 4096  # Linux's limits
-    for part in folder.parts:
-        if len(os.fsencode(part)) > name_max - 8:
-            raise UsageError(
-                f"{flag} {shown_path(folder)}: the name {shown(part)} is "
-                f"{len(os.fsencode(part))} bytes; the file system takes at most {name_max} (less the "
-                "'-<n>' of a numbered folder): choose a shorter output folder"
-            )
-    length = len(os.fsencode(folder.absolute()))
-    if length + _LONGEST_INSIDE > path_max:
-        raise UsageError(
-            f"{flag} {shown_path(folder)}: the path is {length} bytes, "
-            f"too long for the files a run writes inside (at most {path_max} in all): choose a shorter "
-            "output folder"
-        )
 
 
 def plan(requested: Path, overwrite: bool) -> Path:
