@@ -96,8 +96,8 @@ def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"QAD of {name} failed")
         summary = json.loads((folder / "qad.json").read_text())
         out = folder / "export"
-        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--threads", str(args.threads)]
-                    + args.export_args)  # fmt: skip
+        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--overwrite",
+                     "--threads", str(args.threads)] + args.export_args)  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         agreement = {
             r["backend"]: f"{100 * r['parity']['top1_agreement']:.2f}"
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
     for name, path in students.items():
         out = args.out / name.split(" ")[0] / "export"
         print(f"exporting {name}", file=sys.stderr, flush=True)
-        flags = ["--out", str(out), "--threads", str(args.threads), *args.export_args]
+        flags = ["--out", str(out), "--overwrite", "--threads", str(args.threads), *args.export_args]
         export_main(["--model", str(path), *flags])
         report = json.loads((out / "report.json").read_text())
         params = sum(t.numel() for t in torch.load(path, weights_only=True)["state_dict"].values())

@@ -151,3 +151,78 @@ def test_an_image_found_broken_mid_run_is_named_and_the_run_resumes_once_it_is_r
     broken.write_bytes(whole)
     assert train_main(["--resume", str(out)]) == 0
     assert (out / "student.pt").is_file()
+
+
+EXPORT = [sys.executable, "-m", "export.trt", "--backends", "ort", "--precision", "fp32", "--baselines"]
+EXPORT += ["--max-batch", "2", "--threads", "1", "--iters", "3", "--min-time-s", "0", "--warmup-s", "0"]
+
+
+def _export_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The one line export.trt says about how it ended (the others are its progress, each with its time)."""
+    said = [line for line in result.stderr.strip().splitlines() if not line.startswith("[")]
+    assert result.returncode == code, result.stderr[-3000:]
+    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return said[0]
+
+
+def _weights_kb(student: Path) -> int:
+    """The student's float weights in KiB: about the size of its fp32 ONNX file."""
+    state = torch.load(student, weights_only=True)["state_dict"]
+    return sum(t.numel() * t.element_size() for t in state.values() if t.is_floating_point()) // 1024
+
+
+# Free space left beside the weights' size (none: the fp32 ONNX file cannot be written; 20 KiB more: it can,
+# the charts cannot), and the file the export stops at.
+EXPORT_POINTS = {"onnx": (0, "student.fp32.onnx"), "chart": (20, "latency_accuracy.png")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", EXPORT_POINTS)
+def test_export_on_a_full_disk_is_one_line_exit_2_and_the_earlier_export_stays(
+    point: str, tmp_path: Path, trained_student
+) -> None:
+    """A 3 MB tmpfs as --out's file system, holding an earlier export replaced with --overwrite: the export
+    stops at the file it cannot write, names it, exits 2, and leaves the folder as it was (no staging
+    folder, the earlier export's files byte for byte)."""
+    student = trained_student[0]
+    more_kb, unwritten = EXPORT_POINTS[point]
+    with small_disk(tmp_path / "disk", 3) as disk:
+        out = disk / "export"
+        out.mkdir()
+        (out / "report.json").write_text('{"status": "passed", "manifest": [{"file": "student.fp32.onnx"}]}')
+        (out / "student.fp32.onnx").write_bytes(b"an earlier export's file")
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        leave_kb = 100 if more_kb == 0 else _weights_kb(student) + more_kb
+        fill(disk, leave_kb)
+        command = [*EXPORT, "--model", str(student), "--out", str(out), "--overwrite"]
+        line = _export_line(subprocess.run(command, capture_output=True, text=True), 2)
+        assert line.startswith(f"export.trt: cannot write {out / unwritten}: no space left"), line
+        assert "(ENOSPC)" in line and "an earlier export there is unchanged" in line
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_export_like_ctrl_c_with_exit_143_and_leaves_no_staging_folder(
+    tmp_path: Path, trained_student
+) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    command = [*EXPORT, "--model", str(trained_student[0]), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # SIGTERM once the export writes into its staging folder
+        said.append(line)
+        if "ONNX fp32" in line:
+            break
+    assert list(out.glob(".export-staging-*")), "the export has no staging folder yet"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(timeout=300)
+
+    last = _export_line(subprocess.CompletedProcess(command, proc.returncode, "", rest), 143)
+    assert last == (
+        "export.trt: stopped by SIGTERM; this run's files were removed and an earlier export there is "
+        "unchanged"
+    ), "".join(said) + rest
+    assert {p.name for p in out.iterdir()} == {"notes.txt"}

@@ -102,6 +102,9 @@ PHOTOS = ["data.name=imagefolder", "data.root={tmp}/photos", "data.max_train_sam
 PHOTOS += ["data.max_val_samples=null", "data.batch_size=8"]
 # a value as long as a file pasted into a config by mistake
 HUGE = "x" * 10_000_000
+# export.trt at its shortest: ONNX Runtime fp32, no baselines, few timed calls
+EXPORT_FAST = ["--backends", "ort", "--precision", "fp32", "--baselines", "--iters", "2", "--min-time-s", "0"]
+EXPORT_FAST += ["--warmup-iters", "1", "--warmup-s", "0", "--max-batch", "2", "--threads", "1"]
 
 
 @dataclass
@@ -440,6 +443,36 @@ EXPORT_CASES: dict[str, Case] = {
         command="export",
     ),
     "export-model-a-zip": Case(export_model("z.pt", lambda t, r: _zip()), ("z.pt",), command="export"),
+    "export-into-an-earlier-export": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--out", str(run / "export"), *EXPORT_FAST],
+        ("{run}/export holds an earlier export", "--overwrite"),
+        command="export",
+    ),
+    "export-precision-100-kb": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--precision", HUGE[:100_000]],
+        ("--precision", "invalid choice", "characters cut"),
+        command="export",
+    ),
+    "export-set-unknown-key": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--set", "timing.iter=3"],
+        ("timing.iter", "'iters'"),
+        command="export",
+    ),
+    "export-set-value-10-mb": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--set", f"opset={HUGE}"],
+        ("config key 'opset' must be int", "characters"),
+        command="export",
+    ),
+    "export-out-name-too-long": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--out", str(tmp / ("e" * 300))],
+        ("--out", "is 300 bytes", "shorter output folder"),
+        command="export",
+    ),
+    "export-model-path-too-long": Case(
+        lambda tmp, run: ["--model", str(tmp / ("m" * 300) / "student.pt"), "--out", str(run / "export")],
+        ("the path is too long", "ENAMETOOLONG"),
+        command="export",
+    ),
     "export-model-teacher": Case(
         export_model("teacher.pt", lambda t, r: (r / "teacher.pt").read_bytes()),
         ("teacher.pt", "kdfast.student/1"),
@@ -556,6 +589,7 @@ class Fault:
     name: str
     error: int
     call: str = "replace"
+    nth: int = 1  # the nth call that matches (an export's file is renamed into staging, then into --out)
 
 
 WRITE_FAULTS = {
@@ -573,11 +607,15 @@ def inject(monkeypatch: pytest.MonkeyPatch, fault: Fault) -> list[str]:
     hit: list[str] = []
     real = getattr(os, fault.call)
 
+    seen = []
+
     def refusing(*args, **kwargs):
         target = os.fspath(args[1] if fault.call == "replace" else args[0])
         if not hit and fault.name in Path(target).name:
-            hit.append(target)
-            raise OSError(fault.error, os.strerror(fault.error), target)
+            seen.append(target)
+            if len(seen) == fault.nth:
+                hit.append(target)
+                raise OSError(fault.error, os.strerror(fault.error), target)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(os, fault.call, refusing)
@@ -608,3 +646,44 @@ def test_a_write_fault_is_one_line_exit_2_and_the_run_resumes(
     assert f"continue with python -m kdfast.train --resume {out}" in lines[0], err
     assert train_main(["--resume", str(out)]) == 0, capsys.readouterr().err
     assert (out / "results.json").is_file() and (out / "student.pt").is_file()
+
+
+EXPORT_FAULTS = {
+    "onnx-disk-full": Fault("student.fp32.onnx", errno.ENOSPC),
+    "chart-quota": Fault("latency_batch.png", errno.EDQUOT),
+    "report-read-only": Fault("report.json", errno.EROFS),
+    "commit-no-permission": Fault("report.md", errno.EACCES, nth=2),  # the rename into --out
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_FAULTS)
+def test_an_export_write_fault_is_one_line_exit_2_and_changes_nothing(
+    name: str,
+    finished_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wherever the export cannot write, also halfway through moving its files into --out: one line naming
+    the file where it would have been, exit 2, the earlier export (replaced with --overwrite) byte for byte as
+    it was, no staging folder left."""
+    fault, out = EXPORT_FAULTS[name], tmp_path / "export"
+    _earlier_export(tmp_path, tmp_path)
+    before = snapshot(out)
+    hit = inject(monkeypatch, fault)
+
+    code = export_main(
+        ["--model", str(finished_run / "student.pt"), "--out", str(out), "--overwrite", *EXPORT_FAST]
+    )
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("export.trt: ")]
+    assert hit, "the fault was never reached"
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    if fault.call == "replace":
+        assert f"cannot write {out / fault.name}: " in lines[0], err
+    assert errno.errorcode[fault.error] in lines[0] and "an earlier export there is unchanged" in lines[0], (
+        err
+    )
+    assert snapshot(out) == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "a staging folder was left"
