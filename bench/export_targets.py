@@ -1,12 +1,16 @@
 """The export targets (docs/export.md), measured: the default student (``python -m kdfast.train``) and timm
 resnet18, mobilenetv3_small_100 and deit_tiny trained on digits with plain cross-entropy, each exported by
-``python -m export.trt`` with its defaults, then one summary table.
+``python -m export.trt`` with its defaults, then one summary table: per runtime the INT8 file the report
+ships at the largest batch, its throughput over the fp32 file on the same runtime (paired rounds) and its
+gates.
 
     .venv/bin/python bench/export_targets.py --default runs/default/student.pt --out runs/export-targets \
-        -- --backends ort openvino --baselines eager
+        --students resnet18 mobilenetv3_small_100 --repeat 2 -- --backends ort openvino --threads 1
 
-Students already trained under ``--out`` are reused; their exports are redone. ``--qad`` also runs
-``python -m kdfast.train --qad`` on every student, exports each QAD student and prints a second table.
+``--repeat 2`` exports each student twice in a row and prints every x-eager figure of both runs side by
+side with their difference (the target: within 25%). Students already trained under ``--out`` are reused;
+their exports are redone. ``--qad`` also runs ``python -m kdfast.train --qad`` on every student, exports each
+QAD student and prints a second table.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 # this checkout's packages and the tests' digits trainer, whatever is installed
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from digits_students import save_student, train_on_digits  # noqa: E402
+from support.students import save_student, train_on_digits  # noqa: E402
 
+from export.report import at_batch, fastest, precision_label, verified  # noqa: E402
 from export.trt import main as export_main  # noqa: E402
 from kdfast.models import build_model  # noqa: E402
 
@@ -39,8 +44,8 @@ STUDENTS = {
     ),
 }
 
-# The fp32 rows the table compares, by column: the eager reference first.
-RUNTIMES = {"eager": "pytorch-eager", "ort": "onnxruntime", "openvino": "openvino"}
+# The runtimes whose INT8 speed the table reports.
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def _student(out: Path, name: str) -> Path:
@@ -54,28 +59,58 @@ def _student(out: Path, name: str) -> Path:
     return path
 
 
+def _int8_cell(report: dict, runtime: str) -> str:
+    """The INT8 row ``runtime`` ships at the largest batch (of its verified INT8 rows, the one the report's
+    What to ship rule picks, fp32 included as the alternative), its x fp32 and gates."""
+    last = report["protocol"]["batch_sizes"][-1]
+    rows = [r for r in report["rows"] if r["backend"] == runtime and r["precision"] in ("fp32", "int8")]
+    timed = [(r, at_batch(r, last)) for r in rows if verified(r) and at_batch(r, last)]
+    int8 = [r for r in rows if r["precision"] == "int8" and at_batch(r, last)]
+    if not timed or not int8:
+        return "-"
+    best = max(int8, key=lambda r: (at_batch(r, last).get("vs_fp32") or {}).get("median", 0.0))
+    ratio, parity = at_batch(best, last).get("vs_fp32"), best["parity"] or {}
+    shipped = fastest(timed)[0]
+    drop = 100 * (parity["accuracy_ref"] - parity["accuracy"])
+    return (
+        f"{ratio['median']:.2f}x [{ratio['q25']:.2f}-{ratio['q75']:.2f}] {precision_label(best)}, "
+        f"{100 * parity['top1_agreement']:.2f}% / {drop:.2f} pt"
+        + ("" if verified(best) else " FAILS its gates")
+        + ("" if shipped is best else f" (ships {precision_label(shipped)})")
+    )
+
+
 def _summary(name: str, report: dict, params: int) -> list[str]:
     rows = {(r["backend"], r["precision"], r["variant"]): r for r in report["rows"]}
-    fp32 = {k: rows.get((b, "fp32", None)) for k, b in RUNTIMES.items()}
-    int8 = rows.get(("onnxruntime", "int8", None))
-    int8_info = report["int8"].get("int8", {})
-    layers = [x for x in int8_info.get("layers", []) if x["op"] != "logits"]
-    p50 = {k: r["latency"]["end_to_end"][0]["p50_ms"] for k, r in fp32.items() if r and r["latency"]}
-    ratios = [f"{p50[k]:.3f} ({p50[k] / p50['eager']:.2f}x)" if k in p50 else "-" for k in RUNTIMES]
-    parity = (int8 or {}).get("parity") or {}
+    eager = rows[("pytorch-eager", "fp32", None)]
     rules = report["files"].get("int8", {}).get("tensorrt_violations")
     return [
         name,
         f"{params:,}",
-        f"{100 * fp32['eager']['accuracy']:.2f}",
-        "-" if not parity else f"{100 * parity['top1_agreement']:.2f}",
-        "-" if not parity else f"{100 * (parity['accuracy_ref'] - parity['accuracy']):.2f}",
-        f"{len(int8_info.get('keep_float', []))} of {len(layers)}",
+        f"{100 * eager['accuracy']:.2f}",
+        f"{eager['latency']['end_to_end'][0]['p50_ms']:.3f}" if eager["latency"] else "-",
+        *(_int8_cell(report, runtime) for runtime in RUNTIMES),
         "-" if rules is None else ("pass" if not rules else f"{len(rules)} violations"),
-        f"{p50['eager']:.3f}",
-        *ratios[1:],
         str(report["exit_code"]),
     ]
+
+
+def _stability(name: str, reports: list[dict]) -> list[str]:
+    """Every x-eager figure of each run, per row and batch size, and the largest relative difference."""
+    lines = []
+    for rows in zip(*(r["rows"] for r in reports), strict=True):
+        for batch in reports[0]["protocol"]["batch_sizes"]:
+            ratios = [(at_batch(r, batch) or {}).get("vs_eager") for r in rows]
+            if any(x is None for x in ratios) or rows[0]["backend"] == "pytorch-eager":
+                continue
+            medians = [x["median"] for x in ratios]
+            spread = max(medians) / min(medians) - 1
+            lines.append(
+                f"| {name} | {rows[0]['backend']} {precision_label(rows[0])} | {batch} | "
+                + " | ".join(f"{m:.2f}x" for m in medians)
+                + f" | {100 * spread:.1f}% |"
+            )
+    return lines
 
 
 def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
@@ -96,8 +131,8 @@ def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"QAD of {name} failed")
         summary = json.loads((folder / "qad.json").read_text())
         out = folder / "export"
-        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--overwrite",
-                     "--threads", str(args.threads)] + args.export_args)  # fmt: skip
+        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--overwrite"]
+                    + args.export_args)  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         agreement = {
             r["backend"]: f"{100 * r['parity']['top1_agreement']:.2f}"
@@ -117,27 +152,39 @@ def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     students = {"default (edge_cnn, AGKD)": args.default} if args.default else {}
-    students |= {name: _student(args.out, name) for name in STUDENTS}
+    students |= {name: _student(args.out, name) for name in args.students}
     header = [
-        "student", "params", "fp32 top-1 %", "INT8 agreement %", "INT8 drop (points)", "layers kept float",
-        "TensorRT rules", "eager p50 b1 ms", "ORT fp32 p50 b1 ms (/ eager)",
-        "OpenVINO fp32 p50 b1 ms (/ eager)", "exit",
+        "student", "params", "fp32 top-1 %", "eager p50 b1 ms",
+        *(f"{r} INT8 x fp32 at bN (file, agreement / drop)" for r in RUNTIMES), "TensorRT rules", "exit",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    columns = " | ".join(f"run {i + 1}" for i in range(args.repeat))
+    runs = [f"| student | row | batch | {columns} | spread |"]
+    runs.append("|" + "---|" * (4 + args.repeat))
     for name, path in students.items():
-        out = args.out / name.split(" ")[0] / "export"
-        print(f"exporting {name}", file=sys.stderr, flush=True)
-        flags = ["--out", str(out), "--overwrite", "--threads", str(args.threads), *args.export_args]
-        export_main(["--model", str(path), *flags])
-        report = json.loads((out / "report.json").read_text())
+        reports = []
+        for i in range(args.repeat):
+            out = args.out / name.split(" ")[0] / ("export" if i == 0 else f"export-{i + 1}")
+            print(f"exporting {name} (run {i + 1} of {args.repeat})", file=sys.stderr, flush=True)
+            export_main(["--model", str(path), "--out", str(out), "--overwrite", *args.export_args])
+            reports.append(json.loads((out / "report.json").read_text()))
+            machine = reports[-1]["machine"]
+            print(
+                f"load average {machine['load_average_start']} before, {machine['load_average_during']} "
+                f"during, {machine['load_average_end']} after",
+                file=sys.stderr,
+                flush=True,
+            )
         params = sum(t.numel() for t in torch.load(path, weights_only=True)["state_dict"].values())
-        lines.append("| " + " | ".join(_summary(name, report, params)) + " |")
-        machine = report["machine"]
+        lines.append("| " + " | ".join(_summary(name, reports[0], params)) + " |")
+        runs += _stability(name, reports)
     print("\n".join(lines))
+    if args.repeat > 1:
+        print("\n".join(["", "x eager (median of per-round ratios) of each run:", "", *runs]))
     if args.qad:
         print("\n".join(["", *_qad_rows(students, args)]))
     print(
-        f"\n{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, {args.threads} threads, "
+        f"\n{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, {machine['threads']} threads, "
         f"load average {machine['load_average_start']} -> {machine['load_average_end']} (last export), "
         f"{machine['timestamp']}"
     )
@@ -147,7 +194,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--default", type=Path, help="the default run's student.pt (python -m kdfast.train)")
     parser.add_argument("--out", type=Path, default=Path("runs/export-targets"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--students", nargs="*", choices=list(STUDENTS), default=list(STUDENTS))
+    parser.add_argument("--repeat", type=int, default=1, help="exports of each student in a row")
     parser.add_argument("--qad", action="store_true", help="also QAD every student and export the result")
     parser.add_argument("export_args", nargs="*", help="more flags for export.trt, after --")
     run(parser.parse_args())

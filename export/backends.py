@@ -85,7 +85,8 @@ def torch_runner(model: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
 
 
 def _ort_load(path: Path, threads: int) -> Loaded:
-    return Loaded(ort_backend.runner(ort_backend.make_session(path, threads=threads)))
+    run, info = ort_backend.load(path, threads=threads)
+    return Loaded(run, info=info)
 
 
 def _aoti_unavailable() -> str | None:

@@ -110,3 +110,24 @@ def int8_layers_chart(files: dict[str, list[dict]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def speedup_chart(panels: dict[int, dict[str, list[float]]], path: Path) -> Path:
+    """Per batch size (one panel each), the per-round ratios eager / row of every timed row as a box (median,
+    quartiles, whiskers at 1.5 IQR) with each round as a dot: the spread behind every x-eager figure."""
+    height = 0.45 * max((len(r) for r in panels.values()), default=1) + 2
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), height), squeeze=False)
+    for ax, (batch, ratios) in zip(axes[0], panels.items(), strict=False):
+        labels = list(ratios)
+        if labels:
+            ax.boxplot([ratios[k] for k in labels], vert=False, tick_labels=labels, widths=0.6)
+            for i, k in enumerate(labels, start=1):
+                ax.plot(ratios[k], [i] * len(ratios[k]), "o", ms=3, alpha=0.5, color="tab:blue")
+            ax.set_xscale("log")
+            _plain_log_axis(ax.xaxis)
+        ax.axvline(1.0, color="gray", lw=1, ls="--")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("x faster than PyTorch eager, per round (log)")
+        ax.set_title(f"batch {batch}: one dot per round")
+        ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)

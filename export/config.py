@@ -22,15 +22,14 @@ from export.machine import usable_cpus
 from export.onnx_export import DEFAULT_OPSET, OPSETS
 from export.quantize import CALIBRATION_METHODS
 from export.verify import DEFAULT_GATES, Gates
-from kdfast.errors import ConfigError, UsageError
-from kdfast.schema import build, positive, read_yaml, set_override, unit_interval
+from kdfast.errors import ConfigError, UsageError, shown
+from kdfast.schema import build, closest, positive, read_yaml, set_override, unit_interval
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-ort")
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISIONS = PRECISIONS
 BASELINES = ("eager", "compile")
 Precision = Literal["fp32", "fp16", "int8", "int8-ort"]
 Baseline = Literal["eager", "compile"]
-BackendKey = Literal[tuple(BACKENDS)]
 Calibration = Literal[tuple(CALIBRATION_METHODS)]
 THREADS_AUTO_MAX = 4  # threads: auto gives every backend this many CPU threads at most
 
@@ -97,14 +96,17 @@ class GatesConfig:
 class TimingConfig:
     """The latency protocol (export.latency.Protocol) of every backend and batch size."""
 
-    warmup_iters: int = Protocol.warmup_iters  # warm-up calls, at least
-    warmup_s: float = Protocol.warmup_s  # warm-up seconds, at least
-    iters: int = Protocol.iters  # timed calls per batch size, at least
-    min_time_s: float = Protocol.min_s  # timed seconds per batch size, at least
+    warmup_iters: int = Protocol.warmup_iters  # warm-up calls per row and batch size, at least
+    warmup_s: float = Protocol.warmup_s  # warm-up seconds per row and batch size, at least
+    iters: int = Protocol.iters  # timed calls per row and batch size, at least
+    min_time_s: float = Protocol.min_s  # timed seconds per row and batch size, at least
     max_time_s: float | None = None  # a cap per batch size; a series it cuts below iters is marked
+    rounds: int = Protocol.rounds  # rounds the rows of one batch size are interleaved in
 
     def protocol(self) -> Protocol:
-        return Protocol(self.warmup_iters, self.warmup_s, self.iters, self.min_time_s, self.max_time_s)
+        return Protocol(
+            self.warmup_iters, self.warmup_s, self.iters, self.min_time_s, self.max_time_s, self.rounds
+        )
 
 
 @dataclass
@@ -115,7 +117,7 @@ class ExportConfig:
     out: str | None = None  # output folder (null: <model folder>/export)
     overwrite: bool = False  # replace an earlier export in out (its files move to out/.previous-export/)
     precision: list[Precision] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
-    backends: list[BackendKey] | None = None  # null: every runtime available here
+    backends: list[str] | None = None  # keys of export.backends.BACKENDS; null: every one available here
     baselines: list[Baseline] = field(default_factory=lambda: list(BASELINES))
     max_batch: int = 8  # largest batch of the dynamic batch dimension
     opset: int = DEFAULT_OPSET
@@ -170,6 +172,7 @@ def check(cfg: ExportConfig) -> None:
     if not cfg.model:
         raise UsageError("--model is required: the student.pt kdfast.train wrote (or model: in --config)")
     counts = {"max_batch": cfg.max_batch, "workspace_mb": cfg.workspace_mb, "timing.iters": cfg.timing.iters}
+    counts["timing.rounds"] = cfg.timing.rounds
     counts |= {
         f"data.{k}": getattr(cfg.data, k) for k in ("verify_samples", "calib_samples", "control_samples")
     }
@@ -177,6 +180,11 @@ def check(cfg: ExportConfig) -> None:
         counts["threads"] = cfg.threads
     for key, value in counts.items():
         positive(value, key)
+    for i, key in enumerate(cfg.backends or []):  # the table as it is now (a test may plant a backend)
+        if key not in BACKENDS:
+            raise ConfigError(
+                f"config key 'backends[{i}]': no backend {shown(key)}; {closest(key, BACKENDS, 'backends')}"
+            )
     for precision in ("fp32", "fp16", "int8"):
         unit_interval(getattr(cfg.gates, precision).min_agreement, f"gates.{precision}.min_agreement")
     if cfg.timing.max_time_s is not None:

@@ -63,20 +63,35 @@ def load_average() -> float | None:
         return None
 
 
-def busy_warning(load_start: float | None, load_end: float | None, threads: int) -> str | None:
+def busy_warning(
+    load_start: float | None, load_during: float | None, load_end: float | None, threads: int
+) -> str | None:
     """A warning when other processes kept the machine busy.
 
-    The 1-minute load average counts every runnable thread; at the start this command has barely run, at
-    the end its own ``threads`` have been running for the last minute, so they are subtracted there.
+    The 1-minute load average counts every runnable thread; at the start this command has barely run,
+    during the timing (the highest reading taken between batch sizes) and at the end its own ``threads``
+    have been running for the last minute, so they are subtracted there.
     """
     cpus = usable_cpus()
-    others = [v for v in (load_start, None if load_end is None else load_end - threads) if v is not None]
+    own = [load_during, load_end]
+    others = [v for v in (load_start, *(None if v is None else v - threads for v in own)) if v is not None]
     if not others or max(others) <= BUSY_SHARE * cpus:
         return None
+    idle = cpus - max(others)
+    # With fewer idle CPUs than threads, a multi-threaded runner waits at every parallel region for a
+    # thread the scheduler preempted: PyTorch eager on edge_cnn took 1.6 ms with 1 thread and 450 ms with 2
+    # on 2 CPUs at load 2.3.
+    advice = (
+        f"; fewer CPUs were idle ({max(idle, 0):.1f}) than --threads {threads}, so multi-threaded runners "
+        f"waited on preempted threads: --threads {max(1, int(idle))} measures what this machine can give"
+        if threads > 1 and idle < threads
+        else ""
+    )
     return (
-        f"the machine was busy: 1-minute load average {load_start} at the start and {load_end} at the end "
-        f"on {cpus} usable CPU(s), this command running {threads} thread(s): latency figures are not "
-        "comparable with a quiet machine's"
+        f"the machine was busy: 1-minute load average {load_start} before, {load_during} during the timing "
+        f"(highest) and {load_end} after, on {cpus} usable CPU(s), this command running {threads} "
+        "thread(s): latency figures are not comparable with a quiet machine's (the ratios between rows, "
+        f"taken round by round, are the figures that hold){advice}"
     )
 
 

@@ -7,9 +7,13 @@ set of layers kept in float, in one of two layouts.
   biases left in float (NVIDIA's Q/DQ placement recommendations: "quantize all inputs of weighted
   operations", "do not quantize the outputs of weighted operations" by default; TensorRT quantizes biases
   itself), nothing per channel on normalization weights.
-- :data:`ORT_CPU` (``student.int8-ort.onnx``, on request): U8S8 for ONNX Runtime on x86 CPUs (uint8
-  asymmetric activations so ReLU folds away and every DQ -> Conv -> Q fuses into QLinearConv, int32 biases);
-  not loadable by TensorRT.
+- :data:`ORT_CPU` (``student.int8-ort.onnx``): U8S8 for ONNX Runtime on x86 CPUs (uint8 asymmetric
+  activations so ReLU folds away and every DQ -> Conv -> Q fuses into QLinearConv, int32 biases, 7-bit
+  weights so that the fast U8S8 kernels are exact on every x86 CPU); not loadable by TensorRT.
+
+OpenVINO runs both (the TensorRT file's weights put on a 7-bit grid where its int8 kernels would saturate,
+:func:`export.openvino_backend.narrow_weights`); which one it runs faster depends on the network, so the
+command times both there.
 """
 
 from __future__ import annotations
@@ -54,8 +58,13 @@ _CALIBRATION_OPTIONS = {
 
 # x86 ONNX Runtime runs QLinearConv in NHWC with the channels in the vector lanes; below this many input
 # channels (an RGB stem, a 16-channel depthwise conv) the lanes are mostly idle and the fp32 NCHWc kernels
-# win: on an AVX512-VNNI Xeon at batch 8 the edge_cnn stem took 0.63 ms in int8 against 0.18 ms in fp32.
+# win: on an AVX512-VNNI Xeon at batch 8 the edge_cnn stem took 0.63 ms in int8 against 0.18 ms in fp32
+# (on an AVX2 EPYC, edge_cnn all-INT8 ran at 0.94x fp32, with these two convs float at 1.20x).
 MIN_INT8_CONV_CHANNELS = 24
+# ... except a thin conv that a MaxPool reads (through its activation): left float, the MaxPool runs in
+# float NCHW after a layout reorder instead of ORT's uint8 NHWC kernel (resnet18 at batch 8 on an AVX2 EPYC:
+# 1.30 ms against 0.02 ms, 15% of the INT8 forward; the stem in int8 took it from 1.28x to 1.85x fp32).
+_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid"}
 
 # ONNX Runtime has no integer kernels for these, and a per-channel scale on their 1-D weights is what made
 # the quantizer print "Axis 1 is out-of-range" for every LayerNorm of a ViT.
@@ -76,6 +85,10 @@ class Scheme:
     op_types: tuple[str, ...] | None  # None: every op type ONNX Runtime's QDQ quantizer knows but norms
     extra_options: dict = field(default_factory=dict)
     min_conv_channels: int = 0
+    # 7-bit weights (-64..64): on x86 without VNNI ONNX Runtime's U8S8 kernels sum pairs of products in
+    # int16, exact only when |x * w| * 2 <= 32767 (255 * 64 * 2 = 32640), and ``session.x64quantprecision``
+    # then leaves such weights alone, so the fast kernels run and are exact on every x86 CPU.
+    reduce_range: bool = False
     # Only the weighted ops read the dequantized activation; its other readers (a residual Add) the float.
     weighted_inputs_only: bool = False
 
@@ -99,6 +112,7 @@ ORT_CPU = Scheme(
     op_types=None,
     extra_options={"WeightSymmetric": True},
     min_conv_channels=MIN_INT8_CONV_CHANNELS,
+    reduce_range=True,
 )
 SCHEMES = {s.name: s for s in (TENSORRT, ORT_CPU)}
 
@@ -119,6 +133,15 @@ class _Batches(CalibrationDataReader):
 def _conv_input_channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     return inits[node.input[1]].dims[1] * group
+
+
+def _feeds_max_pool(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether a MaxPool reads ``node``'s output, directly or through one elementwise activation."""
+    for reader in readers.get(node.output[0], []):
+        after = readers.get(reader.output[0], []) if reader.op_type in _ACTIVATIONS else []
+        if reader.op_type == "MaxPool" or any(r.op_type == "MaxPool" for r in after):
+            return True
+    return False
 
 
 def _registered_op_types() -> list[str]:
@@ -166,18 +189,24 @@ class Int8Quantizer:
         return [n.name for n in weighted_layers(self.float_model) if n.name not in always_float]
 
     def _always_float(self, scheme: Scheme) -> set[str]:
-        """Nodes ``scheme`` never quantizes: thin convs (the ORT CPU layout) and, where the scheme quantizes
+        """Nodes ``scheme`` never quantizes: thin convs that no MaxPool reads (the ORT CPU layout) and, where
+        the scheme quantizes
         only weighted ops, every Conv/Gemm/MatMul whose second input is not a constant. ONNX Runtime's QDQ
         quantizer ignores ``MatMulConstBOnly`` and would put Q/DQ on both inputs of attention's
         ``q @ k^T`` and ``softmax @ v``, activations the TensorRT layout leaves float (and that the QAD
         simulation, :mod:`kdfast.quant`, does not quantize)."""
         inits = {i.name: i for i in self.float_model.graph.initializer}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.float_model.graph.node:
+            for name in n.input:
+                readers.setdefault(name, []).append(n)
         thin = {
             n.name
             for n in self.float_model.graph.node
             if n.op_type == "Conv"
             and n.input[1] in inits
             and _conv_input_channels(n, inits) < scheme.min_conv_channels
+            and not _feeds_max_pool(n, readers)
         }
         if scheme.op_types != WEIGHTED_OPS:
             return thin
@@ -196,6 +225,7 @@ class Int8Quantizer:
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(scheme.op_types or _registered_op_types()),
             per_channel=True,
+            reduce_range=scheme.reduce_range,
             activation_type=scheme.activation_type,
             weight_type=QuantType.QInt8,
             calibrate_method=self.method,

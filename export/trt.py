@@ -27,19 +27,20 @@ from typing import TextIO
 import numpy as np
 import onnx
 import torch
+from tqdm import tqdm
 
 from export.aoti import import_cpp_extension_quietly
 from export.backends import BACKENDS, Backend, Loaded, Sources, batched, torch_runner
 from export.config import BASELINES, PRECISIONS, ExportConfig, default, read_config
 from export.int8 import ControlSet, make_int8
-from export.latency import batch_sizes, measure, summarize, wall_clock
+from export.latency import batch_sizes, interleave, summarize, wall_clock
 from export.machine import PeakMemory, busy_warning, load_average, machine_info
 from export.onnx_export import OPSETS, export_onnx, read_metadata
 from export.outdir import LOG, PREVIOUS, REPORT, OutputFolder, native_output
 from export.precision import to_fp16
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import CALIBRATION_METHODS, SCHEMES, Int8Quantizer
-from export.report import precision_label, table, write_reports
+from export.report import add_speedups, precision_label, table, write_reports
 from export.verify import DEFAULT_GATES, check_gates, failed_gates, parity, unmeasured_gates
 from kdfast.atomic import atomic_write, check_length
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split, preprocessing
@@ -58,7 +59,8 @@ from kdfast.errors import (
     write_fault,
 )
 
-VARIANTS = {"int8-ort": "u8s8 for ORT CPU"}  # files that share a precision with another, by label
+# Files that share a precision with another, by label: one INT8 layout per runtime (export.quantize).
+VARIANTS = {"int8-ort": "u8s8 for ORT on x86"}
 RANDOM_WARNING = (
     "random inputs: parity only; top-1 agreement and accuracy drop are not measured, so the run cannot pass"
 )
@@ -134,8 +136,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     flag(
         "--precision",
         "precision",
-        "ONNX files to build: int8 the TensorRT-valid Q/DQ file; int8-ort (on request) U8S8 for ONNX Runtime "
-        "on x86",
+        "ONNX files to build, INT8 in the layout each runtime fuses: int8, the TensorRT-valid Q/DQ file "
+        "(OpenVINO runs it too); int8-ort, U8S8 with 7-bit weights for ONNX Runtime on x86 (and OpenVINO)",
         nargs="+",
         choices=PRECISIONS,
     )
@@ -201,10 +203,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                 f"{prec}: accuracy drop allowed against PyTorch, in points",
                 type=float,
             )
-    flag("--warmup-iters", "timing.warmup_iters", "warm-up calls per batch size, at least", type=int)
-    flag("--warmup-s", "timing.warmup_s", "warm-up seconds per batch size, at least", type=float)
-    flag("--iters", "timing.iters", "timed calls per batch size, at least", type=int)
-    flag("--min-time-s", "timing.min_time_s", "timed seconds per batch size, at least", type=float)
+    flag("--warmup-iters", "timing.warmup_iters", "warm-up calls per row and batch size, at least", type=int)
+    flag("--warmup-s", "timing.warmup_s", "warm-up seconds per row and batch size, at least", type=float)
+    flag("--iters", "timing.iters", "timed calls per row and batch size, at least", type=int)
+    flag("--min-time-s", "timing.min_time_s", "timed seconds per row and batch size, at least", type=float)
+    flag(
+        "--rounds",
+        "timing.rounds",
+        "rounds the rows of one batch size are interleaved in (order rotated each round); the x-vs-eager "
+        "figures are medians of per-round ratios",
+        type=int,
+    )
     flag(
         "--max-time-s",
         "timing.max_time_s",
@@ -268,7 +277,7 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
         source = f"imagefolder {data.verify_data}"
     else:
         source = f"{ckpt['data'].get('name')} val split from the checkpoint"
-    int8 = bool({"int8", "int8-ort"} & set(cfg.precision))
+    int8 = bool(set(SCHEMES) & set(cfg.precision))
     try:
         val, val_labels = load_split(ckpt, "val", data.verify_samples + (data.control_samples if int8 else 0))
         calibration, _ = load_split(ckpt, "train", data.calib_samples)
@@ -342,6 +351,9 @@ class _Export:
         self.inputs = {b: np.ascontiguousarray(pool[:b]) for b in self.sizes}
         self._references: dict[str, np.ndarray] = {}
         self.rows: list[dict] = []
+        # Rows verified and waiting to be timed, with what runs them: all are timed together at the end.
+        self.timed: list[tuple[dict, Loaded]] = []
+        self.load_during: list[float] = []
         # A QAD student (kdfast.train --qad) was trained as the INT8 network: the file's rows are verified
         # against that network (the PyTorch fake quantization of the same layout, calibrated on the same
         # images), not against its float forward, and no layer is kept float.
@@ -349,7 +361,9 @@ class _Export:
         self._fake_int8: np.ndarray | None = None
 
     def say(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.started:6.1f} s] {message}", file=self.console, flush=True)
+        # through tqdm, so that a line said while the timing bar is drawn does not break it
+        tqdm.write(f"[{time.perf_counter() - self.started:6.1f} s] {message}", file=self.console)
+        self.console.flush()
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -385,28 +399,41 @@ class _Export:
             self._references[device] = torch.cat(logits).numpy()
         return self._references[device]
 
-    def latency(self, loaded: Loaded, label: str) -> dict:
-        """The protocol over every batch size: end to end, and device-only where the backend has it."""
-        series_count = 1 if loaded.compute_step is None else 2
-        least = series_count * len(self.sizes) * (self.protocol.warmup_s + self.protocol.min_s)
+    def to_time(self, row: dict, loaded: Loaded) -> None:
+        """Queue ``row`` for :meth:`time_rows`, run by ``loaded``."""
+        row["latency"] = {"end_to_end": [], "compute_only": None if loaded.compute_step is None else []}
+        self.timed.append((row, loaded))
+
+    def time_rows(self) -> None:
+        """Every queued row, batch size by batch size, in interleaved rounds
+        (:func:`export.latency.interleave`): end to end, and device-only where the backend has it; a runner
+        that raises while timed gets the error on its row. The runners are released afterwards."""
+        count = sum(1 if loaded.compute_step is None else 2 for _, loaded in self.timed)
+        least = count * len(self.sizes) * (self.protocol.warmup_s + self.protocol.min_s)
         what = (
-            f"timing {label}: batch {', '.join(map(str, self.sizes))}, at least {least:.0f} s "
-            f"(>= {self.protocol.warmup_s:g} s warm-up and >= {self.protocol.min_s:g} s timed per batch size"
-            + (", end to end and device-only)" if series_count == 2 else ")")
+            f"timing {len(self.timed)} rows ({count} series), interleaved in {self.protocol.rounds} rounds "
+            f"per batch size {', '.join(map(str, self.sizes))}: at least {least:.0f} s"
         )
-        with self.step(what):
-            series = {}
+        rounds = len(self.sizes) * self.protocol.rounds
+        # the bar on a terminal (rate and ETA); a log or a pipe gets the step's lines alone
+        bar = tqdm(total=rounds, desc="timing", unit="round", leave=False, file=self.console, disable=None)
+        with self.step(what), bar:
             for b, x in self.inputs.items():
-                series[b] = summarize(
-                    measure(wall_clock(lambda x=x: loaded.run(x)), self.protocol), b, self.protocol
-                )
-            result = {"end_to_end": list(series.values()), "compute_only": None}
-            if loaded.compute_step is not None:
-                result["compute_only"] = [
-                    summarize(measure(loaded.compute_step(x), self.protocol), b, self.protocol)
-                    for b, x in self.inputs.items()
-                ]
-        return result
+                self.load_during.append(load_average())
+                steps = {}
+                for i, (_, loaded) in enumerate(self.timed):
+                    steps[f"{i}/end_to_end"] = wall_clock(lambda run=loaded.run, x=x: run(x))
+                    if loaded.compute_step is not None:
+                        steps[f"{i}/compute_only"] = loaded.compute_step(x)
+                bar.set_postfix_str(f"batch {b}, {len(steps)} series")
+                samples, failed = interleave(steps, self.protocol, on_round=lambda _: bar.update())
+                for key, series in samples.items():
+                    i, kind = key.split("/")
+                    self.timed[int(i)][0]["latency"][kind].append(summarize(series, b, self.protocol))
+                for key, e in failed.items():
+                    row = self.timed[int(key.split("/")[0])][0]
+                    row["error"] = row["error"] or f"while timed at batch {b}: {_error_line(e)}"
+        self.timed.clear()
 
     def row(self, backend: str, precision: str, **fields: object) -> dict:
         row = {
@@ -415,12 +442,15 @@ class _Export:
             "variant": VARIANTS.get(precision),
             "device": "cpu",
             "file": None,
+            "artifacts": None,  # every file the row's runtime loads (what ships)
             "size_bytes": None,
             "parity": None,
             "gates": [],
             "accuracy": None,
             "latency": None,
             "load_s": None,
+            "first_call_s": None,  # batch -> seconds of the first call (compilation, specialization)
+            "compile_s": None,  # load_s + every first call: what it takes before the timed rounds
             "peak_rss_mb": None,
             "error": None,
             "unavailable": None,  # why this backend cannot run here (then nothing else is filled in)
@@ -470,14 +500,27 @@ class _Export:
                 loaded = load()
                 row["load_s"] = time.perf_counter() - t0
                 row["runtime"] = loaded.info
+                # Compilation and per-shape specialization (torch.compile, OpenVINO's shape inference)
+                # happen at the first call of each batch size: its own column, outside the timed rounds.
+                first = {}
+                for b, x in self.inputs.items():
+                    t0 = time.perf_counter()
+                    loaded.run(x)
+                    first[b] = time.perf_counter() - t0
+                row["first_call_s"] = first
+                row["compile_s"] = row["load_s"] + sum(first.values())
                 logits = batched(loaded.run, self.data.images, self.cfg.max_batch)
                 self.verify(row, logits, precision, device, onnx_int8=onnx_int8)
-            row["latency"] = self.latency(loaded, label)
         row["peak_rss_mb"] = memory.peak_bytes / 2**20
+        self.to_time(row, loaded)
 
     def file_fields(self, files: list[Path]) -> dict:
-        """The artifact (the first of ``files``) and the bytes of every file it is loaded from."""
-        return {"file": str(self.folder.final(files[0])), "size_bytes": sum(f.stat().st_size for f in files)}
+        """The artifact (the first of ``files``), every file it is loaded from (what ships), their bytes."""
+        return {
+            "file": str(self.folder.final(files[0])),
+            "artifacts": [f.name for f in files],
+            "size_bytes": sum(f.stat().st_size for f in files),
+        }
 
 
 def _baselines(run: _Export) -> None:
@@ -485,7 +528,7 @@ def _baselines(run: _Export) -> None:
     accuracy = None if labels is None else float(np.mean(run.reference("cpu").argmax(1) == labels))
     eager = run.row("pytorch-eager", "fp32", accuracy=accuracy)
     if "eager" in run.cfg.baselines:
-        eager["latency"] = run.latency(Loaded(torch_runner(run.model)), "PyTorch eager (the reference)")
+        run.to_time(eager, Loaded(torch_runner(run.model)))
     if "compile" in run.cfg.baselines:
         row = run.row("torch.compile", "fp32")
         try:
@@ -531,7 +574,7 @@ def _int8(run: _Export, files: dict[str, Path], metadata: dict[str, str], int8_r
                 workdir=Path(work),
             )
         gates = cfg.gates.of("int8")
-        for name in (p for p in ("int8", "int8-ort") if p in cfg.precision):
+        for name in (p for p in SCHEMES if p in cfg.precision):
             scheme = SCHEMES[name]
             with run.step(
                 f"INT8 {name}: quantizing, accuracy control on {len(control.images)} held-out images"
@@ -593,7 +636,7 @@ def _onnx(run: _Export, ckpt: dict, int8_report: dict) -> dict[str, Path]:
         except Exception as e:  # noqa: BLE001
             _unless_write_fault(e)
             run.row("onnx", "fp16", error=_error_line(e), traceback=traceback.format_exc(limit=-4))
-    if {"int8", "int8-ort"} & set(cfg.precision):
+    if set(SCHEMES) & set(cfg.precision):
         try:
             _int8(run, files, metadata, int8_report)
         except Exception as e:  # noqa: BLE001
@@ -746,11 +789,19 @@ def _run(run: _Export, ckpt: dict, load_start: float | None) -> dict:
             run.row(backend.label, "-", device=backend.device, unavailable=reasons[backend.key])
         else:
             _backend(run, backend, sources)
+    run.time_rows()
+    add_speedups(run.rows)
     onnx_files = _files(run, files)
     status, code = _verdict(run, onnx_files, {k: reasons[k] for k in missing})
     load_end = load_average()
-    machine = {**machine_info(cfg.threads), "load_average_start": load_start, "load_average_end": load_end}
-    busy = busy_warning(load_start, load_end, cfg.threads)
+    load_during = max((v for v in run.load_during if v is not None), default=None)
+    machine = {
+        **machine_info(cfg.threads),
+        "load_average_start": load_start,
+        "load_average_during": load_during,
+        "load_average_end": load_end,
+    }
+    busy = busy_warning(load_start, load_during, load_end, cfg.threads)
     notes = [
         f"verification data: {data.source}, {len(data.images)} images"
         + (f" ({len(data.control)} more held out for INT8 control)" if len(data.control) else ""),
@@ -764,6 +815,7 @@ def _run(run: _Export, ckpt: dict, load_start: float | None) -> dict:
         "status": status,
         "exit_code": code,
         "warnings": [w for w in (busy, None if data.labels is not None else RANDOM_WARNING) if w],
+        "images": len(data.images),  # the verification images every gate is measured on
         "rows": run.rows,
         "files": onnx_files,
         "int8": int8_report,

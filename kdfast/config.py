@@ -36,6 +36,7 @@ MAX_EPOCHS = 100_000
 MAX_IMAGE_SIZE = 4096
 MAX_WORKERS = 64
 MAX_THREADS = 1024
+MAX_VIEWS = 1024
 SEED_LIMIT = 2**32
 BASE_KEY = "base"  # a config file's parent file, whose values it overrides
 
@@ -271,6 +272,16 @@ def _typed_loss(raw: Any) -> tuple[list[str], float | None, dict[str, Any]]:
 
 @dataclass
 class RuntimeConfig:
+    """How a run executes (:func:`kdfast.train.loop.resolve_runtime`).
+
+    ``teacher_cache`` (false | auto | true): read the frozen teacher's outputs from the teacher-output cache
+    (:mod:`kdfast.teacher_cache`) instead of running the teacher at every step; ``auto`` uses it where the
+    methods and the data allow and says why not otherwise, ``true`` refuses a run that cannot.
+    ``teacher_cache_views``: K, the augmented views cached per training image and replayed to the student (one
+    when the training transform draws nothing random). ``cache_dir``: where the teacher cache and Inductor's
+    compiled graphs are kept (null: ``$KDFAST_CACHE_DIR``, else ``~/.cache/kdfast``).
+    """
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: Literal["auto", True, False] = "auto"
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -281,6 +292,9 @@ class RuntimeConfig:
     progress: bool = True
     tensorboard: Literal["auto", True, False] = "auto"
     threads: Literal["auto"] | int = "auto"
+    teacher_cache: Literal["auto", True, False] = False
+    teacher_cache_views: int = 4
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -458,6 +472,12 @@ def validate(cfg: Config) -> None:
     if runtime.threads != "auto":
         positive(runtime.threads, "runtime.threads")
         at_most(runtime.threads, MAX_THREADS, "runtime.threads", "use at most one thread per core")
+    positive(runtime.teacher_cache_views, "runtime.teacher_cache_views")
+    at_most(
+        runtime.teacher_cache_views, MAX_VIEWS, "runtime.teacher_cache_views", "each view is one teacher pass"
+    )
+    if runtime.cache_dir is not None and not runtime.cache_dir.strip():
+        raise ConfigError("config key 'runtime.cache_dir' is empty: name a folder, or null for the user's")
     for name in cfg.loss.method:
         method(name).validate(cfg.loss.sections[name], cfg.student.taps, cfg.teacher.taps, f"loss.{name}")
 

@@ -42,7 +42,7 @@ from kdfast.config import ArchSpec, TapConfig
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import cls_attention_map, patch_grid, spatial_feature, tap_qkv, tap_tensor
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.models import build_model
 from kdfast.schema import positive
 from kdfast.taps import find_module
@@ -365,4 +365,5 @@ METHOD = Method(
     paper="AGKD, hybrid loss: attention-guided KD from a VGG19 + ViT-B/16 hybrid teacher into "
     "EfficientNet-B0 (no bibliographic reference recorded)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features", "attention")),
 )

@@ -35,7 +35,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs
 from kdfast.methods.features import pair_maps
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 
 
@@ -128,4 +128,5 @@ METHOD = Method(
     paper="Zagoruyko & Komodakis 2017, Paying More Attention to Attention: Improving the Performance of "
     "Convolutional Neural Networks via Attention Transfer (ICLR, arXiv:1612.03928)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

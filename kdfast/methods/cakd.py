@@ -50,7 +50,7 @@ from kdfast.methods.features import (
     tap_qkv,
     tap_tensor,
 )
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive, unit_interval
 from kdfast.taps import QKV
 
@@ -504,4 +504,5 @@ METHOD = Method(
     loss=CAKDLoss,
     paper="Liu, Cao, Li, Hu, Ding & Li 2022, Cross-Architecture Knowledge Distillation (arXiv:2207.05273)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features", "attention")),
 )

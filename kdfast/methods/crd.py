@@ -52,7 +52,7 @@ from kdfast.distributed import gather_rows
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import embedding
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 
 QUEUE_SEED = 0  # the initial queues: random unit vectors, the same on every rank and in every run
@@ -265,4 +265,5 @@ METHOD = Method(
     paper="Tian, Krishnan & Isola 2020, Contrastive Representation Distillation (ICLR, arXiv:1910.10699); "
     "negatives from a FIFO queue (He et al. 2020, MoCo) instead of a memory bank",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

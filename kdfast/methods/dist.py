@@ -30,7 +30,7 @@ import torch
 from kdfast.config import TapConfig
 from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term
 from kdfast.methods.logits import loss_logits, single_head
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import LOGITS_ONLY, Method
 from kdfast.schema import positive
 
 PEARSON_EPS = 1e-8  # the authors' eps in the denominator of eq. 1
@@ -134,4 +134,5 @@ METHOD = Method(
     loss=DISTLoss,
     paper="Huang, You, Wang, Qian & Xu 2022, Knowledge Distillation from A Stronger Teacher (NeurIPS, "
     "arXiv:2205.10536)",
+    teacher_cache=LOGITS_ONLY,
 )

@@ -40,7 +40,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term, hard_labels, warmup_factor
 from kdfast.methods.logits import loss_logits, single_head
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import LOGITS_ONLY, Method
 from kdfast.schema import positive
 
 
@@ -173,4 +173,5 @@ METHOD = Method(
     validate=validate,
     loss=DKDLoss,
     paper="Zhao, Cui, Song, Qiu & Liang 2022, Decoupled Knowledge Distillation (CVPR, arXiv:2203.08679)",
+    teacher_cache=LOGITS_ONLY,
 )

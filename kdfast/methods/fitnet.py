@@ -29,7 +29,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs
 from kdfast.methods.features import pair_maps, resize_to
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 
 
 def hint_loss(regressed: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
@@ -137,4 +137,5 @@ METHOD = Method(
     paper="Romero, Ballas, Kahou, Chassang, Gatta & Bengio 2015, FitNets: Hints for Thin Deep Nets (ICLR, "
     "arXiv:1412.6550)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

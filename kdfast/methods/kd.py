@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from kdfast.config import TapConfig
 from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term
 from kdfast.methods.logits import loss_logits, single_head
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import LOGITS_ONLY, Method
 from kdfast.schema import positive
 
 
@@ -91,4 +91,5 @@ METHOD = Method(
     loss=KDLoss,
     paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network (arXiv:1503.02531); "
     "standardize: Sun et al. 2024, Logit Standardization in Knowledge Distillation (CVPR)",
+    teacher_cache=LOGITS_ONLY,
 )

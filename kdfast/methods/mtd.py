@@ -37,7 +37,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap, supervised_ce
 from kdfast.methods.features import cls_attention_map, patch_grid
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 from kdfast.taps import QKV
 
@@ -252,4 +252,9 @@ METHOD = Method(
     paper="Chen, Wu, Wang, Lee & Jang 2022, Multimodal Transformer Distillation for Audio-Visual "
     "Synchronization (arXiv:2210.15563)",
     supervised=True,
+    teacher_cache=TeacherCache(
+        reason="it reads the Q, K and V of every distilled teacher layer (3 x tokens x width values per "
+        "layer and image, in float32 since softmax(Q K^T / sqrt(d)) amplifies float16 rounding): per layer "
+        "more bytes than the image itself, read back every step"
+    ),
 )

@@ -52,7 +52,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import ConfigError, UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, hard_labels, require_tap
 from kdfast.methods.features import patch_grid, tap_tensor
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import LOGITS_ONLY, Method
 from kdfast.schema import positive
 
 FINAL_PATCH_GRID = 7  # eq. 1, ViT branch: patch merging stops at a 7 x 7 grid (the official constant)
@@ -290,4 +290,5 @@ METHOD = Method(
     loss=OFALoss,
     paper="Hao, Guo, Han, Tang, Hu, Wang & Xu 2023, One-for-All: Bridge the Gap Between Heterogeneous "
     "Architectures in Knowledge Distillation (NeurIPS, arXiv:2310.19444)",
+    teacher_cache=LOGITS_ONLY,
 )

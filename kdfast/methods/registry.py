@@ -25,6 +25,27 @@ from kdfast.schema import closest
 
 
 @dataclass(frozen=True)
+class TeacherCache:
+    """What a method's loss reads of the frozen teacher, for the teacher-output cache
+    (:mod:`kdfast.teacher_cache`): ``reads`` names the outputs, of "logits", "features" (feature taps) and
+    "attention" (the Q, K, V of attention taps); the cache stores the logits and every teacher tap of the run
+    and hands them to the loss in the shapes the live teacher gives. ``fp16``: the method's tolerance allows
+    the taps to be stored in float16 (relative error 2^-11; logits always stay float32: they are small).
+    ``reason``: why the method cannot read cached outputs, when ``reads`` is empty; the run says it."""
+
+    reads: tuple[str, ...] = ()
+    fp16: bool = True
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.reads)
+
+
+LOGITS_ONLY = TeacherCache(reads=("logits",))
+
+
+@dataclass(frozen=True)
 class Method:
     """What a method file declares about itself.
 
@@ -40,6 +61,9 @@ class Method:
     method reads of the student's output: "one" (B, K) tensor (the default), the (class, distillation)
     "pair" of a two-head student (TITN), or "none" (a feature method); a "pair" method combines only with
     "none" methods, since its student gives no one tensor (:class:`kdfast.config.LossConfig`).
+    ``teacher_cache``: what it reads of the teacher, so whether a run may read the teacher's outputs from the
+    teacher-output cache instead of running the teacher (:class:`TeacherCache`); a method that does not
+    declare it cannot.
     """
 
     name: str
@@ -49,6 +73,7 @@ class Method:
     paper: str
     supervised: bool = False
     logits: Literal["one", "pair", "none"] = "one"
+    teacher_cache: TeacherCache = TeacherCache(reason="it does not declare what it reads of the teacher")
 
 
 def discover(path: str | Path, package: str) -> dict[str, Method]:

@@ -38,7 +38,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, FeaturePair, Term, require_pairs, warmup_factor
 from kdfast.methods.features import pair_maps
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 
 HCL_LEVELS = (4, 2, 1)  # eq. 3: the pyramid's pooled grids, finest first
@@ -188,4 +188,5 @@ METHOD = Method(
     loss=ReviewKDLoss,
     paper="Chen, Liu, Zhao & Jia 2021, Distilling Knowledge via Knowledge Review (CVPR, arXiv:2104.09044)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

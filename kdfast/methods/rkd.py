@@ -35,7 +35,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap
 from kdfast.methods.features import embedding
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import positive
 
 SQUARED_EPS = 1e-24  # floor of a squared distance under the square root (only reached by distinct points)
@@ -143,4 +143,5 @@ METHOD = Method(
     loss=RKDLoss,
     paper="Park, Kim, Lu & Cho 2019, Relational Knowledge Distillation (CVPR, arXiv:1904.05068)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

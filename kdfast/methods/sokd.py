@@ -42,7 +42,7 @@ from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import Batch, DistillationLoss, Term, require_tap, step_aside
 from kdfast.methods.features import patch_grid, resize_to, spatial_feature, tap_tensor
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import Method, TeacherCache
 from kdfast.schema import at_most, positive
 
 HEAD_WIDTH = 64  # eq. 11: the hidden width of each branch (kdfast's choice)
@@ -436,6 +436,7 @@ class SoKDLoss(DistillationLoss):
         f_s, f_t = self.aligned(student_taps, teacher_taps)
         return [(torch.sigmoid(self.head(f_s)[0])[:, 0], torch.sigmoid(self.head(f_t)[0])[:, 0])]
 
+
 METHOD = Method(
     name="sokd",
     schema=SoKDConfig,
@@ -444,4 +445,5 @@ METHOD = Method(
     paper="Shen, Huang, Zhu, Fan & Zhang 2024, Student-Oriented Teacher Knowledge Refinement for Knowledge "
     "Distillation (arXiv:2409.18785)",
     logits="none",
+    teacher_cache=TeacherCache(reads=("features",)),
 )

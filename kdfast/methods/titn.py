@@ -31,7 +31,7 @@ from torch import nn
 from kdfast.config import TapConfig
 from kdfast.errors import UsageError
 from kdfast.methods.base import NO_TAPS, Batch, DistillationLoss, Term, supervised_ce
-from kdfast.methods.registry import Method
+from kdfast.methods.registry import LOGITS_ONLY, Method
 from kdfast.schema import unit_interval
 from kdfast.taps import Taps, unwrap
 
@@ -147,4 +147,5 @@ METHOD = Method(
     "Distillation for Image Recognition (arXiv:2502.16762)",
     supervised=True,
     logits="pair",
+    teacher_cache=LOGITS_ONLY,
 )

@@ -33,13 +33,16 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from kdfast import teacher_cache
 from kdfast.atomic import append_line, atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
 from kdfast.config import (
+    ArchSpec,
     Config,
     ModelConfig,
     ResumeRecord,
@@ -62,14 +65,24 @@ from kdfast.errors import (
 from kdfast.evaluate import evaluate
 from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
+from kdfast.methods.registry import method
 from kdfast.models import build_model
 from kdfast.plots import plot_training_curves
 from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
+from kdfast.teacher_cache import CachePlan, TeacherCache
 from kdfast.train import pictures, preflight, rundir
 from kdfast.train.preflight import Step
 
 STAGES = ("teacher", "baseline", "distill")
+# runtime.channels_last: auto on a CPU: the families whose CE training step ran >= 1.1x faster in
+# channels_last on the development CPU (median of alternating rounds, bench/test_train_step.py::
+# test_channels_last_cpu; the figure in docs/_drafts/performance.md): depthwise-separable convolutions
+# (edge_cnn, MobileNetV2, EfficientNet) and the CIFAR wide ResNets. The others stay NCHW: within the noise, or
+# slower (torchvision's ResNet-18).
+CPU_CHANNELS_LAST = frozenset(
+    {"edge_cnn", "MobileNetV2", "efficientnet_b0", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"}
+)
 TORCH_THREADS = torch.get_num_threads()  # torch's own default (one per physical core), before any run sets it
 STAGE_FILES = {"teacher": "teacher.pt", "baseline": "baseline.pt", "distill": "student.pt"}
 ROW_FIELDS = (
@@ -121,16 +134,24 @@ class Runtime:
 
     device: torch.device
     amp_dtype: torch.dtype | None
-    channels_last: bool
+    channels_last: (
+        bool  # every model and the input batches (``runtime.channels_last``: true, or auto on CUDA)
+    )
     compile: bool
     progress: bool
     threads: int
     dist: DistInfo
+    cpu_auto_layout: bool = False  # runtime.channels_last: auto on a CPU: per model (model_channels_last)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def model_channels_last(self, arch: ArchSpec) -> bool:
+        """A model's layout: the run's ``channels_last``, and on a CPU with ``auto`` the measured choice for
+        its architecture (:data:`CPU_CHANNELS_LAST`)."""
+        return self.channels_last or (self.cpu_auto_layout and arch.name in CPU_CHANNELS_LAST)
 
 
 def auto_threads(world_size: int) -> int:
@@ -144,8 +165,11 @@ def auto_threads(world_size: int) -> int:
 
 
 def resolve_runtime(cfg: Config) -> Runtime:
-    """bf16 autocast, channels_last and torch.compile default on for CUDA and off for CPU; the number of CPU
-    threads (:func:`auto_threads`, or ``runtime.threads``)."""
+    """bf16 autocast, channels_last and torch.compile default on for CUDA and off for CPU (channels_last on a
+    CPU per model, :meth:`Runtime.model_channels_last`); the number of CPU threads (:func:`auto_threads`, or
+    ``runtime.threads``). A compiling run keeps Inductor's compiled graphs in the cache folder
+    (:func:`kdfast.teacher_cache.cache_root`), unless ``TORCHINDUCTOR_CACHE_DIR`` names another, so a second
+    run of the same models compiles from that cache."""
     rt = cfg.runtime
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("runtime.device=cuda but no CUDA GPU is visible: set runtime.device=cpu or auto")
@@ -163,14 +187,20 @@ def resolve_runtime(cfg: Config) -> Runtime:
     }[rt.amp]
     threads = auto_threads(dist.world_size) if rt.threads == "auto" else rt.threads
     torch.set_num_threads(threads)
+    compile_step = cuda if rt.compile == "auto" else bool(rt.compile)
+    if compile_step:
+        os.environ.setdefault(
+            "TORCHINDUCTOR_CACHE_DIR", str(teacher_cache.cache_root(rt.cache_dir) / "inductor")
+        )
     return Runtime(
         device=device,
         amp_dtype=amp,
         channels_last=cuda if rt.channels_last == "auto" else bool(rt.channels_last),
-        compile=cuda if rt.compile == "auto" else bool(rt.compile),
+        compile=compile_step,
         progress=rt.progress and dist.is_main,
         threads=threads,
         dist=dist,
+        cpu_auto_layout=rt.channels_last == "auto" and not cuda,
     )
 
 
@@ -244,33 +274,63 @@ class Run:
     position: str = "before the first training step"  # where Ctrl-C found the run
     resume_dir: Path | None = None  # what --resume takes to continue: the output folder, or its seeds folder
     held_out_ds: Dataset | None = None  # training images a loss reads (SoKD search) and no stage trains on
+    cache_plan: CachePlan = field(default_factory=lambda: CachePlan("off", 0))  # the teacher-output cache
+    report: dict[str, Any] = field(default_factory=dict)  # results.json's "runtime": compilation, the cache
 
     @property
     def num_classes(self) -> int:
         return len(self.info.classes)
 
 
-def ce_step(model: nn.Module, label_smoothing: float) -> Step:
-    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets."""
+def ce_step(model: nn.Module, label_smoothing: float, compile: bool = False) -> Step:
+    """The teacher / baseline objective: CE(y, p) alone, on integer labels or CutMix / Mixup soft targets;
+    one ``torch.compile`` graph when ``compile``."""
 
     def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(model(images).float(), targets, label_smoothing=label_smoothing)
         return loss, {"ce": loss.detach()}
 
-    return step
+    return torch.compile(step) if compile else step
 
 
-def distill_step(student: nn.Module, teacher: nn.Module, loss_fn: DistillationLoss) -> Step:
-    """The distillation objective: the frozen teacher's logits and taps under no_grad, the student's (on
-    ``loss_fn.student_view`` of the batch) with grad, combined by ``loss_fn``. ``student`` and ``teacher``
-    are Taps modules returning ``(logits, {tap: tensor | QKV})``."""
+def teacher_forward(teacher: nn.Module, compile: bool = False) -> Callable[[Tensor], teacher_cache.Outputs]:
+    """The frozen teacher (a Taps module): ``images -> (logits, {tap: tensor | QKV})`` under
+    ``torch.inference_mode`` (no autograd graph, no version counters), its own ``torch.compile`` graph when
+    ``compile``. The outputs are cloned out of inference mode: autograd refuses to save an inference tensor
+    for the student's backward (an MSE to a teacher feature saves it)."""
+    forward = torch.compile(teacher) if compile else teacher
 
-    def step(images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.no_grad():
-            teacher_logits, teacher_taps = teacher(images)
+    def run(images: Tensor) -> teacher_cache.Outputs:
+        with torch.inference_mode():
+            outputs = forward(images)
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, outputs)
+
+    return run
+
+
+def distill_step(
+    student: nn.Module, teacher: nn.Module, loss_fn: DistillationLoss, compile: bool = False
+) -> Step:
+    """The distillation objective: the student's logits and taps (on ``loss_fn.student_view`` of the batch)
+    with grad against the frozen teacher's, combined by ``loss_fn``. ``student`` and ``teacher`` are Taps
+    modules returning ``(logits, {tap: tensor | QKV})``; the teacher runs in :func:`teacher_forward`, unless
+    the step is given the teacher's ``(logits, taps)`` of the batch (from the teacher-output cache). With
+    ``compile`` the teacher and the student's part are two ``torch.compile`` graphs: the teacher's has no
+    autograd, and the student's does not change with where the teacher's outputs come from."""
+    frozen = teacher_forward(teacher, compile)
+
+    def student_loss(
+        images: Tensor, targets: Tensor, teacher_logits: Tensor, teacher_taps: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         student_logits, student_taps = student(loss_fn.student_view(images))
         loss, parts = loss_fn(student_logits, teacher_logits, targets, student_taps, teacher_taps)
         return loss, {k: v.detach() for k, v in parts.items()}
+
+    student_step = torch.compile(student_loss) if compile else student_loss
+
+    def step(images: Tensor, targets: Tensor, *teacher_outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        teacher_logits, teacher_taps = teacher_outputs or frozen(images)
+        return student_step(images, targets, teacher_logits, teacher_taps)
 
     return step
 
@@ -359,11 +419,14 @@ def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
     return states
 
 
-def _train_loader(run: Run, generator: torch.Generator) -> DataLoader:
+def _train_loader(run: Run, generator: torch.Generator, cache: TeacherCache | None = None) -> DataLoader:
     """The data order is a function of (seed, epoch): the generator is re-seeded before every epoch, or
-    ``DistributedSampler.set_epoch`` does the same across ranks."""
+    ``DistributedSampler.set_epoch`` does the same across ranks. With the teacher ``cache`` the loader gives
+    the cached views (items ``(view, label, row)``), one view of each image per epoch drawn with the same
+    generator (:class:`kdfast.teacher_cache.ViewSampler`)."""
     cfg, dist = run.cfg, run.rt.dist
     drop_last = len(run.train_ds) // dist.world_size > cfg.data.batch_size
+    dataset = run.train_ds
     if dist.enabled:
         sampler = DistributedSampler(
             run.train_ds,
@@ -375,8 +438,11 @@ def _train_loader(run: Run, generator: torch.Generator) -> DataLoader:
         )
     else:
         sampler = RandomSampler(run.train_ds, generator=generator)
+    if cache is not None:
+        dataset = cache.dataset(run.train_ds)
+        sampler = teacher_cache.ViewSampler(sampler, cache.views, generator)
     return DataLoader(
-        run.train_ds,
+        dataset,
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         drop_last=drop_last,
@@ -402,15 +468,20 @@ def _val_loader(run: Run) -> DataLoader:
     )
 
 
-def _batches(loader: DataLoader, run: Run, mix: Callable | None) -> Iterator[tuple[Tensor, Tensor]]:
-    for images, labels in loader:
+def _batches(
+    loader: DataLoader, run: Run, mix: Callable | None, cache: TeacherCache | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """``(images, targets)`` on the device; with the teacher ``cache``, ``(images, targets, teacher_logits,
+    teacher_taps)``: the teacher's outputs of the batch's views, read from the cache."""
+    for images, labels, *rows in loader:
         targets: Tensor = labels
         if mix is not None:
             images, targets = mix(images, labels)
         images = images.to(run.rt.device, non_blocking=True)
         if run.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        yield images, targets.to(run.rt.device, non_blocking=True)
+        teacher = cache.outputs(rows[0], run.rt.device) if cache is not None else ()
+        yield images, targets.to(run.rt.device, non_blocking=True), *teacher
 
 
 def hold_out(dataset: Dataset, share: float, seed: int) -> tuple[Subset, Subset]:
@@ -466,14 +537,23 @@ def train_stage(
     stage_cfg: StageConfig,
     run: Run,
     extra: DistillationLoss | None = None,
+    cache: TeacherCache | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for ``stage_cfg.epochs`` epochs on ``step_fn(images, targets) -> (loss, parts)``.
+    """Train ``model`` for ``stage_cfg.epochs`` epochs on ``step_fn(images, targets, *teacher) -> (loss,
+    parts)``.
 
     ``model`` is the plain module whose weights are saved; ``step_fn`` may run it through DDP. ``extra``
     is the distillation loss module: its trainable parameters are optimized and saved alongside, and its
     ``start_epoch`` and ``after_step`` hooks run at the start of every epoch and after every optimizer
-    step. Every epoch ends with validation, a metrics row and an atomic state file ``state_<stage>.pt``; a
-    run started with ``--resume`` continues from it. Returns the final validation metrics.
+    step. With the teacher-output ``cache`` the batches are its views and ``step_fn`` is given the teacher's
+    outputs of them. Every epoch ends with validation, a metrics row and an atomic state file
+    ``state_<stage>.pt``; a run started with ``--resume`` continues from it. Returns the final validation
+    metrics.
+
+    No step waits for the device: the loss's finiteness is checked on the device, and the loss and its parts
+    are read back only every ``runtime.log_every`` steps and at the end of the epoch (the progress bar shows
+    the last value read), so the host keeps queueing the next steps. A loss that was not finite is named
+    with its step at the next read back, before any state is written.
     """
     cfg, rt, log = run.cfg, run.rt, run.log
     extra = extra if extra is not None else DistillationLoss()
@@ -482,7 +562,7 @@ def train_stage(
     params = [p for m in (model, extra) for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(param_groups(model, extra), stage_cfg, rt.device)
     generator = torch.Generator()
-    loader = _train_loader(run, generator)
+    loader = _train_loader(run, generator, cache)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UsageError(
@@ -511,9 +591,11 @@ def train_stage(
         torch.manual_seed(cfg.seed + rt.dist.rank)
         random.seed(cfg.seed + rt.dist.rank)
     log.keep_only(lambda row: row["stage"] != stage or row["epoch"] <= epoch0)
-    run_step = torch.compile(step_fn) if rt.compile else step_fn
     mix = batch_mix(cfg.data.augment, run.num_classes)
     clip = cfg.runtime.grad_clip
+    first_step: tuple[float, dict[str, int]] | None = (
+        None  # (seconds, compile cache counts) of a compiled run
+    )
     for epoch in range(epoch0, stage_cfg.epochs):
         model.train()
         extra.train()
@@ -522,6 +604,9 @@ def train_stage(
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         sums: dict[str, Tensor] = {}
+        # the first step of the epoch whose loss was not finite (-1: none yet) and that loss, on the device
+        bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
+        bad_loss = torch.zeros((), device=rt.device)
         seen, started = 0, time.perf_counter()
         bar = tqdm(
             total=steps_per_epoch,
@@ -530,14 +615,14 @@ def train_stage(
             leave=False,
             dynamic_ncols=True,
         )
-        for images, targets in _batches(loader, run, mix):
+        for images, targets, *teacher in _batches(loader, run, mix, cache):
             run.position = f"stage {stage} epoch {epoch + 1}/{stage_cfg.epochs} step {step + 1}"
+            step_started, counts = time.perf_counter(), _compile_counts()
             with rt.autocast():
-                loss, parts = run_step(images, targets)
-            value = loss.item()
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainingDiverged(_diverged(value, stage, epoch, step, state_path, run))
+                loss, parts = step_fn(images, targets, *teacher)
+            diverged_now = (bad_step < 0) & ~torch.isfinite(loss.detach())
+            bad_step = torch.where(diverged_now, step, bad_step)
+            bad_loss = torch.where(diverged_now, loss.detach().float(), bad_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # DDP averages the student's gradients; the loss module (projectors, task weights) is not
@@ -553,14 +638,23 @@ def train_stage(
             scaler.update()
             scheduler.step()
             extra.after_step()
+            if rt.compile and first_step is None:  # compilation runs on the host, inside the first step
+                first_step = time.perf_counter() - step_started, _compile_counts(since=counts)
             step += 1
             seen += images.shape[0]
             for key, part in {"loss": loss.detach(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + part.float()
-            speed = seen * rt.dist.world_size / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{speed:.0f}")
             bar.update()
             if step % cfg.runtime.log_every == 0:
+                # the one host sync of these log_every steps
+                first_bad, worst, value, *logged = _read_back(bad_step, bad_loss, loss, *parts.values())
+                if first_bad >= 0:
+                    bar.close()
+                    raise TrainingDiverged(
+                        _diverged(worst, stage, int(first_bad), steps_per_epoch, state_path, run)
+                    )
+                speed = seen * rt.dist.world_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{speed:.0f}")
                 log.write(
                     stage=stage,
                     epoch=epoch + 1,
@@ -569,13 +663,22 @@ def train_stage(
                     scope="step",
                     loss=value,
                     lr=scheduler.get_last_lr()[0],
-                    parts={k: float(v) for k, v in parts.items()},
+                    parts=dict(zip(parts, logged, strict=True)),
                     images_per_s=speed,
                 )
         bar.close()
-        speed = seen * rt.dist.world_size / (time.perf_counter() - started)
         batches = steps_per_epoch * rt.dist.world_size
-        means = {k: float(all_reduce_sum(v.reshape(1).double(), rt.dist)) / batches for k, v in sums.items()}
+        keys = list(sums)
+        totals = all_reduce_sum(torch.stack([sums[k].double() for k in keys]), rt.dist)
+        first_bad, worst, *summed = _read_back(bad_step, bad_loss, *totals)
+        if first_bad >= 0:
+            raise TrainingDiverged(_diverged(worst, stage, int(first_bad), steps_per_epoch, state_path, run))
+        seconds = time.perf_counter() - started
+        speed = seen * rt.dist.world_size / seconds
+        if first_step is not None and stage not in run.report.setdefault("compile", {}):
+            run.report["compile"][stage] = _compile_report(first_step, seconds, steps_per_epoch)
+            say(run, f"  {stage}: {run.report['compile'][stage]['line']}")
+        means = {k: total / batches for k, total in zip(keys, summed, strict=True)}
         validation = validate_model(model, run)
         lr = scheduler.get_last_lr()[0]
         train_loss = means.pop("loss")
@@ -648,14 +751,59 @@ def _follow_config(
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
+def _read_back(*values: Tensor) -> list[float]:
+    """Scalars from the device in one transfer: the loop's only host sync."""
+    return torch.stack([v.detach().double().reshape(()) for v in values]).tolist()
+
+
+# torch's compile-cache counters: Inductor's FX graph cache, AOTAutograd's cache of forward + backward graphs
+_CACHE_COUNTERS = {
+    "fx_graph_hits": ("inductor", "fxgraph_cache_hit"),
+    "fx_graph_misses": ("inductor", "fxgraph_cache_miss"),
+    "autograd_hits": ("aot_autograd", "autograd_cache_hit"),
+    "autograd_misses": ("aot_autograd", "autograd_cache_miss"),
+}
+
+
+def _compile_counts(since: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's cache hits and misses so far (:data:`_CACHE_COUNTERS`), or since ``since``."""
+    from torch._dynamo.utils import counters
+
+    now = {key: int(counters[group][name]) for key, (group, name) in _CACHE_COUNTERS.items()}
+    return now if since is None else {key: now[key] - since[key] for key in now}
+
+
+def _compile_report(first_step: tuple[float, dict[str, int]], epoch_s: float, steps: int) -> dict[str, Any]:
+    """What compilation cost a stage: its first step's seconds less a later step's (the epoch's mean over the
+    other steps), and whether the graphs came from the compile caches: "warm" when every graph was a cache
+    hit, "cold" when any was compiled."""
+    seconds, counts = first_step
+    step_s = (epoch_s - seconds) / max(1, steps - 1)
+    misses = counts["fx_graph_misses"] + counts["autograd_misses"]
+    hits = counts["fx_graph_hits"] + counts["autograd_hits"]
+    state = "cold" if misses else "warm" if hits else "no compile cache"
+    compile_s = max(0.0, seconds - step_s)
+    return {
+        "compile_s": round(compile_s, 2),
+        "first_step_s": round(seconds, 2),
+        "step_s": round(step_s, 4),
+        "state": state,
+        **counts,
+        "line": f"compiled in {compile_s:.1f} s ({state}: Inductor FX graph cache "
+        f"{counts['fx_graph_hits']} hit(s), {counts['fx_graph_misses']} miss(es))",
+    }
+
+
 def say(run: Run, line: str) -> None:
     """One progress line on stdout from rank 0, also when ``runtime.progress`` hides the bars."""
     if run.rt.dist.is_main:
         tqdm.write(line)
 
 
-def _diverged(value: float, stage: str, epoch: int, step: int, state_path: Path, run: Run) -> str:
-    """The NaN / inf message: where, what is kept, and what to change before ``--resume``."""
+def _diverged(value: float, stage: str, step: int, steps_per_epoch: int, state_path: Path, run: Run) -> str:
+    """The NaN / inf message: where (``step`` counted from 0 over the stage), what is kept, and what to change
+    before ``--resume``."""
+    epoch = step // steps_per_epoch
     role = "teacher" if stage == "teacher" else "student"
     lr = getattr(run.cfg, role).train.optimizer.lr
     clip = run.cfg.runtime.grad_clip
@@ -686,7 +834,7 @@ def _build(model_cfg: ModelConfig, run: Run, weights: str | None = None) -> nn.M
     torch.manual_seed(run.cfg.seed)  # the baseline and the distilled student start from the same weights
     model = build_model(asdict(model_cfg.arch), num_classes=run.num_classes, weights=weights)
     model = model.to(run.rt.device)
-    if run.rt.channels_last:
+    if run.rt.model_channels_last(model_cfg.arch):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -716,15 +864,22 @@ def _save_stage(stage: str, model: nn.Module, model_cfg: ModelConfig, metrics: d
     )
 
 
-def _finished(stage: str, model: nn.Module, run: Run, epochs: int) -> dict | None:
-    """On ``--resume``, a stage whose checkpoint holds the epochs the config asks for is done: load its
-    weights and recorded metrics. One trained for fewer (``--set <role>.train.epochs`` raised on resume)
-    continues from its state file."""
+def _finished_checkpoint(stage: str, run: Run, epochs: int) -> dict | None:
+    """On ``--resume``, the checkpoint of a stage finished before: it exists and holds the ``epochs`` the
+    config asks for. A stage trained for fewer (``--set <role>.train.epochs`` raised on resume) is not
+    finished: it continues from its state file."""
     path = run.out / STAGE_FILES[stage]
     if not (run.resume and path.exists()):
         return None
     ckpt = load_checkpoint(path, expect=TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT)
-    if ckpt["metrics"].get("epochs", epochs) < epochs:
+    return ckpt if ckpt["metrics"].get("epochs", epochs) >= epochs else None
+
+
+def _finished(stage: str, model: nn.Module, run: Run, epochs: int) -> dict | None:
+    """On ``--resume``, a stage finished before (:func:`_finished_checkpoint`) is done: load its weights and
+    recorded metrics."""
+    ckpt = _finished_checkpoint(stage, run, epochs)
+    if ckpt is None:
         return None
     model.load_state_dict(ckpt["state_dict"])
     return ckpt["metrics"]
@@ -748,8 +903,10 @@ def run_stage(
     model_cfg: ModelConfig,
     run: Run,
     extra: DistillationLoss | None = None,
+    cache: TeacherCache | None = None,
 ) -> dict:
-    """Skip a stage finished before ``--resume``; otherwise train it and write its checkpoint."""
+    """Skip a stage finished before ``--resume``; otherwise train it (on the teacher ``cache``'s views and
+    outputs, when given) and write its checkpoint."""
     done = _finished(stage, model, run, model_cfg.train.epochs)
     if done is not None:
         say(
@@ -764,7 +921,7 @@ def run_stage(
         f"{_stage_title(stage, run)}: {model_cfg.arch.name} ({params:,} parameters), "
         f"{model_cfg.train.epochs} epoch(s) on {len(run.train_ds)} images",
     )
-    metrics = train_stage(stage, model, step_fn, model_cfg.train, run, extra)
+    metrics = train_stage(stage, model, step_fn, model_cfg.train, run, extra, cache)
     _save_stage(stage, model, model_cfg, metrics, run)
     barrier(run.rt.dist)
     return metrics
@@ -1001,6 +1158,14 @@ def run_training(
     _probe(run, teacher, student, teacher_taps, student_taps, loss_fn)
     _check_resume_fits(resumed, teacher, student, loss_fn)
     del resumed
+    run.cache_plan = teacher_cache.decide(
+        cfg.runtime.teacher_cache,
+        cfg.runtime.teacher_cache_views,
+        cfg.loss.method,
+        cfg.data.augment,
+        rt.dist.world_size,
+        run.train_ds,  # without the images a loss holds out (SoKD's search)
+    )
     say(
         run,
         f"checked the config, the data ({len(train_ds)} training / {len(val_ds)} validation images, "
@@ -1013,6 +1178,7 @@ def run_training(
     try:
         rows = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
         results = run_results(rows, data=cfg.data.name, methods=cfg.loss.method)
+        results["runtime"] = _runtime_results(run)
         run.position = "writing the results (every stage had finished)"
         if rt.dist.is_main:
             _write_outputs(results, run, student_taps, teacher_taps, loss_fn)
@@ -1048,6 +1214,27 @@ def _continue(resume_dir: Path | None) -> str:
     return f"once that is fixed, continue with python -m kdfast.train --resume {resume_dir}"
 
 
+def _runtime_results(run: Run) -> dict[str, Any]:
+    """results.json's ``runtime``: threads, each model's layout, each compiled stage's compile time (cold or
+    warm), and which teacher mode the distillation ran in (the cache's mode, views, folder, hit or build)."""
+    rt, cfg = run.rt, run.cfg
+    plan = run.cache_plan
+    cache = run.report.get("teacher_cache") or {"mode": plan.mode, "reason": plan.reason or None}
+    return {
+        "device": str(rt.device),
+        "threads": rt.threads,
+        "compile": rt.compile,
+        "channels_last": {
+            role: rt.model_channels_last(getattr(cfg, role).arch) for role in ("teacher", "student")
+        },
+        "compile_s": {
+            stage: {k: v for k, v in r.items() if k != "line"}
+            for stage, r in run.report.get("compile", {}).items()
+        },
+        "teacher_cache": cache,
+    }
+
+
 def _write_outputs(
     results: dict[str, Any], run: Run, student: Taps, teacher: Taps, loss_fn: CompositeLoss
 ) -> None:
@@ -1080,7 +1267,7 @@ def _train_stages(
         teacher_metrics = run_stage(
             "teacher",
             teacher,
-            ce_step(_ddp(teacher, run), cfg.teacher.train.label_smoothing),
+            ce_step(_ddp(teacher, run), cfg.teacher.train.label_smoothing, run.rt.compile),
             cfg.teacher,
             run,
         )
@@ -1101,7 +1288,7 @@ def _train_stages(
         metrics = run_stage(
             "baseline",
             baseline,
-            ce_step(_ddp(baseline, run), cfg.student.train.label_smoothing),
+            ce_step(_ddp(baseline, run), cfg.student.train.label_smoothing, run.rt.compile),
             cfg.student,
             run,
         )
@@ -1112,15 +1299,18 @@ def _train_stages(
         }
         del baseline
 
+    finished = _finished_checkpoint("distill", run, cfg.student.train.epochs)
+    cache = None if finished else _teacher_cache(run, teacher, teacher_taps)
     if run.held_out_ds is not None:
         loss_fn.use_held_out(held_out_taps(run, student_taps, teacher_taps))
     metrics = run_stage(
         "distill",
         student,
-        distill_step(_ddp(student_taps, run), teacher_taps, loss_fn),
+        distill_step(_ddp(student_taps, run), teacher_taps, loss_fn, run.rt.compile),
         cfg.student,
         run,
         extra=loss_fn,
+        cache=cache,
     )
     results["student"] = {
         "arch": cfg.student.arch.name,
@@ -1128,6 +1318,54 @@ def _train_stages(
         **metrics,
     }
     return results
+
+
+def _teacher_cache(run: Run, teacher: nn.Module, teacher_taps: Taps) -> TeacherCache | None:
+    """The distillation stage's teacher-output cache as the run's plan says (opened, or built now that the
+    teacher is final), or None when the teacher runs at every step; says which. With ``auto``, a cache that
+    does not fit on its disk falls back to the live teacher."""
+    plan, cfg, rt = run.cache_plan, run.cfg, run.rt
+    say(run, f"  {plan.describe()}")
+    if not plan.on:
+        return None
+    key = teacher_cache.cache_key(
+        teacher=teacher,
+        arch=asdict(cfg.teacher.arch),
+        taps=cfg.teacher.taps,
+        dataset=run.train_ds,
+        plan=plan,
+        seed=cfg.seed,
+        fp16=_taps_fp16(cfg),
+        device=rt.device,
+        amp=rt.amp_dtype,
+    )
+    try:
+        cache = teacher_cache.load_or_build(
+            teacher_cache.cache_root(cfg.runtime.cache_dir),
+            key,
+            run.train_ds,
+            teacher_forward(teacher_taps, rt.compile),
+            batch_size=cfg.data.batch_size,
+            fp16=_taps_fp16(cfg),
+            device=rt.device,
+            autocast=rt.autocast,
+            num_workers=cfg.data.num_workers,
+            progress=rt.progress,
+            say=functools.partial(say, run),
+        )
+    except teacher_cache.CacheSpaceError as exc:
+        if cfg.runtime.teacher_cache is True:
+            raise
+        run.cache_plan = CachePlan("off", 0, str(exc))
+        say(run, f"  {run.cache_plan.describe()}")
+        return None
+    run.report["teacher_cache"] = cache.report(plan)
+    return cache
+
+
+def _taps_fp16(cfg: Config) -> bool:
+    """The teacher taps are cached in float16 when every method of the run tolerates it."""
+    return all(method(name).teacher_cache.fp16 for name in cfg.loss.method)
 
 
 def run_seeds(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from support.students import digits_record
 
 from export import executorch_backend, litert_backend, openvino_backend, precision
 from export.onnx_export import export_onnx
-from export.quantize import quantize_file
+from export.quantize import ORT_CPU, quantize_file
 from export.runner import import_failure
 from kdfast.data import dataset_from_record
 from kdfast.models import build_model
@@ -38,7 +38,7 @@ MAX_BATCH = 8
 # tight enough that a missing dequantization (int8 codes as logits) or a wrong scale fails.
 MAX_ABS = {"fp32": 1e-4, "fp16": 5e-2}
 INT8_MAX_ABS_FRACTION = 0.25
-MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.97}
+MIN_AGREEMENT = {"fp32": 1.0, "fp16": 0.99, "int8": 0.97, "int8-ort": 0.97}
 CASES = [
     pytest.param(name, prec, id=f"{name}-{prec}", marks=[pytest.mark.slow] if name != "openvino" else [])
     for name, module in BACKENDS.items()
@@ -55,7 +55,7 @@ def _images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """edge_cnn trained one epoch on digits (batch-norm statistics then re-estimated on 512 training images,
-    as after a full run), its ONNX files (fp32, fp16, TensorRT-style Q/DQ int8), real validation images and
+    as after a full run), its ONNX files (fp32, fp16, both INT8 layouts), real validation images and
     PyTorch's logits on them."""
     out = tmp_path_factory.mktemp("runtimes")
     train_x, train_y = _images("train")
@@ -86,6 +86,9 @@ def student(tmp_path_factory):
         "fp32": fp32,
         "fp16": precision.to_fp16(fp32, out / "student.fp16.onnx"),
         "int8": quantize_file(fp32, out / "student.int8.onnx", calibration, batch=MAX_BATCH),
+        "int8-ort": quantize_file(
+            fp32, out / "student.int8-ort.onnx", calibration, scheme=ORT_CPU, batch=MAX_BATCH
+        ),
     }
     return {
         "model": model,

@@ -1,6 +1,8 @@
 """INT8 on the trained default student: the TensorRT file tracks PyTorch and passes TensorRT's rules, the
-calibration method is honoured, the ONNX Runtime CPU file fuses into QLinear kernels, and accuracy control
-finds and keeps in float the one layer a planted activation outlier ruins."""
+calibration method is honoured, the ONNX Runtime CPU file fuses into QLinear kernels and carries 7-bit weights
+that keep ONNX Runtime's fast kernels and exact, a thin conv stays float unless a
+MaxPool reads it, and accuracy control finds and keeps in float the one layer a planted activation outlier
+ruins."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantizati
 from export.accuracy_control import Quality, sqnr_db
 from export.int8 import ControlSet, make_int8
 from export.onnx_export import export_onnx
-from export.ort_backend import EXACT_INT8_KERNELS
+from export.ort_backend import EXACT_INT8_KERNELS, weight_types
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import MIN_INT8_CONV_CHANNELS, ORT_CPU, TENSORRT, Int8Quantizer
 
@@ -32,11 +34,14 @@ def _logits(model, images: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(images)).numpy()
 
 
-def _session(model: onnx.ModelProto | str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, dump=None):
+def _session(
+    model: onnx.ModelProto | str, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, dump=None, exact=True
+):
     options = ort.SessionOptions()
     options.graph_optimization_level = level
     options.intra_op_num_threads = 1
-    options.add_session_config_entry(EXACT_INT8_KERNELS, "1")  # the same integers on every x86 CPU
+    if exact:
+        options.add_session_config_entry(EXACT_INT8_KERNELS, "1")  # the same integers on every x86 CPU
     if dump is not None:
         options.optimized_model_filepath = str(dump)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
@@ -144,6 +149,68 @@ def test_ort_cpu_file_fuses_every_wide_conv_into_qlinearconv(quantizer, tmp_path
     assert ops["QLinearConv"] == wide
     assert ops["Conv"] + ops["FusedConv"] == len(channels) - wide
     assert ops["Relu"] == 0, "a ReLU left between Q/DQ pairs blocks the QLinearConv fusion"
+
+
+def _int8_weights(model: onnx.ModelProto) -> np.ndarray:
+    return np.concatenate(
+        [
+            numpy_helper.to_array(i).ravel()
+            for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8
+        ]
+    )
+
+
+def test_ort_cpu_file_has_7_bit_weights_and_keeps_the_fast_kernels_exact(
+    trained_student, quantizer, tmp_path
+):
+    """ONNX Runtime's U8S8 kernels on x86 without VNNI sum pairs of uint8 x int8 products in int16:
+    255 * 127 * 2 overflows it, 255 * 64 * 2 = 32640 does not. The TensorRT file keeps full-range weights;
+    the ONNX Runtime file holds every weight in -64..64, so ``session.x64quantprecision`` leaves them int8
+    (the fast kernels) and both kernel choices compute the same numbers."""
+    images = trained_student[2][:32]
+    assert np.abs(_int8_weights(quantizer.quantize(TENSORRT))).max() == 127
+    model = quantizer.quantize(ORT_CPU)
+    weights = _int8_weights(model)
+    assert weights.min() >= -64 and weights.max() <= 64 and np.abs(weights).max() == 64
+    exact = _session(model, dump=tmp_path / "optimized.onnx")
+    ops = weight_types(onnx.load(tmp_path / "optimized.onnx").graph)
+    assert ops.get("int8", 0) > 0 and "uint8" not in ops, ops  # not rewritten to the U8U8 kernels
+    default = _session(model, exact=False)
+    np.testing.assert_array_equal(
+        exact.run(None, {"input": images})[0], default.run(None, {"input": images})[0]
+    )
+
+
+class _Stem(torch.nn.Module):
+    """An RGB stem conv (3 input channels: thin) and a wide conv after it, with or without a MaxPool."""
+
+    def __init__(self, pool: bool):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(3, 2, 1) if pool else torch.nn.Identity()
+        self.body = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.stem(x)))
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_thin_conv_stays_float_unless_a_maxpool_reads_it(tmp_path, pool):
+    torch.manual_seed(0)
+    model = _Stem(pool).eval()
+    images = torch.randn(16, 3, 16, 16)
+    fp32 = export_onnx(model, images[:2], tmp_path / "fp32.onnx", max_batch=4, metadata={})
+    quantizer = Int8Quantizer(fp32, images.numpy(), method="minmax", batch=4, workdir=tmp_path)
+    stem = next(n.name for n in quantizer.float_model.graph.node if n.op_type == "Conv")
+    assert (stem in quantizer.candidates(ORT_CPU)) is pool
+    assert stem in quantizer.candidates(TENSORRT)  # only the ONNX Runtime layout keeps thin convs float
+    written = quantizer.quantize(ORT_CPU)
+    producers = {o: n.op_type for n in written.graph.node for o in n.output}
+    conv = next(n for n in written.graph.node if n.name == stem)
+    assert (producers.get(conv.input[1]) == "DequantizeLinear") is pool
 
 
 def _plant_outlier(model: torch.nn.Module) -> torch.nn.Module:

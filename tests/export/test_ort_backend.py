@@ -99,3 +99,43 @@ def test_fused_integer_conv_matches_the_integers_by_hand(monkeypatch, tmp_path):
     monkeypatch.setattr(machine, "_cpuinfo", lambda: ("a CPU", ["avx2"]))  # forced: the U8U8 kernels
     got = ort_backend.make_session(model, threads=1).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_weight_types_count_what_each_compute_op_reads():
+    """A hand-built graph: an fp16 Conv, a Conv on a weight a DequantizeLinear makes, a QLinearConv (weight at
+    input 3) and a MatMul of two activations (no weight: not counted)."""
+    f16 = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float16), "w16")
+    q = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.int8), "wq")
+    nodes = [
+        helper.make_node("Conv", ["x", "w16"], ["a"]),
+        helper.make_node("DequantizeLinear", ["wq", "s"], ["wdq"]),
+        helper.make_node("Conv", ["a", "wdq"], ["b"]),
+        helper.make_node(
+            "QLinearConv", ["b", "s", "z", "wq", "s", "z", "s", "z"], ["c"], domain="com.microsoft"
+        ),
+        helper.make_node("MatMul", ["c", "c"], ["d"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [], [f16, q])
+    assert ort_backend.weight_types(graph) == {"float16": 1, ort_backend.DEQUANTIZED: 1, "int8": 1}
+
+
+@pytest.mark.skipif(
+    machine.platform.machine() != "x86_64" or "avx512_fp16" in machine.machine_info(1)["isa"],
+    reason="the fp16 finding is about x86 CPUs without fp16 arithmetic",
+)
+def test_fp16_file_runs_on_float32_weights_on_this_cpu(trained_student, tmp_path):
+    """What the report says of ONNX Runtime fp16 on such a CPU: the session's optimized graph computes every
+    Conv and Gemm of the fp16 file on float32 weights (no fp16 kernels: the fp16 weights are cast back at
+    load), so the row is fp32 arithmetic."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from export.precision import to_fp16
+
+    _, model, images, _ = trained_student
+    fp32 = export_onnx(model, torch.from_numpy(images[:2]), tmp_path / "fp32.onnx", max_batch=4, metadata={})
+    fp16 = to_fp16(fp32, tmp_path / "fp16.onnx")
+    compute = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in onnx.load(fp16).graph.node)
+    assert ort_backend.weight_types(onnx.load(fp16).graph) == {"float16": compute}  # the file itself: fp16
+    _, info = ort_backend.load(fp16, threads=1)
+    assert info["compute_ops"] == {"float32": compute}

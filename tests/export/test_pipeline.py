@@ -77,10 +77,12 @@ def test_cpu_run_reports_every_row_with_the_protocol(exported):
     assert machine["versions"]["onnxruntime"] == ort.__version__
     md = (out / "report.md").read_text().splitlines()
     assert md[0].startswith("# Export report") and md[2] == "**passed** (exit code 0)"
-    assert (
-        md.index(next(line for line in md if line.startswith("| backend |"))) < 8
-    )  # verdict, then the table
-    for png in ("latency_accuracy.png", "latency_batch.png", "int8_layers.png"):
+    # The verdict (and warnings), then the answer, then every row.
+    headings = [line for line in md if line.startswith("## ")]
+    assert headings[:2] == ["## What to ship", "## Every row"]
+    answer = md[md.index("## What to ship") : md.index("## Every row")]
+    assert [line.split(" | ")[1] for line in answer if line.startswith("| onnxruntime |")] == ["1", "2", "4"]
+    for png in ("latency_accuracy.png", "latency_batch.png", "int8_layers.png", "speedup_rounds.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".export-staging-*"))
 
@@ -104,8 +106,9 @@ def test_int8_agrees_with_pytorch_on_real_images(exported):
         (got,) = session.run(None, {"input": x})
         assert got.argmax(1).tolist() == _torch(model, x).argmax(1).tolist()
     report = json.loads((out / "report.json").read_text())
-    assert all(f["tensorrt_violations"] == [] for f in report["files"].values())
-    assert set(report["files"]) == {"fp32", "fp16", "int8"}
+    tensorrt = [f for f in report["files"].values() if f["for_tensorrt"]]
+    assert len(tensorrt) == 3 and all(f["tensorrt_violations"] == [] for f in tensorrt)
+    assert set(report["files"]) == {"fp32", "fp16", "int8", "int8-ort"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
