@@ -39,7 +39,15 @@ LOG = "export.log"
 PREVIOUS = ".previous-export"
 STAGING_PREFIX = ".export-staging-"
 # What an export written before report.json had a manifest wrote, besides its student.* artifacts.
-_UNLISTED_OUTPUTS = (REPORT, "report.md", LOG, "latency_accuracy.png", "latency_batch.png", "int8_layers.png")
+_UNLISTED_OUTPUTS = (
+    REPORT,
+    "report.md",
+    LOG,
+    "latency_accuracy.png",
+    "latency_batch.png",
+    "int8_layers.png",
+    "speedup_rounds.png",
+)
 
 
 def earlier_export(out: Path) -> list[Path]:
