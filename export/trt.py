@@ -366,15 +366,18 @@ class _Export:
         self.console.flush()
 
     @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
+    def step(self, what: str, status: Callable[[float], str] | None = None) -> Iterator[None]:
         """Say ``what`` starts, and every :data:`HEARTBEAT_S` seconds that it is still running (a compile,
-        a conversion: steps whose length nothing predicts), so that no stretch of the command is silent."""
+        a conversion: steps whose length nothing predicts), so that no stretch of the command is silent;
+        ``status(seconds so far)`` adds how far it is where the step can tell."""
         self.say(what)
         started, done = time.perf_counter(), threading.Event()
 
         def beat() -> None:
             while not done.wait(HEARTBEAT_S):
-                self.say(f"  ... still {what} ({time.perf_counter() - started:.0f} s)")
+                elapsed = time.perf_counter() - started
+                said = f"{elapsed:.0f} s" if status is None else f"{elapsed:.0f} s, {status(elapsed)}"
+                self.say(f"  ... still {what} ({said})")
 
         beating = threading.Thread(target=beat, daemon=True)
         beating.start()
@@ -414,10 +417,20 @@ class _Export:
             f"timing {len(self.timed)} rows ({count} series), interleaved in {self.protocol.rounds} rounds "
             f"per batch size {', '.join(map(str, self.sizes))}: at least {least:.0f} s"
         )
-        rounds = len(self.sizes) * self.protocol.rounds
-        # the bar on a terminal (rate and ETA); a log or a pipe gets the step's lines alone
+        rounds, finished = len(self.sizes) * self.protocol.rounds, [0]
+
+        def status(elapsed: float) -> str:
+            done = finished[0]
+            eta = f", about {elapsed / done * (rounds - done):.0f} s to go" if done else ""
+            return f"{done}/{rounds} rounds{eta}"
+
+        def one_more(_: int) -> None:
+            finished[0] += 1
+            bar.update()
+
+        # the bar on a terminal (rate and ETA); a log or a pipe gets the step's lines, with the same figures
         bar = tqdm(total=rounds, desc="timing", unit="round", leave=False, file=self.console, disable=None)
-        with self.step(what), bar:
+        with self.step(what, status), bar:
             for b, x in self.inputs.items():
                 self.load_during.append(load_average())
                 steps = {}
@@ -426,7 +439,7 @@ class _Export:
                     if loaded.compute_step is not None:
                         steps[f"{i}/compute_only"] = loaded.compute_step(x)
                 bar.set_postfix_str(f"batch {b}, {len(steps)} series")
-                samples, failed = interleave(steps, self.protocol, on_round=lambda _: bar.update())
+                samples, failed = interleave(steps, self.protocol, on_round=one_more)
                 for key, series in samples.items():
                     i, kind = key.split("/")
                     self.timed[int(i)][0]["latency"][kind].append(summarize(series, b, self.protocol))

@@ -445,15 +445,20 @@ def _stamped(err: str) -> list[tuple[float, str]]:
 def test_every_step_says_it_runs_and_how_long_timing_takes(student, tmp_path, capsys, monkeypatch):
     """With the heartbeat at 0.3 s no stretch of the run is silent for long: each step longer than that
     repeats that it still runs, and the timing line says how long it takes at least (the protocol's warm-up
-    and timed seconds per series and batch size: 2 rows x 2 batch sizes x (0.01 + 0.01) s here)."""
+    and timed seconds per series and batch size: 2 rows x 2 batch sizes x (0.01 + 1) s here) and, while it
+    runs, the rounds done of 2 batch sizes x 2 rounds and the seconds left at that pace."""
     monkeypatch.setattr(trt, "HEARTBEAT_S", 0.3)
     out = tmp_path / "out"
     argv = ["--model", str(student), "--out", str(out), "--backends", "ort", "--precision", "fp32"]
-    assert _run([*argv, "--rounds", "2", "--set", "baselines=[eager]"]) == 0
+    sets = ["--set", "baselines=[eager]", "--set", "timing.min_time_s=1"]
+    assert _run([*argv, "--rounds", "2", *sets]) == 0
     lines = _stamped(capsys.readouterr().err)
     texts = [text for _, text in lines]
     assert any(t.startswith("  ... still ONNX fp32: exporting") for t in texts), texts
-    assert "timing 2 rows (2 series), interleaved in 2 rounds per batch size 1, 2: at least 0 s" in texts
+    timing = "timing 2 rows (2 series), interleaved in 2 rounds per batch size 1, 2: at least 4 s"
+    assert timing in texts
+    beats = [t for t in texts if t.startswith(f"  ... still {timing} (")]
+    assert any("/4 rounds, about " in t and t.endswith(" s to go)") for t in beats), beats
     gaps = [b - a for (a, _), (b, _) in zip(lines, lines[1:], strict=False)]
     assert max(gaps) < 0.3 + 2.0, list(zip(gaps, texts[1:], strict=True))
 
