@@ -43,7 +43,13 @@ from export.quantize import CALIBRATION_METHODS, SCHEMES, Int8Quantizer
 from export.report import add_speedups, precision_label, table, write_reports
 from export.verify import DEFAULT_GATES, check_gates, failed_gates, parity, unmeasured_gates
 from kdfast.atomic import atomic_write, check_length
-from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split, preprocessing
+from kdfast.checkpoint import (
+    build_from_checkpoint,
+    has_test_split,
+    load_checkpoint,
+    load_split,
+    preprocessing,
+)
 from kdfast.errors import (
     EXIT_BAD_INPUT,
     EXIT_GATE_FAILED,
@@ -263,7 +269,8 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
     student fits with wide margins, let INT8 pass control and then fail the gates (resnet18 on digits: 99.6%
     agreement on training images, 98.1% on validation images). So a seeded random part of the validation
     split, at most half of it, is held out for control when INT8 is asked for, and the gates are measured on
-    the rest."""
+    the rest. A data set with an official test split (Fashion-MNIST) keeps the two apart instead: the gates
+    are measured on the test images, control on validation images."""
     shape, data = ckpt["input"]["size"], cfg.data
     if data.random_inputs:
         gen = torch.Generator().manual_seed(0)
@@ -278,8 +285,16 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
     else:
         source = f"{ckpt['data'].get('name')} val split from the checkpoint"
     int8 = bool(set(SCHEMES) & set(cfg.precision))
+    test = data.verify_data is None and has_test_split(ckpt["data"])
     try:
-        val, val_labels = load_split(ckpt, "val", data.verify_samples + (data.control_samples if int8 else 0))
+        if test:
+            images, labels = load_split(ckpt, "test", data.verify_samples)
+            control, control_labels = (
+                load_split(ckpt, "val", data.control_samples) if int8 else (images[:0], labels[:0])
+            )
+        else:
+            held_out = data.control_samples if int8 else 0
+            val, val_labels = load_split(ckpt, "val", data.verify_samples + held_out)
         calibration, _ = load_split(ckpt, "train", data.calib_samples)
     except UsageError:
         raise
@@ -288,8 +303,13 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
             f"cannot rebuild the checkpoint's data ({type(e).__name__}: {e}); "
             "pass --verify-data DIR or, as a last resort, --random-inputs"
         ) from None
-    if list(val.shape[1:]) != list(shape):
-        raise UsageError(f"verification images are {tuple(val.shape[1:])}, the student expects {shape}")
+    verified = images if test else val
+    if list(verified.shape[1:]) != list(shape):
+        raise UsageError(f"verification images are {tuple(verified.shape[1:])}, the student expects {shape}")
+    if test:
+        source = f"{ckpt['data']['name']} test split from the checkpoint (INT8 control: its val split)"
+        arrays = (images, labels, calibration, control, control_labels)
+        return _Data(*(a.numpy() for a in arrays), source)
     if int8 and len(val) < 2:
         raise UsageError(f"the validation split has {len(val)} image; INT8 needs 2, one held out for control")
     order = np.random.default_rng(0).permutation(len(val))

@@ -47,7 +47,8 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions a checkpoint (or a timing) records: kdfast, torch, torchvision, timm, Python."""
     return {
         "kdfast": _package_version("kdfast"),
         "torch": str(torch.__version__),
@@ -117,7 +118,7 @@ def save_checkpoint(
         "data": dict(data),
         "metrics": dict(metrics),
         "config": dict(config),
-        "versions": _versions(),
+        "versions": versions(),
     }
     _check_plain({k: v for k, v in record.items() if k != "state_dict"}, "checkpoint")
     atomic_write(path, lambda f: torch.save(record, f))
@@ -231,10 +232,17 @@ def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> nn.
     return model.to(device).eval()
 
 
+def has_test_split(data: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's ``data`` record describes an official test split kept apart from validation
+    (Fashion-MNIST's 10,000 test images), which ``load_split(ckpt, "test")`` rebuilds."""
+    return data.get("test_source") is not None
+
+
 def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` in ``ckpt["data"]``: all of
-    it, or a seeded random choice of ``limit`` items kept in split order (an image folder's split is sorted
-    by class, so its first items would be its first classes only)."""
+    """Normalized float32 images (N, C, H, W) and int64 labels of the ``split`` ("train", "val", or "test"
+    where :func:`has_test_split`) in ``ckpt["data"]``: all of it, or a seeded random choice of ``limit``
+    items kept in split order (an image folder's split is sorted by class, so its first items would be its
+    first classes only)."""
     import numpy as np
 
     from kdfast.data import dataset_from_record
@@ -245,7 +253,7 @@ def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tupl
     indices = range(len(dataset))
     if limit is not None and limit < len(dataset):
         indices = sorted(np.random.default_rng(0).choice(len(dataset), size=limit, replace=False).tolist())
-    images, labels = zip(*(dataset[i] for i in indices), strict=True)
+    images, labels = zip(*dataset.__getitems__(list(indices)), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
 
 

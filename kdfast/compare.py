@@ -3,9 +3,11 @@ and written as Markdown with a bar chart beside it.
 
 One row per run folder (a single run, or a run over ``--seeds``): the method(s), teacher and student, the
 distilled student's top-1 at the last epoch and at its best epoch (mean ± sample std over seeds where the
-run has several), and the distillation stage's training throughput and wall time. The chart draws the two
-top-1 numbers of every run as bars with the standard deviation as error bars. Exit 0 when written; 2 with
-one line when a folder is no run or an unfinished one.
+run has several), and the distillation stage's training throughput and wall time. Runs on a data set with a
+test split (Fashion-MNIST) add the student's test top-1 and its gain over the run's CE-only student. The
+chart draws the two validation top-1 numbers of every run as bars with the standard deviation as error bars,
+or, with a test split, the test top-1 alone. Exit 0 when written; 2 with one line when a folder is no run or
+an unfinished one.
 """
 
 from __future__ import annotations
@@ -36,9 +38,13 @@ COLUMNS = (
     "images/s",
     "distill wall",
 )
+TEST_COLUMNS = ("test top-1 (%)", "gain over CE-only (points)")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one UsageError line (exit 2) instead of usage text; the
+    comparison commands' (this one and ``kdfast.benchmark``)."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
@@ -63,11 +69,39 @@ def _duration(value: Any) -> str:
     )
 
 
-def row(name: str, results: Mapping[str, Any]) -> list[str]:
-    """The table cells of one run."""
+def gain(results: Mapping[str, Any], key: str = "test_top1") -> tuple[float, float] | None:
+    """The distilled student's ``key`` minus the CE-only student's (means over seeds), and the two sample
+    standard deviations summed: the spread a gain has to exceed to count (0 for single runs). None without
+    a CE-only row or the number."""
+    models = results["models"]
+    if "baseline" not in models:
+        return None
+    (student, student_std), (baseline, baseline_std) = (
+        _spread(models[role].get(key)) for role in ("student", "baseline")
+    )
+    if student is None or baseline is None:
+        return None
+    return student - baseline, student_std + baseline_std
+
+
+def _gain_cell(results: Mapping[str, Any]) -> str:
+    found = gain(results)
+    if found is None:
+        return "-"
+    value, spread = found
+    return f"{value:+.2f} ± {spread:.2f}" if "seeds" in results else f"{value:+.2f}"
+
+
+def _has_test(runs: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any("test" in results for results in runs.values())
+
+
+def row(name: str, results: Mapping[str, Any], test: bool = False) -> list[str]:
+    """The table cells of one run; with ``test``, its test top-1 and gain over the CE-only student after
+    them (the sum of the two standard deviations beside a gain over seeds)."""
     models = results["models"]
     student = models["student"]
-    return [
+    cells = [
         name,
         " + ".join(results["method"]),
         models["teacher"]["arch"],
@@ -78,31 +112,41 @@ def row(name: str, results: Mapping[str, Any]) -> list[str]:
         fmt(student.get("images_per_s"), ".0f"),
         _duration(student.get("wall_s")),
     ]
+    return [*cells, fmt(student.get("test_top1")), _gain_cell(results)] if test else cells
 
 
 def table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """The Markdown table of the runs, with the test columns when any run has a test split."""
+    test = _has_test(runs)
+    columns = [*COLUMNS, *(TEST_COLUMNS if test else ())]
     lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(columns) + " |",
+        "| --- | --- | --- | --- |" + " ---: |" * (len(columns) - 4),
     ]
-    lines += ["| " + " | ".join(row(name, results)) + " |" for name, results in runs.items()]
+    lines += ["| " + " | ".join(row(name, results, test)) + " |" for name, results in runs.items()]
     return "\n".join(lines)
 
 
 def write_chart(runs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Grouped bars per run: the student's last-epoch and best-epoch top-1, error bars one sample std; the
-    run's teacher and CE-only baseline student (last epoch, mean over seeds) as level marks over the group."""
+    run's teacher and CE-only baseline student (last epoch, mean over seeds) as level marks over the group.
+    With a test split, one bar per run, the test top-1, and the teacher's and CE-only student's test top-1 as
+    the marks."""
     names = list(runs)
+    test = _has_test(runs)
+    width = 0.38
+    series = (
+        [(0.0, "test_top1", "student, test")]
+        if test
+        else [(-width / 2, "top1", "student, last epoch"), (width / 2, "best_top1", "student, best epoch")]
+    )
+    level_key = "test_top1" if test else "top1"
     fig = Figure(figsize=(max(5.0, 1.8 * len(names) + 2.5), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(names))
-    width = 0.38
     levels: list[float] = []  # every drawn value, bar ends included, to place the axis
-    for offset, key, label in (
-        (-width / 2, "top1", "student, last epoch"),
-        (width / 2, "best_top1", "student, best epoch"),
-    ):
+    for offset, key, label in series:
         spreads = [_spread(runs[n]["models"]["student"].get(key)) for n in names]
         means = [np.nan if m is None else m for m, _ in spreads]
         errors = [s for _, s in spreads]
@@ -115,7 +159,8 @@ def write_chart(runs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
                 levels += [mean - error, mean + error]
     for role, style, label in (("teacher", "k-", "teacher"), ("baseline", "k:", "CE-only student")):
         for i, name in enumerate(names):
-            level = _spread(runs[name]["models"][role]["top1"])[0] if role in runs[name]["models"] else None
+            models = runs[name]["models"]
+            level = _spread(models[role].get(level_key))[0] if role in models else None
             if level is not None:
                 ax.plot([i - width, i + width], [level, level], style, lw=2, label=label)
                 label = None  # one legend entry per role
@@ -126,7 +171,8 @@ def write_chart(runs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     top = max(levels, default=100.0)
     ax.set_ylim(floor, top + 0.15 * (top - floor) + 0.5)
     ax.set_ylabel(f"top-1 (%), axis from {floor:g}")
-    ax.set_title("distilled student top-1 per run (error bars: std over seeds)", fontsize="medium")
+    split = "test" if test else "validation"
+    ax.set_title(f"distilled student {split} top-1 per run (error bars: std over seeds)", fontsize="medium")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +200,7 @@ def compare(folders: Sequence[Path], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kdfast.compare``: exit 0 when the table is written, 2 on a bad folder or argument."""
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="kdfast.compare",
         description="One table (Markdown + PNG bar chart) of finished kdfast.train runs: method, teacher, "
         "student, last- and best-epoch top-1 (mean +- std over seeds), images/s, wall time.",

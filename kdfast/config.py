@@ -39,6 +39,9 @@ MAX_THREADS = 1024
 MAX_VIEWS = 1024
 SEED_LIMIT = 2**32
 BASE_KEY = "base"  # a config file's parent file, whose values it overrides
+# Where Debian's and Ubuntu's package of Fashion-MNIST puts its files (kdfast.data reads them from here).
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
@@ -122,14 +125,20 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits"
+    """The data set (:mod:`kdfast.data`). ``root`` is the folder it is read from (``fashion_mnist`` without
+    one reads the distro package's folder, ``apt-get install dataset-fashion-mnist``). ``train_subset``: a
+    fixed-seed, class-balanced subset of that many training images, for low-data runs; ``max_*_samples``: a
+    seeded random subset (not balanced)."""
+
+    name: Literal["digits", "fashion_mnist", "imagefolder", "cifar10", "cifar100"] = "digits"
     root: str | None = None
     image_size: int = 32
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
     val_fraction: float = 0.2
-    split_seed: int | None = None  # draws the split and the max_*_samples subsets (null: the run's seed)
+    split_seed: int | None = None  # draws the split and the subsets (null: the run's seed)
+    train_subset: int | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
     mean: list[float] | None = None
@@ -423,7 +432,14 @@ def validate(cfg: Config) -> None:
             f"config key 'seeds' must list distinct seeds >= 0 and < 2**32 (e.g. [0, 1, 2]), got {cfg.seeds}"
         )
     data = cfg.data
-    if data.name != "digits":
+    if data.name == "fashion_mnist" and data.root is None:
+        if not Path(FASHION_MNIST_ROOT).is_dir():
+            raise ConfigError(
+                f"data.name=fashion_mnist reads {FASHION_MNIST_ROOT} when data.root is not set, and it does "
+                f"not exist: install the data set (apt-get install {FASHION_MNIST_PACKAGE}) or set data.root "
+                "to the folder that holds its four IDX files"
+            )
+    elif data.name != "digits":
         if data.root is None:
             raise ConfigError(f"data.name={data.name} needs data.root: the folder that holds the data set")
         if not Path(data.root).is_dir():
@@ -432,9 +448,14 @@ def validate(cfg: Config) -> None:
         positive(getattr(data, key), f"data.{key}")
     at_most(data.image_size, MAX_IMAGE_SIZE, "data.image_size", "images that large would fill any memory")
     at_most(data.num_workers, MAX_WORKERS, "data.num_workers", "each worker is a process holding a data copy")
-    for key in ("max_train_samples", "max_val_samples"):
+    for key in ("train_subset", "max_train_samples", "max_val_samples"):
         if getattr(data, key) is not None:
             positive(getattr(data, key), f"data.{key}")
+    if data.train_subset is not None and data.max_train_samples is not None:
+        raise ConfigError(
+            "config keys 'data.train_subset' (class-balanced) and 'data.max_train_samples' (random) both "
+            "choose the training images: keep one"
+        )
     _check_augment(data.augment)
     at_most(
         data.augment.crop_padding,

@@ -1,17 +1,22 @@
 """Data sets, transforms (torchvision's AutoAugment, RandAugment, TrivialAugmentWide among them) and the batch
 mixes CutMix and Mixup.
 
-Every source (scikit-learn's bundled digits, an ImageFolder tree, the official CIFAR-10/100 python files)
-becomes a list of labels plus either in-memory images or image paths; one :class:`ImageDataset` turns
-them into ``(float32 normalized C x H x W tensor, int label)`` items. Splits are fixed by
-``(val_fraction, seed)`` so that :func:`dataset_from_record` rebuilds the validation split of a run from
-the small ``DataInfo.record`` stored in its checkpoint. Nothing is ever downloaded.
+Every source (scikit-learn's bundled digits, an ImageFolder tree, the official CIFAR-10/100 python files,
+the Fashion-MNIST IDX files) becomes a list of labels plus either in-memory images or image paths; one
+:class:`ImageDataset` turns them into ``(float32 normalized C x H x W tensor, int label)`` items. Splits are
+fixed by ``(val_fraction, seed)`` so that :func:`dataset_from_record` rebuilds the validation split of a run
+from the small ``DataInfo.record`` stored in its checkpoint. A data set with an official test split
+(Fashion-MNIST) keeps it apart: validation is carved from the training images, and the test images are only
+ever evaluated (``dataset_from_record(record, "test")``). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gzip
 import pickle
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from kdfast.config import AugmentConfig, DataConfig
+from kdfast.config import FASHION_MNIST_PACKAGE, FASHION_MNIST_ROOT, AugmentConfig, DataConfig
 from kdfast.errors import ConfigError, UsageError, shown
 from kdfast.schema import build
 
@@ -37,6 +42,31 @@ CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 CIFAR100_MEAN = [0.5071, 0.4865, 0.4409]
 CIFAR100_STD = [0.2673, 0.2564, 0.2762]
+
+# Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) as Debian and Ubuntu package it (apt-get install
+# dataset-fashion-mnist): the four IDX files, gzipped, in FASHION_MNIST_ROOT.
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+# The mean and standard deviation of the 60,000 official training images' pixels / 255 (one gray channel,
+# repeated as R, G, B like the pixels).
+FASHION_MNIST_MEAN = [0.2860, 0.2860, 0.2860]
+FASHION_MNIST_STD = [0.3530, 0.3530, 0.3530]
+# IDX magic numbers: two zero bytes, the element type (0x08: unsigned byte), the number of dimensions.
+IDX_UBYTE = 0x08
 
 # ImageNet's evaluation geometry: resize the short side to 256/224 of the crop, then center crop.
 EVAL_RESIZE_RATIO = 256 / 224
@@ -61,6 +91,7 @@ RECORD_KEYS = (
     "std",
     "classes",
 )
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -94,16 +125,33 @@ class _Split:
         )
 
 
+@dataclass
+class _Source:
+    """A data set's splits before subsets and transforms, its class names and where val came from ("split",
+    "folder", "official test set"); ``test`` the official test split where it is kept apart from val."""
+
+    train: _Split
+    val: _Split
+    classes: list[str]
+    val_source: str
+    test: _Split | None = None
+
+
 class ImageDataset(Dataset):
     """Items ``(image, label)``: the image is transformed to a normalized float32 (3, H, W) tensor.
 
     Holds only tensors, strings and torchvision transforms, so it pickles into DataLoader workers.
+    ``deterministic``: the transform draws nothing at random (an evaluation transform), so a batch of
+    in-memory images may go through it at once (:meth:`__getitems__`).
     """
 
-    def __init__(self, split: _Split, transform: v2.Compose, classes: list[str]) -> None:
+    def __init__(
+        self, split: _Split, transform: v2.Compose, classes: list[str], deterministic: bool = False
+    ) -> None:
         self.split = split
         self.transform = transform
         self.classes = classes
+        self.deterministic = deterministic
 
     def __len__(self) -> int:
         return len(self.split)
@@ -114,6 +162,17 @@ class ImageDataset(Dataset):
         else:
             image = self.split.images[index]
         return self.transform(image), self.split.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        """The items of a batch (``DataLoader`` asks for them so): with a deterministic transform of in-memory
+        images, one call of it on the stacked images, the same numbers as item by item (torchvision's v2
+        transforms act on any leading dimensions) without the per-item overhead that made evaluating
+        Fashion-MNIST's 10,000 test images take longer than the model's forward passes; else item by item."""
+        if not self.deterministic or self.split.images is None:
+            return [self[i] for i in indices]
+        idx = [int(i) for i in indices]
+        images = self.transform(self.split.images[idx])
+        return list(zip(images.unbind(0), (self.split.labels[i] for i in idx), strict=True))
 
     @property
     def targets(self) -> list[int]:
@@ -173,6 +232,32 @@ def _limit(split: _Split, limit: int | None, seed: int, key: str) -> _Split:
         raise UsageError(f"data.{key} must be > 0 (or null for all samples), got {limit}")
     chosen = np.random.default_rng(seed).choice(len(split), size=limit, replace=False)
     return split.take(sorted(chosen.tolist()))
+
+
+def _balanced(split: _Split, size: int | None, seed: int, classes: list[str]) -> _Split:
+    """``data.train_subset``: ``size`` images drawn with ``seed``, ``size // K`` of each of the K classes and
+    one more of each of the first ``size % K`` classes, kept in split order (a low-data run that every seed
+    and every method of a comparison trains on alike)."""
+    if size is None or size >= len(split):
+        return split
+    if size < len(classes):
+        raise UsageError(
+            f"data.train_subset={size} cannot hold one image of each of the {len(classes)} classes: "
+            f"raise it to at least {len(classes)}"
+        )
+    labels = np.asarray(split.labels)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label, name in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        wanted = size // len(classes) + (label < size % len(classes))
+        if len(members) < wanted:
+            raise UsageError(
+                f"data.train_subset={size} needs {wanted} training images of class {name!r}, the training "
+                f"split holds {len(members)}: lower data.train_subset"
+            )
+        chosen += rng.choice(members, size=wanted, replace=False).tolist()
+    return split.take(sorted(chosen))
 
 
 def _digits(val_fraction: float, seed: int) -> tuple[_Split, _Split, list[str]]:
@@ -274,19 +359,116 @@ def _cifar(name: str, root: Path) -> tuple[_Split, _Split, list[str]]:
     return train, val, classes
 
 
-def _load(
-    name: str, root: str | None, val_fraction: float, seed: int
-) -> tuple[_Split, _Split, list[str], str]:
-    """Train and val splits of a data set, its class names, and where val came from."""
+def _idx_file(root: Path, name: str) -> Path:
+    """``root/name.gz``, else ``root/name``; missing, a one-line error naming the key and the package."""
+    for path in (root / f"{name}.gz", root / name):
+        if path.is_file():
+            return path
+    where = "its default" if str(root) == FASHION_MNIST_ROOT else "data.root"
+    raise UsageError(
+        f"Fashion-MNIST file {name}.gz (or {name}) not found in {root} ({where}): install the data set with "
+        f"apt-get install {FASHION_MNIST_PACKAGE} (it puts the files in {FASHION_MNIST_ROOT}) or set "
+        "data.root to the folder that holds the four IDX files"
+    )
+
+
+def read_idx(path: Path, dims: int) -> np.ndarray:
+    """One IDX file (the MNIST format, which Fashion-MNIST keeps), gzipped or not: the magic number (two zero
+    bytes, the element type 0x08 for unsigned bytes, the number of dimensions), ``dims`` big-endian int32
+    sizes, then the bytes in row-major order. A file that is not gzip, not IDX of ``dims`` dimensions or
+    shorter or longer than its header says is a one-line UsageError naming it and how to repair it."""
+    repair = f"reinstall it (apt-get install --reinstall {FASHION_MNIST_PACKAGE}) or fix data.root"
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; truncation an EOFError
+        raise UsageError(f"{path} is not a readable gzip file ({exc}): {repair}") from None
+    magic = bytes([0, 0, IDX_UBYTE, dims])
+    header = 4 + 4 * dims
+    if len(raw) < header or raw[:4] != magic:
+        raise UsageError(
+            f"{path} is not an IDX file of {dims}-dimensional unsigned bytes (magic number "
+            f"0x{raw[:4].hex() or 'missing'}, expected 0x{magic.hex()}): {repair}"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise UsageError(
+            f"{path} is {state}: its header promises {' x '.join(map(str, shape))} bytes ({expected} with "
+            f"the header), the file holds {len(raw)}: {repair}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _fashion_mnist_part(root: Path, part: str) -> _Split:
+    """The official ``train`` (60,000) or ``test`` (10,000) images as (N, 3, 28, 28) uint8 (the gray channel
+    repeated as R, G, B, a view that costs no memory until a split takes its images) and their labels."""
+    images_name, labels_name = FASHION_MNIST_FILES[part]
+    paths = (_idx_file(root, images_name), _idx_file(root, labels_name))
+    return _read_images_and_labels(*paths, tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_images_and_labels(images_path: Path, labels_path: Path, stamp: tuple) -> _Split:
+    """An IDX image file and its label file, read once per process while ``stamp`` (their modification times
+    and sizes) holds: a comparison builds the same data set for every run, and a run once more for its test
+    split. Splits only ever ``take`` from the result, which makes copies."""
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise UsageError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels: the "
+            f"files do not belong together; reinstall them (apt-get install --reinstall "
+            f"{FASHION_MNIST_PACKAGE}) or fix data.root"
+        )
+    if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise UsageError(
+            f"{labels_path} holds label {int(labels.max())}, Fashion-MNIST's are 0..9: it is not its label "
+            f"file; reinstall it (apt-get install --reinstall {FASHION_MNIST_PACKAGE}) or fix data.root"
+        )
+    pixels = torch.from_numpy(images.copy()).unsqueeze(1).expand(-1, 3, -1, -1)
+    return _Split(labels=labels.tolist(), images=pixels)
+
+
+def _fashion_mnist(root: Path, val_fraction: float, seed: int) -> _Source:
+    """Validation is a fixed stratified part of the 60,000 training images; the 10,000 test images are the
+    official test split, kept apart."""
+    whole = _fashion_mnist_part(root, "train")
+    train_idx, val_idx = _stratified_split(whole.labels, val_fraction, seed)
+    return _Source(
+        whole.take(train_idx),
+        whole.take(val_idx),
+        list(FASHION_MNIST_CLASSES),
+        "split",
+        test=_fashion_mnist_part(root, "test"),
+    )
+
+
+def data_root(name: str, root: str | None) -> str | None:
+    """The folder a data set is read from: ``data.root``, or for Fashion-MNIST the distro package's folder
+    when none is given."""
+    if root is None and name == "fashion_mnist":
+        return FASHION_MNIST_ROOT
+    return root
+
+
+def _load(name: str, root: str | None, val_fraction: float, seed: int) -> _Source:
+    """The splits of a data set (:class:`_Source`)."""
     if name == "digits":
-        return (*_digits(val_fraction, seed), "split")
+        return _Source(*_digits(val_fraction, seed), "split")
+    root = data_root(name, root)
     if root is None:
         raise UsageError(f"data.name={name} needs data.root: the folder that holds the data set")
+    if name == "fashion_mnist":
+        return _fashion_mnist(Path(root), val_fraction, seed)
     if name == "imagefolder":
-        return _imagefolder(Path(root), val_fraction, seed)
+        return _Source(*_imagefolder(Path(root), val_fraction, seed))
     if name in ("cifar10", "cifar100"):
-        return (*_cifar(name, Path(root)), "official test set")
-    raise UsageError(f"unknown data set {name!r}: use digits, imagefolder, cifar10 or cifar100")
+        return _Source(*_cifar(name, Path(root)), "official test set")
+    raise UsageError(
+        f"unknown data set {name!r}: use digits, fashion_mnist, imagefolder, cifar10 or cifar100"
+    )
 
 
 def _computed_stats(split: _Split, image_size: int) -> tuple[list[float], list[float]]:
@@ -305,6 +487,8 @@ def _computed_stats(split: _Split, image_size: int) -> tuple[list[float], list[f
 
 
 def _default_stats(name: str, train: _Split, image_size: int) -> tuple[list[float], list[float]]:
+    if name == "fashion_mnist":
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
     if name == "imagefolder":
         return IMAGENET_MEAN, IMAGENET_STD
     if name == "cifar10":
@@ -347,6 +531,7 @@ _PIXEL_SOURCES = {
     "cifar10": "8-bit RGB divided by 255",
     "cifar100": "8-bit RGB divided by 255",
     "imagefolder": "the image decoded by PIL, converted to 8-bit RGB, divided by 255",
+    "fashion_mnist": "Fashion-MNIST: 28x28 8-bit gray divided by 255, gray repeated as R, G, B",
 }
 
 
@@ -386,55 +571,80 @@ def augment_policy(augment: AugmentConfig) -> v2.Transform | None:
     return None
 
 
+def _chosen(source: _Source, split: str, limits: dict[str, Any], seed: int) -> _Split:
+    """One split with the subsets a run draws from it: the training images' class-balanced
+    ``train_subset``, then ``max_train_samples``; ``max_val_samples`` of the validation images; the test
+    split whole (its numbers are comparable only over all of it)."""
+    if split == "test":
+        if source.test is None:
+            raise UsageError(
+                "this data set has no test split apart from validation (only fashion_mnist keeps one): "
+                "use the val split"
+            )
+        return source.test
+    if split == "train":
+        chosen = _balanced(source.train, limits.get("train_subset"), seed, source.classes)
+        return _limit(chosen, limits.get("max_train_samples"), seed, "max_train_samples")
+    return _limit(source.val, limits.get("max_val_samples"), seed, "max_val_samples")
+
+
 def build_datasets(cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset, DataInfo]:
     """The training and validation data sets of a run, and the DataInfo (with the record) describing them.
-    The split and the ``max_*_samples`` subsets are drawn with ``cfg.split_seed``, else the run's ``seed``."""
+    The split and the ``train_subset`` / ``max_*_samples`` subsets are drawn with ``cfg.split_seed``, else
+    the run's ``seed``. A data set with an official test split records it (``test_source``); its images are
+    read again only by ``dataset_from_record(record, "test")``, after training."""
     seed = cfg.split_seed if cfg.split_seed is not None else seed
-    train, val, classes, val_source = _load(cfg.name, cfg.root, cfg.val_fraction, seed)
+    source = _load(cfg.name, cfg.root, cfg.val_fraction, seed)
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)
     else:
-        default_mean, default_std = _default_stats(cfg.name, train, cfg.image_size)
+        default_mean, default_std = _default_stats(cfg.name, source.train, cfg.image_size)
         mean = list(cfg.mean) if cfg.mean is not None else default_mean
         std = list(cfg.std) if cfg.std is not None else default_std
+    root = data_root(cfg.name, cfg.root)
     record = {
         "name": cfg.name,
-        "root": str(Path(cfg.root).resolve()) if cfg.root is not None else None,
+        "root": str(Path(root).resolve()) if root is not None else None,
         "image_size": cfg.image_size,
         "val_fraction": cfg.val_fraction,
         "seed": seed,
         "max_val_samples": cfg.max_val_samples,
         "mean": mean,
         "std": std,
-        "classes": classes,
-        "val_source": val_source,
+        "classes": source.classes,
+        "val_source": source.val_source,
+        "test_source": "official test set" if source.test is not None else None,
+        "train_subset": cfg.train_subset,
         "max_train_samples": cfg.max_train_samples,
         "augment": {
             key: value for key, value in dataclasses.asdict(cfg.augment).items() if key in IMAGE_AUGMENT
         },
     }
-    train = _limit(train, cfg.max_train_samples, seed, "max_train_samples")
-    val = _limit(val, cfg.max_val_samples, seed, "max_val_samples")
+    train = _chosen(source, "train", record, seed)
+    val = _chosen(source, "val", record, seed)
+    classes = source.classes
     train_ds = ImageDataset(train, build_transform(cfg.name, cfg.image_size, mean, std, cfg.augment), classes)
-    val_ds = ImageDataset(val, build_transform(cfg.name, cfg.image_size, mean, std, None), classes)
+    val_ds = ImageDataset(
+        val, build_transform(cfg.name, cfg.image_size, mean, std, None), classes, deterministic=True
+    )
     info = DataInfo(classes=classes, image_size=cfg.image_size, mean=mean, std=std, record=record)
     return train_ds, val_ds, info
 
 
 def dataset_from_record(record: dict[str, Any], split: str = "val", augment: bool = False) -> ImageDataset:
-    """Rebuild a run's split from ``DataInfo.record`` (as stored in a checkpoint's ``data``)."""
+    """Rebuild a run's ``split`` ("train", "val" or, where the record has a ``test_source``, "test") from
+    ``DataInfo.record`` (as stored in a checkpoint's ``data``)."""
     missing = [k for k in RECORD_KEYS if k not in record]
     if missing:
         raise UsageError(f"data record lacks {', '.join(missing)}: it was not written by kdfast.data")
-    if split not in ("train", "val"):
-        raise UsageError(f"split must be 'train' or 'val', got {split!r}")
-    train, val, classes, _ = _load(record["name"], record["root"], record["val_fraction"], record["seed"])
-    if classes != list(record["classes"]):
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    source = _load(record["name"], record["root"], record["val_fraction"], record["seed"])
+    if source.classes != list(record["classes"]):
         raise UsageError(
-            f"the data at {record['root']} has classes {classes}, the record says {record['classes']}"
+            f"the data at {record['root']} has classes {source.classes}, the record says {record['classes']}"
         )
-    chosen = val if split == "val" else train
-    chosen = _limit(chosen, record.get(f"max_{split}_samples"), record["seed"], f"max_{split}_samples")
+    chosen = _chosen(source, split, record, record["seed"])
     try:
         augment_cfg = build(AugmentConfig, record.get("augment", {}), "data.augment") if augment else None
     except ConfigError as exc:
@@ -442,7 +652,7 @@ def dataset_from_record(record: dict[str, Any], split: str = "val", augment: boo
     transform = build_transform(
         record["name"], record["image_size"], record["mean"], record["std"], augment_cfg
     )
-    return ImageDataset(chosen, transform, classes)
+    return ImageDataset(chosen, transform, source.classes, deterministic=augment_cfg is None)
 
 
 def _clipped_span(center: float, length: float, size: int) -> tuple[int, int]:

@@ -8,6 +8,10 @@ on, so it reads higher than the last epoch's). ``results.json`` says which one i
 across ``--resume``) and its training throughput (the mean of the epochs' images per second; the first
 epoch of a compiled run includes compilation).
 
+A data set with an official test split (Fashion-MNIST) adds, apart from the validation numbers,
+``test_top1`` and ``test_top5``: the saved (last-epoch) weights measured once on the test images after
+training, which no choice was made on. ``results.json`` then says so in ``test``.
+
 A run over several seeds (``--seeds``) writes one run folder per seed and, above them, the mean and sample
 standard deviation (n - 1) of every number over the seeds.
 """
@@ -27,7 +31,8 @@ RESULTS_FORMAT = "kdfast.results/1"
 TOP1_SHOWN = "last"
 TIMING_KEYS = ("wall_s", "images_per_s")
 # the numbers a seeds summary averages, per model
-AVERAGED = ("top1", "best_top1", "top5", *TIMING_KEYS)
+AVERAGED = ("top1", "best_top1", "top5", "test_top1", "test_top5", *TIMING_KEYS)
+TEST_SHOWN = "the official test split, the saved (last-epoch) weights, measured once after training"
 
 
 def stage_metrics(
@@ -59,13 +64,16 @@ def stage_metrics(
 def run_results(models: Mapping[str, Mapping[str, Any]], *, data: str, methods: Sequence[str]) -> dict:
     """The ``results.json`` of one run: ``models`` maps teacher / baseline / student to a row (``arch``,
     ``params`` and its metrics; a model not trained in this run has no best epoch or timing)."""
-    return {
+    results = {
         "format": RESULTS_FORMAT,
         "data": data,
         "method": list(methods),
         "top1_shown": TOP1_SHOWN,
         "models": {role: dict(row) for role, row in models.items()},
     }
+    if any("test_top1" in row for row in models.values()):
+        results["test"] = TEST_SHOWN
+    return results
 
 
 def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:
@@ -85,9 +93,11 @@ def seeds_results(runs: Mapping[int, Mapping[str, Any]]) -> dict:
     for role, row in first["models"].items():
         summary = {"arch": row["arch"], "params": row["params"]}
         for key in AVERAGED:
+            if key.startswith("test_") and key not in row:
+                continue
             summary[key] = _mean_std([run["models"][role].get(key) for run in runs.values()])
         models[role] = summary
-    return {
+    results = {
         "format": RESULTS_FORMAT,
         "data": first["data"],
         "method": first["method"],
@@ -96,6 +106,9 @@ def seeds_results(runs: Mapping[int, Mapping[str, Any]]) -> dict:
         "runs": [f"seed{seed}" for seed in runs],
         "models": models,
     }
+    if "test" in first:
+        results["test"] = first["test"]
+    return results
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:
@@ -118,10 +131,14 @@ def _row_label(role: str, methods: Sequence[str]) -> str:
 
 def results_table(results: Mapping[str, Any]) -> str:
     """The Markdown table of ``results.md`` and the final printout: one row per model, last-epoch top-1
-    first, then the best epoch's (with the epoch, for one run), then top-5."""
+    first, then the best epoch's (with the epoch, for one run), then top-5, all on the validation split;
+    where the data set has a test split, the test top-1 after them."""
+    test = "test" in results
+    val = "val " if test else ""  # named only where another split stands beside it
     lines = [
-        "| model | arch | params | top-1 last (%) | top-1 best (%) | top-5 (%) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| model | arch | params | {val}top-1 last (%) | {val}top-1 best (%) | {val}top-5 (%) |"
+        + (" test top-1 (%) |" if test else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if test else ""),
     ]
     for role, row in results["models"].items():
         best = fmt(row.get("best_top1"))
@@ -129,10 +146,14 @@ def results_table(results: Mapping[str, Any]) -> str:
             best += f" (epoch {row['best_epoch']})"
         label = _row_label(role, results["method"])
         cells = [label, row["arch"], f"{row['params']:,}", fmt(row["top1"]), best, fmt(row["top5"])]
+        if test:
+            cells.append(fmt(row.get("test_top1")))
         lines.append("| " + " | ".join(cells) + " |")
     if "seeds" in results:
         seeds = ", ".join(str(s) for s in results["seeds"])
         lines.append(f"\nmean ± sample std over seeds {seeds}; top-1 last: the final epoch's weights.")
+    if test:
+        lines.append(f"\ntest top-1: {results['test']}; val: the validation split carved from training.")
     return "\n".join(lines)
 
 

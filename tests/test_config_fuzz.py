@@ -141,9 +141,7 @@ def _base_config(name: str) -> dict:
         used = raw.get("loss", {}).get("method", [])
         if name in ([used] if isinstance(used, str) else used):
             return raw
-    raise AssertionError(
-        f"no config in configs/ uses method {name!r}: add one (docs/methods.md)"
-    )
+    raise AssertionError(f"no config in configs/ uses method {name!r}: add one (docs/methods.md)")
 
 
 def check_run(raw: dict) -> None:

@@ -2,9 +2,9 @@
 keys on load): ``python -m kdfast.train`` loads it, builds its data, teacher and student, checks its taps
 with a probe forward and takes one distillation step at batch 2, on generated stand-in data of the right
 shape (a CIFAR-100 folder in the official python format, an ImageFolder tree of 3 classes at ImageNet
-resolution). A teacher the config reads from a file gets a stand-in weights file of its architecture; a
-teacher it trains gets no epochs. A config naming an unknown method or a tap path that names no module fails
-with exit 2 and one line.
+resolution, the four Fashion-MNIST IDX files). A teacher the config reads from a file gets a stand-in weights
+file of its architecture; a teacher it trains gets no epochs. A config naming an unknown method or a tap
+path that names no module fails with exit 2 and one line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from support.fashion import stand_in_folder
 
 from kdfast.config import CONFIG_DIR, load_config, read_config_file
 from kdfast.models import build_model
@@ -85,7 +86,13 @@ def stand_in_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             folder.mkdir(parents=True)
             for i, pixels in enumerate(_smooth_images(rng, per_class, 250, 333)):
                 Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=90)
-    return {"cifar10": root / "cifar", "cifar100": root / "cifar", "imagefolder": imagenet}
+    fashion = stand_in_folder(root / "fashion_mnist", train=40, test=20)
+    return {
+        "cifar10": root / "cifar",
+        "cifar100": root / "cifar",
+        "imagefolder": imagenet,
+        "fashion_mnist": fashion,
+    }
 
 
 def _overrides(path: Path, data: dict[str, Path], weights_dir: Path) -> list[str]:
@@ -96,10 +103,14 @@ def _overrides(path: Path, data: dict[str, Path], weights_dir: Path) -> list[str
     overrides = list(ONE_STEP)
     if name != "digits":
         overrides.append(f"data.root={data[name]}")
+    if name == "fashion_mnist":  # its class-balanced subset would stand beside max_train_samples
+        overrides.append("data.train_subset=null")
     if (raw.get("teacher") or {}).get("weights") is None:
         return [*overrides, "teacher.train.epochs=0"]
     arch = load_config(path, ["teacher.weights=null", "data.name=digits"]).teacher.arch
-    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": len(WNIDS)}[name]
+    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": len(WNIDS), "fashion_mnist": 10}[
+        name
+    ]
     teacher = build_model(arch, num_classes=classes)
     file = weights_dir / f"{path.stem}_teacher.pth"
     torch.save(teacher.state_dict(), file)

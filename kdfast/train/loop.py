@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from kdfast import teacher_cache
 from kdfast.atomic import append_line, atomic_write
-from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, load_checkpoint, save_checkpoint
+from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, has_test_split, load_checkpoint, save_checkpoint
 from kdfast.config import (
     ArchSpec,
     Config,
@@ -52,7 +52,7 @@ from kdfast.config import (
     config_text,
     load_config,
 )
-from kdfast.data import batch_mix, build_datasets
+from kdfast.data import batch_mix, build_datasets, dataset_from_record
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from kdfast.errors import (
     CheckpointError,
@@ -276,6 +276,7 @@ class Run:
     held_out_ds: Dataset | None = None  # training images a loss reads (SoKD search) and no stage trains on
     cache_plan: CachePlan = field(default_factory=lambda: CachePlan("off", 0))  # the teacher-output cache
     report: dict[str, Any] = field(default_factory=dict)  # results.json's "runtime": compilation, the cache
+    test_ds: Dataset | None = None  # the official test split, where the data set keeps one (test_metrics)
 
     @property
     def num_classes(self) -> int:
@@ -452,13 +453,12 @@ def _train_loader(run: Run, generator: torch.Generator, cache: TeacherCache | No
     )
 
 
-def _val_loader(run: Run) -> DataLoader:
+def _val_loader(run: Run, dataset: Dataset | None = None) -> DataLoader:
     """Rank r sees samples r, r + world, ...: disjoint shards without the padding DistributedSampler adds,
-    so the all-reduced accuracy is exactly that of the whole validation set."""
+    so the all-reduced accuracy is exactly that of the whole validation set (or of ``dataset``)."""
     dist = run.rt.dist
-    dataset = (
-        Subset(run.val_ds, range(dist.rank, len(run.val_ds), dist.world_size)) if dist.enabled else run.val_ds
-    )
+    dataset = run.val_ds if dataset is None else dataset
+    dataset = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
     return DataLoader(
         dataset,
         batch_size=run.cfg.data.eval_batch_size,
@@ -516,18 +516,26 @@ def held_out_taps(run: Run, student: Taps, teacher: Taps) -> Callable[[], tuple[
     return taps
 
 
-def validate_model(model: nn.Module, run: Run) -> dict[str, float]:
-    """Top-1 / top-5 / CE of ``model`` on the validation split, over all ranks."""
+def validate_model(model: nn.Module, run: Run, dataset: Dataset | None = None) -> dict[str, float]:
+    """Top-1 / top-5 / CE of ``model`` on the validation split (or ``dataset``), over all ranks."""
     model.eval()
     rt = run.rt
     return evaluate(
         model,
-        _val_loader(run),
+        _val_loader(run, dataset),
         rt.device,
         dist=rt.dist,
         amp_dtype=rt.amp_dtype,
         channels_last=rt.channels_last,
     )
+
+
+def test_metrics(model: nn.Module, run: Run) -> dict[str, float]:
+    """``test_top1``, ``test_top5``, ``test_loss`` of ``model`` as saved, on the official test split; empty
+    for a data set without one. Measured once per model, after its training: nothing is chosen on it."""
+    if run.test_ds is None:
+        return {}
+    return {f"test_{key}": value for key, value in validate_model(model, run, run.test_ds).items()}
 
 
 def train_stage(
@@ -922,6 +930,9 @@ def run_stage(
         f"{model_cfg.train.epochs} epoch(s) on {len(run.train_ds)} images",
     )
     metrics = train_stage(stage, model, step_fn, model_cfg.train, run, extra, cache)
+    metrics = {**metrics, **test_metrics(model, run)}
+    if "test_top1" in metrics:
+        say(run, f"  {stage}: test top-1 {metrics['test_top1']:.2f}% (the official test split, once)")
     _save_stage(stage, model, model_cfg, metrics, run)
     barrier(run.rt.dist)
     return metrics
@@ -1138,6 +1149,8 @@ def run_training(
     )
     preflight.check_images(train_ds, val_ds, cfg.seed)
     run = Run(cfg, Path(cfg.out), rt, train_ds, val_ds, info, resume)
+    if has_test_split(info.record):
+        run.test_ds = dataset_from_record(info.record, "test")
     run.stages = _stages(cfg)
 
     teacher = _build(cfg.teacher, run, weights=cfg.teacher.weights)
@@ -1272,7 +1285,7 @@ def _train_stages(
             run,
         )
     else:
-        teacher_metrics = validate_model(teacher, run)
+        teacher_metrics = {**validate_model(teacher, run), **test_metrics(teacher, run)}
         say(run, f"teacher: loaded from {cfg.teacher.weights}, val top-1 {teacher_metrics['top1']:.2f}%")
     teacher.eval().requires_grad_(False)
     results = {
