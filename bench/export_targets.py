@@ -131,7 +131,7 @@ def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"QAD of {name} failed")
         summary = json.loads((folder / "qad.json").read_text())
         out = folder / "export"
-        export_main(["--model", str(folder / "student.pt"), "--out", str(out)]
+        export_main(["--model", str(folder / "student.pt"), "--out", str(out), "--overwrite"]
                     + args.export_args)  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         agreement = {
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
         for i in range(args.repeat):
             out = args.out / name.split(" ")[0] / ("export" if i == 0 else f"export-{i + 1}")
             print(f"exporting {name} (run {i + 1} of {args.repeat})", file=sys.stderr, flush=True)
-            export_main(["--model", str(path), "--out", str(out), *args.export_args])
+            export_main(["--model", str(path), "--out", str(out), "--overwrite", *args.export_args])
             reports.append(json.loads((out / "report.json").read_text()))
             machine = reports[-1]["machine"]
             print(

@@ -21,9 +21,9 @@ from typing import Any, Literal
 import yaml
 
 from kdfast.atomic import atomic_write
-from kdfast.errors import ConfigError
+from kdfast.errors import ConfigError, shown
 from kdfast.methods.registry import method, methods
-from kdfast.schema import at_most, build, closest, convert, positive
+from kdfast.schema import at_most, build, closest, convert, positive, read_yaml, set_override
 
 # The bundled configs ship inside the package (the checkout's top-level ``configs`` links here), so an
 # installed kdfast finds them from any folder.
@@ -263,7 +263,7 @@ def _typed_loss(raw: Any) -> tuple[list[str], float | None, dict[str, Any]]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config key 'loss' must be a mapping, got {raw!r}")
+        raise ConfigError(f"config key 'loss' must be a mapping, got {shown(raw)}")
     names = raw.get("method", list(DEFAULT_METHODS))
     names = [names] if isinstance(names, str) else convert(names, list[str], "loss.method")
     ce = convert(raw.get("ce"), float | None, "loss.ce")
@@ -307,8 +307,19 @@ class RuntimeConfig:
 
 
 @dataclass
+class ResumeRecord:
+    """One ``--resume`` that changed the config (docs/reliability.md, "Resume"): the epochs each stage had
+    finished when the change took effect, and the changes as ``key=value``. With these, ``config.yaml``
+    describes what was trained also when a resumed run continued with other settings."""
+
+    after: dict[str, int] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
-    """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused)."""
+    """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused).
+    ``resumed`` is written by ``--resume`` alone: what it changed, and from where."""
 
     seed: int = 0
     seeds: list[int] | None = None
@@ -319,52 +330,10 @@ class Config:
     baseline: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    resumed: list[ResumeRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "loss": self.loss.to_dict()}
-
-
-def set_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to the raw config mapping."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set takes KEY=VALUE (for example data.batch_size=32), got {assignment!r}")
-    key, text = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"--set {key}: the value {text!r} is not valid YAML ({exc.__class__.__name__})"
-        ) from None
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' holds a value, not a mapping")
-        # a copy: a YAML alias (``train: *recipe``) makes two keys hold one mapping; change only this one
-        node[part] = child = dict(child)
-        node = child
-    node[parts[-1]] = value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text: give a YAML run config") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{at}") from None
-    if raw is None:
-        raise ConfigError(f"config file {path} is empty: give a YAML run config (e.g. configs/default.yaml)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return raw
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -395,14 +364,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _read_over_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     base = raw.pop(BASE_KEY, None)
     if children:
         _check_base(raw, path)
     if base is None:
         return raw
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"config file {path}: 'base' must name one config file, got {base!r}")
+        raise ConfigError(f"config file {path}: 'base' must name one config file, got {shown(base)}")
     base_path = Path(os.path.normpath(path.parent / base))
     chain = (*children, path.resolve())
     if base_path.resolve() in chain:

@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from kdfast.config import FASHION_MNIST_PACKAGE, FASHION_MNIST_ROOT, AugmentConfig, DataConfig
-from kdfast.errors import ConfigError, UsageError
+from kdfast.errors import ConfigError, UsageError, shown
 from kdfast.schema import build
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -180,11 +180,31 @@ class ImageDataset(Dataset):
 
 
 def _read_image(path: str) -> Tensor:
+    """The whole image decoded (``convert`` reads every pixel, so a truncated file fails here, not only its
+    header), as uint8 RGB; a file that cannot be decoded is one UsageError line naming it."""
     try:
         with Image.open(path) as im:
             return v2.functional.pil_to_tensor(im.convert("RGB"))
-    except OSError as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL says a broken file with OSError, SyntaxError or ValueError
+        raise UsageError(
+            f"image {path} cannot be decoded ({type(exc).__name__}: {shown(str(exc), bare=True)}): "
+            "replace it with a readable copy"
+        ) from None
+
+
+def check_decodes(dataset: ImageDataset, limit: int, seed: int = 0) -> int:
+    """Decode the image files of ``dataset`` (an ImageFolder split; in-memory images need no check): every
+    one when it holds at most ``limit``, else a seeded random ``limit`` of them. The first that cannot be
+    decoded is one UsageError line naming it. Returns how many files were decoded."""
+    paths = dataset.split.paths
+    if paths is None:
+        return 0
+    chosen = range(len(paths))
+    if len(paths) > limit:
+        chosen = sorted(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False).tolist())
+    for index in chosen:
+        _read_image(paths[index])
+    return len(chosen)
 
 
 def _stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

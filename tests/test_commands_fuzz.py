@@ -10,6 +10,7 @@ check that came too late would show as a changed file.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -76,7 +77,7 @@ def _write(path: Path, content: bytes | str | object) -> None:
         torch.save(content, path)
 
 
-def _images(root: Path, classes: list[str], per_class: int) -> Path:
+def _images(root: Path, classes: list[str], per_class: int, suffix: str = ".png") -> Path:
     """An ImageFolder tree of small RGB images (smooth gradients plus noise, like photos at 16x16)."""
     rng = np.random.default_rng(0)
     for c, name in enumerate(classes):
@@ -84,8 +85,26 @@ def _images(root: Path, classes: list[str], per_class: int) -> Path:
         for i in range(per_class):
             ramp = np.linspace(0, 255, 16)[None, :, None] * np.ones((16, 16, 3))
             pixels = np.clip(ramp * (c + 1) / len(classes) + rng.normal(0, 20, (16, 16, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}{suffix}")
     return root
+
+
+def _truncated_jpeg(tmp: Path, run: Path) -> None:
+    """40 JPEGs per class, one of them cut in half as a copy interrupted mid-file leaves it: its header reads,
+    its pixels do not. It sits in the second class, outside the first training batch the probe step reads."""
+    _images(tmp / "photos", ["cat", "dog", "fox"], 40, ".jpg")
+    broken = tmp / "photos" / "dog" / "3.jpg"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+
+
+# 40 images per class: the data of an ImageFolder run in these cases, the whole of it used
+PHOTOS = ["data.name=imagefolder", "data.root={tmp}/photos", "data.max_train_samples=null"]
+PHOTOS += ["data.max_val_samples=null", "data.batch_size=8"]
+# a value as long as a file pasted into a config by mistake
+HUGE = "x" * 10_000_000
+# export.trt at its shortest: ONNX Runtime fp32, no baselines, few timed calls
+EXPORT_FAST = ["--backends", "ort", "--precision", "fp32", "--baselines", "--iters", "2", "--min-time-s", "0"]
+EXPORT_FAST += ["--warmup-iters", "1", "--warmup-s", "0", "--max-batch", "2", "--threads", "1"]
 
 
 @dataclass
@@ -210,6 +229,14 @@ TRAIN_CASES: dict[str, Case] = {
         new_run("student.taps.mid.path=blocks.22"), ("student.taps.mid.path", "'blocks.2'")
     ),
     "tap-kind-wrong": Case(new_run("teacher.taps.vit.kind=feature"), ("vit",)),
+    "image-truncated": Case(
+        new_run(*PHOTOS), ("{tmp}/photos/dog/3.jpg", "cannot be decoded"), setup=_truncated_jpeg
+    ),
+    "one-image-per-class": Case(
+        new_run(*PHOTOS),
+        ("no training image", "data.val_fraction"),
+        setup=lambda tmp, run: (_images(tmp / "photos", ["cat", "dog", "fox"], 1), None)[1],
+    ),
     "seeds-not-integers": Case(
         lambda tmp, run: [*new_run()(tmp, run), "--seeds", "0,x"], ("--seeds", "0,1,2")
     ),
@@ -239,6 +266,10 @@ TRAIN_CASES: dict[str, Case] = {
     "config-torch-file": Case(config_file("c.pt", lambda tmp, run: {"a": torch.ones(2)}), ("c.pt", "YAML")),
     "config-a-list": Case(config_file("l.yaml", "- 1\n- 2\n"), ("l.yaml", "mapping")),
     "config-bad-yaml": Case(config_file("b.yaml", "data: [1,\n"), ("b.yaml", "line")),
+    "config-value-10-mb": Case(
+        config_file("huge.yaml", f"data:\n  name: {HUGE}\n"), ("data.name", "characters")
+    ),
+    "set-value-100-kb": Case(new_run(f"data.batch_size={HUGE[:100_000]}"), ("data.batch_size", "characters")),
     "config-a-folder": Case(lambda tmp, run: ["--config", str(tmp), "--out", str(run)], ("{tmp}",)),
     "weights-truncated": Case(teacher_weights("t.pt", _truncated("teacher.pt")), ("t.pt", "truncated")),
     "weights-empty": Case(teacher_weights("e.pt", b""), ("e.pt", "empty")),
@@ -267,6 +298,14 @@ TRAIN_CASES: dict[str, Case] = {
     # as creating the folder)
     "out-unwritable": Case(
         lambda tmp, run: [*set_args(TINY), "--out", "/proc/kdfast-fuzz"], ("/proc", "another")
+    ),
+    "out-name-too-long": Case(
+        lambda tmp, run: [*set_args(TINY), "--out", str(tmp / ("a" * 300))],
+        ("is 300 bytes", "at most 255", "shorter output folder"),
+    ),
+    "out-path-too-long": Case(
+        lambda tmp, run: [*set_args(TINY), "--out", str(tmp.joinpath(*["b" * 200] * 21))],
+        ("the path is", "too long", "shorter output folder"),
     ),
     # the command line
     "unknown-flag": Case(lambda tmp, run: ["--epochs", "3", "--out", str(run)], ("--epochs",)),
@@ -323,7 +362,10 @@ TRAIN_CASES: dict[str, Case] = {
     "resume-config-unknown-key": Case(
         resume(),
         ("'runtime.speed'",),
-        damage("config.yaml", lambda t, r: (r / "config.yaml").read_text() + "  speed: 11\n"),
+        damage(
+            "config.yaml",
+            lambda t, r: (r / "config.yaml").read_text().replace("runtime:\n", "runtime:\n  speed: 11\n"),
+        ),
         resumable=True,
     ),
     "resume-config-missing": Case(
@@ -338,6 +380,22 @@ TRAIN_CASES: dict[str, Case] = {
         resumable=True,
     ),
     "resume-bad-set": Case(resume("runtime.log_every=0"), ("runtime.log_every",), resumable=True),
+    # --resume --set: what may change on resume (docs/reliability.md, "Resume"), on the finished run
+    "resume-fewer-epochs": Case(
+        resume("student.train.epochs=0"), ("baseline stage has trained 1 epochs", "student.train.epochs=0")
+    ),
+    "resume-teacher-longer": Case(
+        resume("teacher.train.epochs=2"), ("teacher.train.epochs=2", "after the student was distilled")
+    ),
+    "resume-other-data": Case(
+        resume("data.batch_size=16"), ("--set data.batch_size=16", "would change what this run trained")
+    ),
+    "resume-other-method": Case(resume("loss.kd.temperature=8"), ("loss.kd.temperature=8", "--out")),
+    "resume-without-a-state-to-continue": Case(
+        resume("student.train.epochs=2"),
+        ("state_distill.pt", "is gone"),
+        lambda tmp, run: (run / "state_distill.pt").unlink(),
+    ),
     "resume-half-written": Case(
         resume(), ("state_teacher.pt", "truncated"), lambda tmp, run: _half_written(run)
     ),
@@ -385,6 +443,36 @@ EXPORT_CASES: dict[str, Case] = {
         command="export",
     ),
     "export-model-a-zip": Case(export_model("z.pt", lambda t, r: _zip()), ("z.pt",), command="export"),
+    "export-into-an-earlier-export": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--out", str(run / "export"), *EXPORT_FAST],
+        ("{run}/export holds an earlier export", "--overwrite"),
+        command="export",
+    ),
+    "export-precision-100-kb": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--precision", HUGE[:100_000]],
+        ("--precision", "invalid choice", "characters cut"),
+        command="export",
+    ),
+    "export-set-unknown-key": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--set", "timing.iter=3"],
+        ("timing.iter", "'iters'"),
+        command="export",
+    ),
+    "export-set-value-10-mb": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--set", f"opset={HUGE}"],
+        ("config key 'opset' must be int", "characters"),
+        command="export",
+    ),
+    "export-out-name-too-long": Case(
+        lambda tmp, run: ["--model", str(run / "student.pt"), "--out", str(tmp / ("e" * 300))],
+        ("--out", "is 300 bytes", "shorter output folder"),
+        command="export",
+    ),
+    "export-model-path-too-long": Case(
+        lambda tmp, run: ["--model", str(tmp / ("m" * 300) / "student.pt"), "--out", str(run / "export")],
+        ("the path is too long", "ENAMETOOLONG"),
+        command="export",
+    ),
     "export-model-teacher": Case(
         export_model("teacher.pt", lambda t, r: (r / "teacher.pt").read_bytes()),
         ("teacher.pt", "kdfast.student/1"),
@@ -460,8 +548,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     code, err = _run(case, argv, capsys)
 
     lines = err.strip().splitlines()
-    assert code == 2, err
-    assert 1 <= len(lines) <= 3, err
+    assert code == 2, err[:3000]
+    assert 1 <= len(lines) <= 3, err[:3000]
+    assert all(len(line) <= 1200 for line in lines), f"an error line of {max(map(len, lines)):,} characters"
     assert "Traceback" not in err, err
     for needle in case.needles:
         assert needle.replace("{tmp}", str(tmp_path)).replace("{run}", str(run)) in err, err
@@ -489,3 +578,112 @@ def test_the_same_command_twice_keeps_the_first_run_and_writes_a_numbered_folder
     assert snapshot(run) == before
     assert (tmp_path / "default-2" / "student.pt").is_file()
     assert f"out: {run}-2" in (tmp_path / "default-2" / "config.yaml").read_text()
+
+
+@dataclass
+class Fault:
+    """The OS refuses ``call`` (``replace``: the rename that puts a written file in place; ``open``: opening
+    a file to write it, a temporary one included) with ``error`` for the first file whose name contains
+    ``name``: a write fault injected at the boundary between the command and the OS."""
+
+    name: str
+    error: int
+    call: str = "replace"
+    nth: int = 1  # the nth call that matches (an export's file is renamed into staging, then into --out)
+
+
+WRITE_FAULTS = {
+    "config-yaml-name-too-long": Fault("config.yaml", errno.ENAMETOOLONG, "open"),
+    "metrics-no-permission": Fault("metrics.jsonl", errno.EACCES, "open"),
+    "first-state-disk-full": Fault("state_teacher.pt", errno.ENOSPC),
+    "student-quota": Fault("student.pt", errno.EDQUOT),
+    "curves-io-error": Fault("curves.png", errno.EIO),
+    "results-read-only": Fault("results.json", errno.EROFS),
+}
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, fault: Fault) -> list[str]:
+    """Make ``fault`` happen once; the list gets the path it hit."""
+    hit: list[str] = []
+    real = getattr(os, fault.call)
+
+    seen = []
+
+    def refusing(*args, **kwargs):
+        target = os.fspath(args[1] if fault.call == "replace" else args[0])
+        if not hit and fault.name in Path(target).name:
+            seen.append(target)
+            if len(seen) == fault.nth:
+                hit.append(target)
+                raise OSError(fault.error, os.strerror(fault.error), target)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, fault.call, refusing)
+    return hit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", WRITE_FAULTS)
+def test_a_write_fault_is_one_line_exit_2_and_the_run_resumes(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fault, out = WRITE_FAULTS[name], tmp_path / "run"
+    hit = inject(monkeypatch, fault)
+
+    code = train_main([*set_args(TINY), "--out", str(out)])
+
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert hit, "the fault was never reached"
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot write {out / fault.name}" in lines[0], err
+    assert errno.errorcode[fault.error] in lines[0], err
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")), "a temporary file was left"
+    monkeypatch.undo()
+    if fault.name == "config.yaml":  # the run's first write: the folder it had just created is gone again
+        assert not out.exists()
+        return
+    assert f"continue with python -m kdfast.train --resume {out}" in lines[0], err
+    assert train_main(["--resume", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "results.json").is_file() and (out / "student.pt").is_file()
+
+
+EXPORT_FAULTS = {
+    "onnx-disk-full": Fault("student.fp32.onnx", errno.ENOSPC),
+    "chart-quota": Fault("latency_batch.png", errno.EDQUOT),
+    "report-read-only": Fault("report.json", errno.EROFS),
+    "commit-no-permission": Fault("report.md", errno.EACCES, nth=2),  # the rename into --out
+}
+
+
+@pytest.mark.parametrize("name", EXPORT_FAULTS)
+def test_an_export_write_fault_is_one_line_exit_2_and_changes_nothing(
+    name: str,
+    finished_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wherever the export cannot write, also halfway through moving its files into --out: one line naming
+    the file where it would have been, exit 2, the earlier export (replaced with --overwrite) byte for byte as
+    it was, no staging folder left."""
+    fault, out = EXPORT_FAULTS[name], tmp_path / "export"
+    _earlier_export(tmp_path, tmp_path)
+    before = snapshot(out)
+    hit = inject(monkeypatch, fault)
+
+    code = export_main(
+        ["--model", str(finished_run / "student.pt"), "--out", str(out), "--overwrite", *EXPORT_FAST]
+    )
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("export.trt: ")]
+    assert hit, "the fault was never reached"
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    if fault.call == "replace":
+        assert f"cannot write {out / fault.name}: " in lines[0], err
+    assert errno.errorcode[fault.error] in lines[0] and "an earlier export there is unchanged" in lines[0], (
+        err
+    )
+    assert snapshot(out) == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "a staging folder was left"

@@ -25,6 +25,11 @@ from kdfast.errors import (
     TrainingDiverged,
     TrainingInterrupted,
     UsageError,
+    one_line,
+    os_error_advice,
+    shown_path,
+    stop_signal,
+    terminate_like_ctrl_c,
 )
 
 DESCRIPTION = """\
@@ -44,15 +49,20 @@ A new run never replaces an earlier one: when the output folder already holds a 
 to the first free numbered folder beside it (runs/default-2, runs/default-3, ...) and says so;
 --overwrite replaces the earlier run instead. With --seeds, the whole run repeats once per seed in
 DIR/seed<S>/ and DIR/results.md holds the mean and std over the seeds; DIR follows the same rules. A run
-saves its state after every epoch; after Ctrl-C or a kill, --resume DIR continues from the last finished
-epoch and ends where an uninterrupted run ends."""
+saves its state after every epoch; after Ctrl-C, SIGTERM or a kill, --resume DIR continues from the last
+finished epoch and ends where an uninterrupted run ends. On --resume, --set may raise (or lower) the epochs
+of a stage to continue it, and change the learning rate, runtime.grad_clip, runtime.amp and how the run
+runs (runtime.*, data.num_workers, data.eval_batch_size); config.yaml records each change and the epochs
+it took effect after. Every other key would change what has been trained and is refused."""
 
 EPILOG = """\
 exit codes:
   0    done
   1    training diverged (a NaN or infinite loss); the last good state is kept
-  2    bad usage or input, or a file that cannot be written: one line names what to change
+  2    bad usage or input, or a file that cannot be written (a full disk, no permission): one
+       line names what to change; every finished epoch is kept
   130  interrupted (Ctrl-C); the run continues with --resume DIR
+  143  stopped by SIGTERM (kill, timeout, a job scheduler); the run continues with --resume DIR
 
 examples:
   python -m kdfast.train
@@ -140,7 +150,12 @@ def _seed_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kdfast.train``: exit 0 when done, 1 when training diverged, 2 on bad usage or input,
-    130 when interrupted."""
+    130 when interrupted by Ctrl-C, 143 by SIGTERM. Every error is one line on stderr."""
+    with terminate_like_ctrl_c():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         if args.qad is not None or (args.resume is not None and Path(args.resume, QAD_SETTINGS).is_file()):
@@ -152,17 +167,18 @@ def main(argv: list[str] | None = None) -> int:
 
             train_command(args)
     except UsageError as exc:
-        print(f"kdfast.train: error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return EXIT_BAD_INPUT
     except TrainingDiverged as exc:
-        print(f"kdfast.train: {exc}", file=sys.stderr)
+        _say(str(exc))
         return EXIT_GATE_FAILED
     except TrainingInterrupted as exc:
-        print(f"kdfast.train: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("kdfast.train: interrupted before the run started; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        _say(str(exc))
+        return exc.code
+    except KeyboardInterrupt as exc:
+        what, code = stop_signal(exc)
+        _say(f"stopped by {what} before the run started; nothing was written")
+        return code
     except BrokenPipeError:  # stdout closed by its reader (``| head``): the run stopped at that print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         print(
@@ -171,15 +187,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except OSError as exc:  # a full disk, a folder without write permission, a file vanished mid-run
-        where = f" {exc.filename}" if exc.filename else ""
-        print(
-            f"kdfast.train: error: cannot use{where}: {exc.strerror or exc}; free the space or fix the "
-            "permission, then run again (or continue with --resume DIR)",
-            file=sys.stderr,
+    except OSError as exc:  # a file that vanished mid-run; writes fail as WriteError (kdfast.atomic)
+        where = f" {shown_path(exc.filename)}" if exc.filename else ""
+        _say(
+            f"error: cannot use{where}: {os_error_advice(exc)}; then run again, or continue with --resume DIR"
         )
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def _say(message: str) -> None:
+    print(f"kdfast.train: {one_line(message)}", file=sys.stderr)
 
 
 def __getattr__(name: str) -> Any:

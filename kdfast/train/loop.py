@@ -39,12 +39,29 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from kdfast import teacher_cache
-from kdfast.atomic import atomic_write
+from kdfast.atomic import append_line, atomic_write
 from kdfast.checkpoint import STUDENT_FORMAT, TEACHER_FORMAT, has_test_split, load_checkpoint, save_checkpoint
-from kdfast.config import ArchSpec, Config, ModelConfig, ScheduleConfig, StageConfig, config_text, load_config
+from kdfast.config import (
+    ArchSpec,
+    Config,
+    ModelConfig,
+    ResumeRecord,
+    ScheduleConfig,
+    StageConfig,
+    config_from_dict,
+    config_text,
+    load_config,
+)
 from kdfast.data import batch_mix, build_datasets, dataset_from_record
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from kdfast.errors import CheckpointError, TrainingDiverged, TrainingInterrupted, UsageError
+from kdfast.errors import (
+    CheckpointError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    UsageError,
+    WriteError,
+    stop_signal,
+)
 from kdfast.evaluate import evaluate
 from kdfast.methods.base import DistillationLoss
 from kdfast.methods.compose import CompositeLoss
@@ -219,8 +236,7 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {key: None for key in ROW_FIELDS} | {"parts": {}} | fields
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
         if self.writer is not None:
             prefix = f"{row['stage']}/{row['split']}"
             for key in ("loss", "lr", "top1", "top5", "images_per_s"):
@@ -572,7 +588,9 @@ def train_stage(
         extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        _follow_config(optimizer, scheduler, stage_cfg.optimizer.lr)
+        if state["scaler"]:  # empty when saved from a run without fp16 (runtime.amp may change on resume)
+            scaler.load_state_dict(state["scaler"])
         epoch0, step, metrics = state["epoch"], state["step"], state["metrics"]
         rngs = state["rng"]
         _set_rng_state(rngs[rt.dist.rank] if len(rngs) == rt.dist.world_size else rngs[0])
@@ -728,6 +746,19 @@ def train_stage(
     return metrics
 
 
+def _follow_config(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float
+) -> None:
+    """After a resume point is loaded: the steps to come follow the schedule of the config as it is now, from
+    the step reached. The saved scheduler holds the learning rate the stage started with, and ``--resume``
+    may have changed it or the epoch count (config.yaml's ``resumed``); unchanged, every value is the one
+    the saved run would have used (``LambdaLR`` computes ``base_lr * factor(step)`` alike)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
 def _read_back(*values: Tensor) -> list[float]:
     """Scalars from the device in one transfer: the loop's only host sync."""
     return torch.stack([v.detach().double().reshape(()) for v in values]).tolist()
@@ -841,18 +872,23 @@ def _save_stage(stage: str, model: nn.Module, model_cfg: ModelConfig, metrics: d
     )
 
 
-def _finished_before(stage: str, run: Run) -> bool:
-    """On ``--resume``, a stage whose checkpoint exists is done."""
-    return run.resume and (run.out / STAGE_FILES[stage]).exists()
-
-
-def _finished(stage: str, model: nn.Module, run: Run) -> dict | None:
-    """On ``--resume``, a stage whose checkpoint exists is done: load its weights and recorded metrics."""
-
+def _finished_checkpoint(stage: str, run: Run, epochs: int) -> dict | None:
+    """On ``--resume``, the checkpoint of a stage finished before: it exists and holds the ``epochs`` the
+    config asks for. A stage trained for fewer (``--set <role>.train.epochs`` raised on resume) is not
+    finished: it continues from its state file."""
     path = run.out / STAGE_FILES[stage]
-    if not _finished_before(stage, run):
+    if not (run.resume and path.exists()):
         return None
     ckpt = load_checkpoint(path, expect=TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT)
+    return ckpt if ckpt["metrics"].get("epochs", epochs) >= epochs else None
+
+
+def _finished(stage: str, model: nn.Module, run: Run, epochs: int) -> dict | None:
+    """On ``--resume``, a stage finished before (:func:`_finished_checkpoint`) is done: load its weights and
+    recorded metrics."""
+    ckpt = _finished_checkpoint(stage, run, epochs)
+    if ckpt is None:
+        return None
     model.load_state_dict(ckpt["state_dict"])
     return ckpt["metrics"]
 
@@ -879,7 +915,7 @@ def run_stage(
 ) -> dict:
     """Skip a stage finished before ``--resume``; otherwise train it (on the teacher ``cache``'s views and
     outputs, when given) and write its checkpoint."""
-    done = _finished(stage, model, run)
+    done = _finished(stage, model, run, model_cfg.train.epochs)
     if done is not None:
         say(
             run,
@@ -952,23 +988,29 @@ def _stages(cfg: Config) -> list[str]:
     return [stage for stage, on in zip(STAGES, trained, strict=True) if on]
 
 
-def _resume_files(cfg: Config, out: Path) -> dict[str, tuple[Path, dict, str]]:
+def _resume_files(
+    cfg: Config, out: Path
+) -> tuple[dict[str, tuple[Path, dict, str]], dict[str, preflight.Trained]]:
     """Every file ``--resume`` reads back, read and checked to be kdfast's before anything else is built: the
     metrics, each finished stage's checkpoint and each state file. Returns, per stage, the file whose weights
-    the stage will load, its state dict key ("state_dict" or "model") and the loaded dict."""
+    the stage will load, its state dict key ("state_dict" or "model") and the loaded dict; and per stage with
+    a file, what it has trained (:class:`kdfast.train.preflight.Trained`)."""
     preflight.read_metrics(out / "metrics.jsonl")
-    files = {}
+    files, trained = {}, {}
     for stage in _stages(cfg):
         checkpoint, state_path = out / STAGE_FILES[stage], out / f"state_{stage}.pt"
         try:
             if state_path.exists():
                 files[stage] = (state_path, preflight.read_state(state_path), "model")
+                trained[stage] = preflight.Trained(files[stage][1]["epoch"], finished=False, resumable=True)
             if checkpoint.exists():
                 expect = TEACHER_FORMAT if stage == "teacher" else STUDENT_FORMAT
                 files[stage] = (checkpoint, load_checkpoint(checkpoint, expect=expect), "state_dict")
+                epochs = files[stage][1]["metrics"].get("epochs", 0)
+                trained[stage] = preflight.Trained(epochs, finished=True, resumable=state_path.exists())
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}: move it away to redo the {stage} stage from its start") from None
-    return files
+    return files, trained
 
 
 def _check_resume_fits(
@@ -993,13 +1035,35 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}={new}"]
 
 
+def _resume_changes(cfg: Config, trained: dict[str, preflight.Trained]) -> list[str]:
+    """What ``--set`` changes in the config a run was started (or last resumed) with, each change checked
+    against the resume rules (:func:`kdfast.train.preflight.check_resume_changes`) before anything is
+    written."""
+    saved = Path(cfg.out) / "config.yaml"
+    # typed, so that a key this kdfast added since the run started reads as its default, not as a change
+    changed = _changed_keys(config_from_dict(yaml.safe_load(saved.read_text())).to_dict(), cfg.to_dict())
+    epochs = {"teacher": cfg.teacher.train.epochs, "baseline": cfg.student.train.epochs}
+    epochs["distill"] = cfg.student.train.epochs
+    preflight.check_resume_changes(changed, trained, epochs, saved.parent)
+    return changed
+
+
 def _claim_folder(
-    requested: Path, cfg: Config, resume: bool, overwrite: bool, say_line: Callable[[str], None]
+    requested: Path,
+    cfg: Config,
+    resume: bool,
+    overwrite: bool,
+    say_line: Callable[[str], None],
+    changed: list[str] | None = None,
+    after: dict[str, int] | None = None,
 ) -> Path:
     """Rank 0's first write of a run, once every check passed: the output folder (:mod:`kdfast.train.rundir`:
     a fresh numbered one beside an earlier run, the earlier run removed with ``overwrite``) and its
-    ``config.yaml`` (on ``--resume``, rewritten only when ``--set`` changed it). Returns the folder."""
-    out, replaced = requested, bool(rundir.run_files(requested)) and overwrite
+    ``config.yaml``. On ``--resume`` it is rewritten only when ``--set`` changed it (``changed``, checked by
+    :func:`_resume_changes`), and then records the change with the epochs each stage had finished
+    (``after``) in ``resumed``, so that it describes what was trained. A folder this call created is removed
+    again when its config.yaml cannot be written. Returns the folder."""
+    out, replaced, existed = requested, bool(rundir.run_files(requested)) and overwrite, requested.exists()
     if not resume:
         out = rundir.claim(rundir.plan(requested, overwrite), requested, overwrite)
     cfg.out = str(out)
@@ -1015,21 +1079,38 @@ def _claim_folder(
     else:
         say_line(f"writing to {out}")
     saved = out / "config.yaml"
-    changed = _changed_keys(yaml.safe_load(saved.read_text()), cfg.to_dict()) if resume else ["*"]
-    if changed:
-        if resume:
-            say_line(f"  {saved} now records {', '.join(changed)}")
+    if resume:
+        if not changed:
+            return out
+        recorded = [c for c in changed if not c.startswith("out=")]  # where the folder is now, not a setting
+        if recorded:
+            cfg.resumed.append(ResumeRecord(after=dict(after or {}), changed=recorded))
+        say_line(f"  {saved} now records {', '.join(changed)}")
+    try:
         atomic_write(saved, config_text(cfg))
+    except WriteError:
+        if not resume and (out != requested or not existed):
+            with contextlib.suppress(OSError):
+                out.rmdir()  # the folder this run created, left empty
+        raise
     return out
 
 
-def _claim(run: Run, overwrite: bool, writer: type | None, parent: Callable[[bool], Path] | None) -> None:
+def _claim(
+    run: Run,
+    overwrite: bool,
+    writer: type | None,
+    parent: Callable[[bool], Path] | None,
+    changed: list[str],
+    trained: dict[str, preflight.Trained],
+) -> None:
     """Claim the run's output folder on rank 0 (:func:`_claim_folder`; inside ``parent(is_main)`` for a seed
     of a run over seeds), share it with every rank and open the metrics log."""
     rt = run.rt
     out = run.out if parent is None else parent(rt.dist.is_main) / run.out.name
     if rt.dist.is_main:
-        out = _claim_folder(out, run.cfg, run.resume, overwrite, functools.partial(say, run))
+        after = {stage: done.epochs for stage, done in trained.items()}
+        out = _claim_folder(out, run.cfg, run.resume, overwrite, functools.partial(say, run), changed, after)
     if rt.dist.enabled:
         shared = [str(out)]
         torch_dist.broadcast_object_list(shared, src=0)
@@ -1057,11 +1138,16 @@ def run_training(
     cfg.runtime.threads = rt.threads
     rundir.check_writable(Path(cfg.out), "--resume" if resume else "--out")
     writer = tensorboard_writer(cfg.runtime.tensorboard)
-    resumed = _resume_files(cfg, Path(cfg.out)) if resume else {}
+    resumed, trained = _resume_files(cfg, Path(cfg.out)) if resume else ({}, {})
+    changed = _resume_changes(cfg, trained) if resume else []
     train_ds, val_ds, info = build_datasets(cfg.data, cfg.seed)
     preflight.check_data(
         train_ds, val_ds, info.classes, cfg.data.batch_size, rt.dist.world_size, cfg.data.name
     )
+    warnings = preflight.check_split(
+        train_ds.targets, val_ds.targets, info.classes, cfg.data.max_train_samples
+    )
+    preflight.check_images(train_ds, val_ds, cfg.seed)
     run = Run(cfg, Path(cfg.out), rt, train_ds, val_ds, info, resume)
     if has_test_split(info.record):
         run.test_ds = dataset_from_record(info.record, "test")
@@ -1099,7 +1185,9 @@ def run_training(
         f"{len(info.classes)} classes), the models and a probe step of each stage in "
         f"{time.perf_counter() - started:.1f} s; {rt.threads} CPU thread(s)",
     )
-    _claim(run, overwrite, writer, parent)
+    for warning in warnings:
+        say(run, f"warning: {warning}")
+    _claim(run, overwrite, writer, parent, changed, trained)
     try:
         rows = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
         results = run_results(rows, data=cfg.data.name, methods=cfg.loss.method)
@@ -1107,14 +1195,36 @@ def run_training(
         run.position = "writing the results (every stage had finished)"
         if rt.dist.is_main:
             _write_outputs(results, run, student_taps, teacher_taps, loss_fn)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        what, code = stop_signal(exc)
+        stopped = "interrupted" if what == "Ctrl-C" else f"stopped by {what}"
         raise TrainingInterrupted(
-            f"interrupted at {run.position}; every finished epoch is kept: continue with "
-            f"python -m kdfast.train --resume {run.resume_dir}"
+            f"{stopped} at {run.position}; every finished epoch is kept: continue with "
+            f"python -m kdfast.train --resume {run.resume_dir}",
+            code,
         ) from None
+    except UsageError as exc:  # a file that cannot be written, an image that cannot be read, mid-run
+        raise UsageError(f"{_kept(exc)}; every finished epoch is kept: {_continue(run.resume_dir)}") from None
     finally:
         run.log.close()
     return results
+
+
+def _kept(exc: UsageError) -> str:
+    """A UsageError raised mid-run as one line: a DataLoader worker re-raises it with its traceback inside,
+    whose last line is the error itself."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last.split(": ", 1)[1] if len(lines) > 1 and last.startswith("kdfast.") else " ".join(lines)
+
+
+def _history(folder: Path) -> list[ResumeRecord]:
+    """The ``resumed`` records of the run in ``folder`` (its config.yaml)."""
+    return config_from_dict(yaml.safe_load((folder / "config.yaml").read_text())).resumed
+
+
+def _continue(resume_dir: Path | None) -> str:
+    return f"once that is fixed, continue with python -m kdfast.train --resume {resume_dir}"
 
 
 def _runtime_results(run: Run) -> dict[str, Any]:
@@ -1202,7 +1312,8 @@ def _train_stages(
         }
         del baseline
 
-    cache = None if _finished_before("distill", run) else _teacher_cache(run, teacher, teacher_taps)
+    finished = _finished_checkpoint("distill", run, cfg.student.train.epochs)
+    cache = None if finished else _teacher_cache(run, teacher, teacher_taps)
     if run.held_out_ds is not None:
         loss_fn.use_held_out(held_out_taps(run, student_taps, teacher_taps))
     metrics = run_stage(
@@ -1285,33 +1396,43 @@ def run_seeds(cfg: Config, resume: bool, overwrite: bool = False) -> dict[str, A
     split_seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
     data = dataclasses.replace(cfg.data, split_seed=split_seed)
     claimed: list[Path] = []
+    changed = _resume_changes(cfg, {}) if resume else []  # each seed checks its own epochs
 
     def parent(is_main: bool) -> Path:
         """The seeds folder, claimed on rank 0 once the first seed's run passed its checks."""
         if not claimed:
             claimed.append(
-                _claim_folder(requested, cfg, resume, overwrite, tqdm.write) if is_main else requested
+                _claim_folder(requested, cfg, resume, overwrite, tqdm.write, changed)
+                if is_main
+                else requested
             )
         return claimed[0]
 
     top, runs = requested, {}
     for seed in cfg.seeds:
         folder = top / f"seed{seed}"
-        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data)
         started = resume and (folder / "config.yaml").is_file()
+        # a seed's resume history is its own: the epochs each change took effect after differ per seed
+        history = _history(folder) if started else []
+        one = dataclasses.replace(cfg, seed=seed, seeds=None, out=str(folder), data=data, resumed=history)
         try:
             runs[seed] = run_training(one, resume=started, parent=parent)
-        except KeyboardInterrupt:  # in a seed's checks, before it wrote anything
+        except KeyboardInterrupt as exc:  # in a seed's checks, before it wrote anything
             if not runs:
                 raise
+            what, code = stop_signal(exc)
             raise TrainingInterrupted(
-                f"interrupted before seed {seed} started; the seeds before it are kept: continue with "
-                f"python -m kdfast.train --resume {top}"
+                f"stopped by {what} before seed {seed} started; the seeds before it are kept: continue with "
+                f"python -m kdfast.train --resume {top}",
+                code,
             ) from None
         top = Path(one.out).parent
     results = seeds_results(runs)
     if int(os.environ.get("RANK", "0")) == 0:  # as torchrun numbers the processes
-        print(write_results(top, results))
+        try:
+            print(write_results(top, results))
+        except WriteError as exc:
+            raise UsageError(f"{exc}; every seed's run is kept: {_continue(top)}") from None
         tqdm.write(f"outputs of the {len(runs)} seeds in {top}")
     return results
 

@@ -1,7 +1,9 @@
-"""The checks a run passes before its output folder is touched: the data, the image size against the models,
-one probe training step of every stage (forward and backward through the whole loss, then undone), and on
-``--resume`` every file the run would read back. Each failure is one :class:`UsageError` line that names the
-key or the file and what to change; none of these functions writes a file.
+"""The checks a run passes before its output folder is touched: the data (its size, a split that gives every
+validated class training images, every image file decoded up to :data:`DECODED_IMAGES` per split), the
+image size against the models, one probe training step of every stage (forward and backward through the
+whole loss, then undone), and on ``--resume`` every file the run would read back and every ``--set`` it
+would record (:func:`check_resume_changes`). Each failure is one :class:`UsageError` line that names the key
+or the file and what to change; none of these functions writes a file.
 
 The probe is undone exactly (:func:`undone`): parameters, buffers (BatchNorm statistics), gradients, train /
 eval modes and every random generator are restored, so a run that passes the checks trains bit for bit as it
@@ -15,6 +17,7 @@ import copy
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,27 @@ from torch.utils.data import Dataset
 from torchvision.models.vision_transformer import VisionTransformer
 
 from kdfast.checkpoint import read_torch_file
-from kdfast.errors import CheckpointError, UsageError
+from kdfast.data import ImageDataset, check_decodes
+from kdfast.errors import CheckpointError, UsageError, shown
 
 Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]  # a batch -> (loss, parts to log)
+# Image files decoded per split before a run writes: all of a split this size or smaller (decoding one small
+# JPEG takes well under a millisecond, an ImageNet photo a few), a seeded random sample of a larger one.
+DECODED_IMAGES = 2048
+# What --set may change on --resume (a trailing ".*": every key below it); docs/reliability.md, "Resume".
+# The epochs continue a stage; the learning rate and runtime.grad_clip / runtime.amp are what a diverged run
+# is told to change; the rest says how the run runs, not what it trains.
+RESUME_SETTINGS = (
+    "teacher.train.epochs",
+    "student.train.epochs",
+    "teacher.train.optimizer.lr",
+    "student.train.optimizer.lr",
+    "runtime.*",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "seeds",
+    "out",
+)
 STATE_KEYS = (
     "stage",
     "epoch",
@@ -65,6 +86,91 @@ def check_data(
         raise UsageError(
             f"{len(train_ds)} training images do not fill one batch on each of {world_size} processes: "
             "lower data.batch_size"
+        )
+
+
+def check_split(
+    train_labels: Sequence[int],
+    val_labels: Sequence[int],
+    classes: Sequence[str],
+    max_train_samples: int | None,
+) -> list[str]:
+    """Every class of the validation split must have training images: a class the model never trains on is
+    only ever wrong (three classes of one image each split 2 / 1: top-1 0%, top-5 100%). A UsageError when
+    the data itself leaves a class out; a warning (returned) when ``data.max_train_samples`` may be why."""
+    missing = sorted(set(val_labels) - set(train_labels))
+    if not missing:
+        return []
+    names = ", ".join(shown(classes[i]) for i in missing[:5]) + (
+        f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    )
+    what = (
+        f"{len(missing)} of the {len(set(val_labels))} classes of the validation split have no training "
+        f"image ({names}): the model cannot learn them and every validation image of them counts as an error"
+    )
+    if max_train_samples is not None:
+        return [f"{what}; data.max_train_samples={max_train_samples} may leave them out"]
+    raise UsageError(
+        f"{what}: add images of them (a split needs at least 2 per class, one for each side) or lower "
+        "data.val_fraction"
+    )
+
+
+def check_images(train_ds: ImageDataset, val_ds: ImageDataset, seed: int) -> int:
+    """Decode every image file of both splits (a seeded sample of :data:`DECODED_IMAGES` of a larger one):
+    a truncated or broken file is named now, before the run folder exists, not when an epoch reaches it.
+    Returns how many files were decoded."""
+    return sum(check_decodes(ds, DECODED_IMAGES, seed) for ds in (train_ds, val_ds))
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a stage of a run being resumed has trained: its ``epochs``, whether it ``finished`` (its
+    checkpoint exists) and whether it is ``resumable`` (its state file exists, so it can train further)."""
+
+    epochs: int
+    finished: bool
+    resumable: bool
+
+
+def _settable_on_resume(key: str) -> bool:
+    return any(key == s or s.endswith(".*") and key.startswith(s[:-1]) for s in RESUME_SETTINGS)
+
+
+def check_resume_changes(
+    changed: Sequence[str], trained: Mapping[str, Trained], epochs: Mapping[str, int], folder: Path
+) -> None:
+    """The resume rules (docs/reliability.md, "Resume"): ``changed`` (``key=value``, what ``--set`` changes in
+    ``folder/config.yaml``) may hold only :data:`RESUME_SETTINGS`; ``epochs`` (per stage, as the config now
+    asks) may continue a stage of ``trained`` or stop it early, never shorten what it trained, and never train
+    the teacher further once the distillation began (its student learned from the shorter-trained teacher).
+    UsageError otherwise, so that config.yaml keeps describing what was trained."""
+    for change in changed:
+        if not _settable_on_resume(change.split("=", 1)[0]):
+            raise UsageError(
+                f"--resume {folder}: --set {shown(change, bare=True)} would change what this run trained; "
+                "on --resume only the epochs, the learning rate, runtime.* and data.num_workers / "
+                "data.eval_batch_size may change: start a new run with --out for this one"
+            )
+    for stage, done in trained.items():
+        role = "teacher" if stage == "teacher" else "student"
+        if epochs[stage] < done.epochs:
+            raise UsageError(
+                f"--resume {folder}: the {stage} stage has trained {done.epochs} epochs, more than "
+                f"{role}.train.epochs={epochs[stage]}: keep it at {done.epochs} or more, or start a new run "
+                "with --out"
+            )
+        if epochs[stage] > done.epochs and not done.resumable:
+            raise UsageError(
+                f"--resume {folder}: continuing the {stage} stage to {role}.train.epochs={epochs[stage]} "
+                f"needs state_{stage}.pt, which is gone: start a new run with --out"
+            )
+    teacher = trained.get("teacher")
+    if teacher is not None and epochs["teacher"] > teacher.epochs and "distill" in trained:
+        raise UsageError(
+            f"--resume {folder}: teacher.train.epochs={epochs['teacher']} would train the teacher further "
+            f"after the student was distilled from its {teacher.epochs}-epoch self: start a new run"
+            f" with --out (teacher.weights={folder / 'teacher.pt'} starts from this teacher)"
         )
 
 

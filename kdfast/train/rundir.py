@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from kdfast.atomic import check_length, deepest_existing
 from kdfast.errors import UsageError
 
 RUN_FILES = (
@@ -51,11 +52,10 @@ def _numbered(folder: Path, n: int) -> Path:
 def check_writable(folder: Path, flag: str) -> None:
     """UsageError unless ``folder`` is a folder, or can be created, that this process may write into;
     ``flag`` names where the folder came from (``--out``, ``--resume``). Nothing is created."""
-    if folder.exists() and not folder.is_dir():
+    check_length(folder, flag)
+    existing = deepest_existing(folder)
+    if existing == folder.absolute() and not folder.is_dir():
         raise UsageError(f"{flag} {folder} is a file, not a folder: choose another output folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder: choose another output folder")
     if not os.access(existing, os.W_OK | os.X_OK):

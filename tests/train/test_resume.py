@@ -5,6 +5,7 @@ rows and the same student weights, bit for bit. A metrics line cut short by a ki
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from support.runs import TINY, set_args, train
 
 from kdfast.results import TIMING_KEYS
@@ -121,3 +123,44 @@ def test_ctrl_c_mid_epoch_exits_130_says_how_to_resume_and_resumes(
     )
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(b, uninterrupted)
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_continues_and_config_yaml_records_what_changed_and_when(
+    tmp_path: Path,
+) -> None:
+    """``--resume --set student.train.epochs=3`` on a finished 1-epoch run trains the two student stages on
+    to 3 epochs (with the learning rate it also sets), and config.yaml and student.pt's config say so: the
+    new values and, under ``resumed``, that they took effect after epoch 1 of every stage. The steps after
+    the resume follow the schedule of the new length from the step reached: SGDR's cosine (warm-up 1 epoch,
+    2 steps an epoch), computed here in float64."""
+    out = tmp_path / "run"
+    first = train(out, [*TINY, "runtime.log_every=1", "runtime.threads=1"])
+    assert first.returncode == 0, first.stderr
+    teacher_written = (out / "teacher.pt").stat().st_mtime_ns
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "kdfast.train", "--resume", str(out)]
+        + set_args(["student.train.epochs=3", "student.train.optimizer.lr=0.002"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after epoch 1/3" in resumed.stdout
+    assert (out / "teacher.pt").stat().st_mtime_ns == teacher_written
+    student = torch.load(out / "student.pt", weights_only=True)
+    assert student["metrics"]["epochs"] == 3
+    history = [{"after": {"teacher": 1, "baseline": 1, "distill": 1}}]
+    history[0]["changed"] = ["student.train.epochs=3", "student.train.optimizer.lr=0.002"]
+    for config in (yaml.safe_load((out / "config.yaml").read_text()), student["config"]):
+        assert config["student"]["train"]["epochs"] == 3
+        assert config["student"]["train"]["optimizer"]["lr"] == 0.002
+        assert config["resumed"] == history
+    rows = [r for r in _rows(out) if (r["stage"], r["scope"]) == ("distill", "step")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows[2:]:
+        expected = 0.002 * 0.5 * (1.0 + math.cos(math.pi * (row["step"] - 2) / 4))
+        assert row["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), row
+    assert len([r for r in _rows(out) if r["split"] == "val" and r["stage"] == "baseline"]) == 3
