@@ -44,6 +44,7 @@ from kdfast.checkpoint import (
     load_checkpoint,
     load_split,
     preprocessing,
+    rebuilding_data,
 )
 from kdfast.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_UNAVAILABLE, UsageError
 
@@ -235,7 +236,7 @@ def _data(args: argparse.Namespace, ckpt: dict) -> _Data:
         source = f"{ckpt['data'].get('name')} val split from the checkpoint"
     int8 = bool(set(SCHEMES) & set(args.precision))
     test = args.verify_data is None and has_test_split(ckpt["data"])
-    try:
+    with rebuilding_data("pass --verify-data DIR or, as a last resort, --random-inputs"):
         if test:
             images, labels = load_split(ckpt, "test", args.verify_samples)
             control, control_labels = (
@@ -245,13 +246,6 @@ def _data(args: argparse.Namespace, ckpt: dict) -> _Data:
             held_out = args.control_samples if int8 else 0
             val, val_labels = load_split(ckpt, "val", args.verify_samples + held_out)
         calibration, _ = load_split(ckpt, "train", args.calib_samples)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a data set that cannot be rebuilt, whatever the reason
-        raise UsageError(
-            f"cannot rebuild the checkpoint's data ({type(e).__name__}: {e}); "
-            "pass --verify-data DIR or, as a last resort, --random-inputs"
-        ) from None
     verified = images if test else val
     if list(verified.shape[1:]) != list(shape):
         raise UsageError(f"verification images are {tuple(verified.shape[1:])}, the student expects {shape}")

@@ -24,6 +24,7 @@ from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError
 from kdfast.methods.registry import method, methods
 from kdfast.schema import at_most, build, closest, convert, positive
+from kdfast.spec import TapConfig
 
 # The bundled configs ship inside the package (the checkout's top-level ``configs`` links here), so an
 # installed kdfast finds them from any folder.
@@ -144,19 +145,6 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class TapConfig:
-    """A named intermediate output: ``path`` is a module path (``model.get_submodule(path)``).
-
-    ``feature`` records the module's output (a CNN map); ``attention`` records Q, K, V per head from the
-    module's qkv projection (a ``qkv`` Linear, or an ``nn.MultiheadAttention``) without forming Q K^T.
-    """
-
-    path: str = ""
-    kind: Literal["feature", "attention"] = "feature"
-    heads: int | None = None
 
 
 @dataclass
