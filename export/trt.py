@@ -34,6 +34,7 @@ from export.machine import PeakMemory, busy_warning, load_average, machine_info,
 from export.onnx_export import DEFAULT_OPSET, OPSETS, export_onnx, read_metadata
 from export.outdir import OutputFolder
 from export.precision import to_fp16
+from export.qad import compare as compare_ptq_qad
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import CALIBRATION_METHODS, SCHEMES, Int8Quantizer
 from export.report import add_speedups, precision_label, table, write_reports
@@ -686,8 +687,8 @@ def export_student(args: argparse.Namespace) -> int:
             "rows": run.rows,
             "files": onnx_files,
             "int8": int8_report,
-            # A student from `kdfast.train --qad` carries its comparison with post-training quantization.
-            "qad": ckpt["metrics"].get("qad"),
+            # A student from `kdfast.train --qad`: post-training INT8 of its source against its own INT8.
+            "qad": _qad_comparison(run, ckpt),
             "unavailable": reasons,
             "notes": [
                 f"verification data: {data.source}, {len(data.images)} images"
@@ -714,6 +715,18 @@ def export_student(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return code
+
+
+def _qad_comparison(run: _Export, ckpt: dict) -> dict | None:
+    """For a QAD student, :func:`export.qad.compare` at this export's calibration size, or why it could not
+    be measured (its source student gone or changed); None for any other student."""
+    if run.qad is None:
+        return None
+    run.say("QAD student: post-training INT8 of its source against its own INT8 (ONNX Runtime)")
+    try:
+        return compare_ptq_qad(ckpt, run.args.calib_samples)
+    except UsageError as exc:
+        return {"unmeasured": str(exc)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ loading one never runs code. Everything a user can get wrong on the reading side
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import pickle
@@ -256,6 +257,16 @@ def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tupl
         indices = sorted(np.random.default_rng(0).choice(len(dataset), size=limit, replace=False).tolist())
     images, labels = zip(*dataset.__getitems__(list(indices)), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, read in 1 MiB blocks: what tells a checkpoint from a later one
+    written at the same path (a QAD student records its source's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -295,6 +295,42 @@ class RuntimeConfig:
 
 
 @dataclass
+class QadConfig:
+    """``qad``: quantization-aware distillation of a trained student (``python -m kdfast.train --qad
+    STUDENT``, :func:`kdfast.train.loop.qad_command`), the QAD stage of the training loop: the student with
+    :class:`kdfast.quant.FakeQuant` inserted, taught by ``teacher`` (its fp32 self, or a teacher.pt) through
+    ``loss.kd`` at ``temperature`` plus ``ce_weight`` times the CE, AdamW at ``lr`` with cosine decay to 0.
+    ``calibration_images``: the training images the activation ranges are calibrated on at the start of
+    every epoch (``python -m export.trt``'s ``--calib-samples`` default, so the same images); ``augment``: the
+    training augmentation recorded in the student's data record."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    teacher: str = "student"
+    calibration_images: int = 128
+    augment: bool = True
+    num_workers: int = 0
+    seed: int = 0
+
+
+def read_qad(raw: Any, where: str = "qad") -> QadConfig:
+    """The ``qad`` section typed by the schema (:func:`kdfast.schema.build`) and checked; each fault one
+    ConfigError line naming ``where``."""
+    cfg = build(QadConfig, raw, where)
+    for name in ("epochs", "batch_size", "calibration_images", "lr", "temperature"):
+        positive(getattr(cfg, name), f"{where}.{name}")
+    at_most(cfg.epochs, MAX_EPOCHS, f"{where}.epochs", "the run would not end")
+    at_most(cfg.num_workers, MAX_WORKERS, f"{where}.num_workers", "each worker holds a copy of the data")
+    if cfg.seed >= SEED_LIMIT:
+        raise ConfigError(f"config key '{where}.seed' must be < 2**32, got {cfg.seed}")
+    return cfg
+
+
+@dataclass
 class Config:
     """A run; with ``seeds`` set, the whole run once per seed, in ``out/seed<N>/`` (``seed`` is unused)."""
 
