@@ -309,3 +309,23 @@ def test_qad_resume_of_a_broken_folder_is_one_line_and_exit_2(settings, says, tm
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], done.stderr
+
+
+def test_qad_objective_is_hintons_kd_plus_the_weighted_ce():
+    """The QAD stage's loss, by hand in float64: T^2 KL(softmax(z_t / T) || softmax(z_s / T)), batch mean,
+    plus ce_weight times the cross-entropy with the labels."""
+    from kdfast.config import QadConfig
+    from kdfast.train.loop import qad_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 10, generator=gen) * 3, torch.randn(6, 10, generator=gen) * 3
+    labels = torch.tensor([0, 3, 9, 2, 2, 7])
+    loss, parts = qad_loss(QadConfig(temperature=2.0, ce_weight=0.5))(student, teacher, labels, {}, {})
+    t, s, y = teacher.double().numpy() / 2, student.double().numpy() / 2, labels.numpy()
+    p_t = np.exp(t) / np.exp(t).sum(1, keepdims=True)
+    log_p_s = s - np.log(np.exp(s).sum(1, keepdims=True))
+    kl = (p_t * (np.log(p_t) - log_p_s)).sum(1).mean() * 4
+    z = student.double().numpy()
+    ce = -(z[np.arange(6), y] - np.log(np.exp(z).sum(1))).mean()
+    assert float(loss) == pytest.approx(kl + 0.5 * ce, rel=1e-5)
+    assert float(parts["kd"]) == pytest.approx(kl, rel=1e-5) and float(parts["ce"]) == pytest.approx(0.5 * ce)
