@@ -5,33 +5,18 @@ student)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.runs import run_module
 from support.students import qad_source, write_student
 
 from export.onnx_export import export_onnx
 from export.ort_backend import make_session
 from export.quantize import quantize_file
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint, load_split
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +25,7 @@ def qad_student(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("qad-export")
     source = qad_source(folder / "student.pt")
     out = folder / "qad"
-    done = _python(
+    done = run_module(
         "kdfast.train", "--qad", str(source), "--out", str(out), "--set", "qad.epochs=1",
         "--set", "qad.batch_size=32", "--set", "qad.lr=5e-5", cwd=folder,
     )  # fmt: skip
@@ -51,7 +36,7 @@ def qad_student(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_ptq_against_qad_is_measured_on_the_int8_files(qad_student, tmp_path):
     source_path, student = qad_student
-    done = _python("export.qad", "--model", str(student), "--out", str(tmp_path), cwd=tmp_path)
+    done = run_module("export.qad", "--model", str(student), "--out", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("ptq_vs_qad.json", "ptq_vs_qad.md", "ptq_vs_qad.png"):
         assert (tmp_path / name).is_file(), name
@@ -91,7 +76,7 @@ def test_ptq_against_qad_is_measured_on_the_int8_files(qad_student, tmp_path):
     # layer INT8 and repeats the comparison in its report. The file's integer kernels and the fake
     # quantization round differently (up to 0.11 apart in the logits here), so a borderline image of the 48
     # can flip: CI on another x86 CPU measured 47/48 against the default gate 0.99, this machine 48/48.
-    exported = _python(
+    exported = run_module(
         "export.trt", "--model", str(student), "--backends", "ort", "--baselines", "eager",
         "--precision", "fp32", "int8", "--iters", "3", "--min-time-s", "0", "--int8-min-agreement", "0.95",
         cwd=tmp_path,
@@ -113,7 +98,7 @@ def test_a_source_that_changed_since_qad_is_one_line_and_exit_2(qad_student, tmp
     qad = {**ckpt["metrics"]["qad"], "source": str(moved)}
     torch.save({**ckpt, "metrics": {**ckpt["metrics"], "qad": qad}}, tmp_path / "qad.pt")
     moved.write_bytes(source_path.read_bytes() + b"\0")  # the same path, other bytes
-    done = _python("export.qad", "--model", str(tmp_path / "qad.pt"), cwd=tmp_path)
+    done = run_module("export.qad", "--model", str(tmp_path / "qad.pt"), cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is gone or has changed since QAD" in lines[0], done.stderr
@@ -122,7 +107,7 @@ def test_a_source_that_changed_since_qad_is_one_line_and_exit_2(qad_student, tmp
 
 def test_a_student_that_is_not_a_qad_student_is_one_line_and_exit_2(tmp_path):
     path, _ = write_student(tmp_path / "student.pt")
-    done = _python("export.qad", "--model", str(path), cwd=tmp_path)
+    done = run_module("export.qad", "--model", str(path), cwd=tmp_path)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a QAD student (no metrics.qad)" in lines[0], done.stderr

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 import torch
 import yaml
 from onnxruntime.quantization.quant_utils import quantize_data
+from support.runs import run_module
 from support.students import qad_source, train_on_digits
 from torch import nn
 
@@ -197,14 +196,7 @@ def test_bake_leaves_each_weight_on_its_grid(trained_student):
 
 
 def _qad(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kdfast.train", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return run_module("kdfast.train", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
