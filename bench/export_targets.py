@@ -115,8 +115,8 @@ def _stability(name: str, reports: list[dict]) -> list[str]:
 
 def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
     """Each student through ``python -m kdfast.train --qad`` (default settings) and its QAD student through
-    ``python -m export.trt``: post-training INT8 against QAD, both measured by the QAD run on the whole
-    validation split, and how the QAD student's INT8 files verify."""
+    ``python -m export.trt``: post-training INT8 against QAD, both measured by the export (:mod:`export.qad`)
+    on the whole validation split, and how the QAD student's INT8 files verify."""
     from kdfast.train import main as train_main
 
     header = [
@@ -139,9 +139,10 @@ def _qad_rows(students: dict[str, Path], args: argparse.Namespace) -> list[str]:
             for r in report["rows"]
             if r["precision"] == "int8" and r["variant"] is None and r.get("parity")
         }
-        ptq, qad = summary["ptq_int8"], summary["qad_int8"]
+        comparison = report["qad"]  # export.qad's, in the report of a QAD student
+        ptq, qad = comparison["ptq_int8"], comparison["qad_int8"]
         lines.append(
-            f"| {name} | {summary['source_fp32_top1']:.2f} | {ptq['top1']:.2f} ({ptq['drop']:+.2f}, "
+            f"| {name} | {comparison['source_fp32_top1']:.2f} | {ptq['top1']:.2f} ({ptq['drop']:+.2f}, "
             f"{ptq['agreement_with_source']:.2f}) | {qad['top1']:.2f} ({qad['drop']:+.2f}, "
             f"{qad['agreement_with_source']:.2f}) | {summary['seconds']:.0f} | "
             f"{agreement.get('onnxruntime', '-')} | {agreement.get('openvino', '-')} | "

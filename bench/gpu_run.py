@@ -10,7 +10,8 @@ starts gets its whole cap (the last one whatever is left). A step that fails or 
 and the run goes on with the next:
 
 1. environment: GPU, driver, torch, triton, CUDA, python, date -> ``env.json``
-2. one epoch of ``python -m kdfast.train --qad`` on the export's student (eager; ONNX Runtime) -> ``qad/``
+2. one epoch of ``python -m kdfast.train --qad`` on the export's student (eager), then
+   ``python -m export.qad`` (ONNX Runtime) -> ``qad/``
 3. ``python -m export.trt`` of a student (edge_cnn, built untrained and saved as kdfast.train would) on CUDA,
    eager baseline only (no torch.compile) -> ``export/`` (exit 3, no TensorRT here, counts as done)
 4. the headline kernel benchmarks (``bench/shapes.py``) -> ``kernels.jsonl``
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -399,7 +401,8 @@ def export(run: Run, name: str) -> Step:
 
 def qad(run: Run, name: str) -> Step:
     """``python -m kdfast.train --qad`` for one epoch on the export step's student: the fake quantization
-    and its straight-through backward on CUDA, then PTQ and QAD INT8 measured with ONNX Runtime (the
+    and its straight-through backward on CUDA, then PTQ and QAD INT8 measured with ONNX Runtime by
+    ``python -m export.qad`` (the
     student is untrained: the figures say nothing about QAD, the step checks that it runs)."""
     student = run.out / "export" / "student.pt"
     if not student.exists():
@@ -409,15 +412,18 @@ def qad(run: Run, name: str) -> Step:
             step = Step(name, status="skipped: scikit-learn's digits are not installed (QAD trains on data)")
             run.steps.append(step)
             return step
-    argv = [run.python, "-m", "kdfast.train", "--qad", str(student), "--out", str(run.out / "qad")]
-    argv += ["--set", "qad.epochs=1", "--set", "qad.calibration_images=32", "--set", "qad.batch_size=32"]
+    train = [run.python, "-m", "kdfast.train", "--qad", str(student), "--out", str(run.out / "qad")]
+    train += ["--set", "qad.epochs=1", "--set", "qad.calibration_images=32", "--set", "qad.batch_size=32"]
+    measure = [run.python, "-m", "export.qad", "--model", str(run.out / "qad" / "student.pt")]
+    # one after the other in one step: the export measures the student the QAD run wrote
+    argv = ["sh", "-c", f"{shlex.join(train)} && {shlex.join(measure)}"]
     step = run.run_step(name, [(argv, "qad.log", None)])
-    summary = run.out / "qad" / "qad.json"
-    if summary.exists():
-        data = json.loads(summary.read_text())
+    summary, comparison = run.out / "qad" / "qad.json", run.out / "qad" / "ptq_vs_qad.json"
+    if summary.exists() and comparison.exists():
+        data, drops = json.loads(summary.read_text()), json.loads(comparison.read_text())
         step.detail = (
-            f"PTQ drop {data['ptq_int8']['drop']:+.2f}, QAD drop {data['qad_int8']['drop']:+.2f} points "
-            f"(untrained student), {data['seconds']:.0f} s"
+            f"PTQ drop {drops['ptq_int8']['drop']:+.2f}, QAD drop {drops['qad_int8']['drop']:+.2f} points "
+            f"(untrained student), QAD {data['seconds']:.0f} s"
         )
     return step
 

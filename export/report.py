@@ -366,18 +366,21 @@ def _int8_section(int8: dict) -> list[str]:
     return lines
 
 
-def _qad_section(qad: dict) -> list[str]:
-    """What ``kdfast.train --qad`` measured when it made this student: post-training INT8 of the student it
-    started from against INT8 of this one, both as ``student.int8.onnx`` is written but without accuracy
+def _qad_section(summary: dict) -> list[str]:
+    """A QAD student's comparison (:func:`export.qad.compare`): post-training INT8 of the student it was
+    distilled from against INT8 of this one, both as ``student.int8.onnx`` is written but without accuracy
     control."""
-    from kdfast.train.qad import qad_table
+    from export import qad  # ONNX Runtime's quantizer loads only for a QAD student's report
 
+    if "unmeasured" in summary:
+        return [f"This student was fine-tuned by quantization-aware distillation; {summary['unmeasured']}."]
     return [
-        f"This student was fine-tuned by quantization-aware distillation from `{qad['source']}`; its weights "
-        "lie on their int8 grid. Measured by that run on "
-        f"{qad['validation_images']} validation images (MinMax, no layer kept float, ONNX Runtime):",
+        f"This student was fine-tuned by quantization-aware distillation from `{summary['source']}`; its "
+        f"weights lie on their int8 grid. Both INT8 files calibrated on {summary['calibration_images']} "
+        f"training images (MinMax, no layer kept float), run with ONNX Runtime on "
+        f"{summary['validation_images']} validation images. {qad.verdict(summary)}",
         "",
-        qad_table(qad),
+        qad.qad_table(summary),
     ]
 
 

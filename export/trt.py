@@ -38,6 +38,7 @@ from export.machine import PeakMemory, busy_warning, load_average, machine_info
 from export.onnx_export import OPSETS, export_onnx, read_metadata
 from export.outdir import LOG, PREVIOUS, REPORT, OutputFolder, native_output
 from export.precision import to_fp16
+from export.qad import compare as compare_ptq_qad
 from export.qdq_rules import check_tensorrt_qdq
 from export.quantize import CALIBRATION_METHODS, SCHEMES, Int8Quantizer
 from export.report import add_speedups, precision_label, table, write_reports
@@ -49,6 +50,7 @@ from kdfast.checkpoint import (
     load_checkpoint,
     load_split,
     preprocessing,
+    rebuilding_data,
 )
 from kdfast.errors import (
     EXIT_BAD_INPUT,
@@ -286,7 +288,7 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
         source = f"{ckpt['data'].get('name')} val split from the checkpoint"
     int8 = bool(set(SCHEMES) & set(cfg.precision))
     test = data.verify_data is None and has_test_split(ckpt["data"])
-    try:
+    with rebuilding_data("pass --verify-data DIR or, as a last resort, --random-inputs"):
         if test:
             images, labels = load_split(ckpt, "test", data.verify_samples)
             control, control_labels = (
@@ -296,13 +298,6 @@ def _data(cfg: ExportConfig, ckpt: dict) -> _Data:
             held_out = data.control_samples if int8 else 0
             val, val_labels = load_split(ckpt, "val", data.verify_samples + held_out)
         calibration, _ = load_split(ckpt, "train", data.calib_samples)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a data set that cannot be rebuilt, whatever the reason
-        raise UsageError(
-            f"cannot rebuild the checkpoint's data ({type(e).__name__}: {e}); "
-            "pass --verify-data DIR or, as a last resort, --random-inputs"
-        ) from None
     verified = images if test else val
     if list(verified.shape[1:]) != list(shape):
         raise UsageError(f"verification images are {tuple(verified.shape[1:])}, the student expects {shape}")
@@ -852,8 +847,8 @@ def _run(run: _Export, ckpt: dict, load_start: float | None) -> dict:
         "rows": run.rows,
         "files": onnx_files,
         "int8": int8_report,
-        # A student from `kdfast.train --qad` carries its comparison with post-training quantization.
-        "qad": ckpt["metrics"].get("qad"),
+        # A student from `kdfast.train --qad`: post-training INT8 of its source against its own INT8.
+        "qad": _qad_comparison(run, ckpt),
         "unavailable": reasons,
         "notes": notes,
         "protocol": {
@@ -872,6 +867,18 @@ def _run(run: _Export, ckpt: dict, load_start: float | None) -> dict:
 
 def _say(message: str) -> None:
     print(f"export.trt: {one_line(message)}", file=sys.stderr)
+
+
+def _qad_comparison(run: _Export, ckpt: dict) -> dict | None:
+    """For a QAD student, :func:`export.qad.compare` at this export's calibration size, or why it could not
+    be measured (its source student gone or changed); None for any other student."""
+    if run.qad is None:
+        return None
+    run.say("QAD student: post-training INT8 of its source against its own INT8 (ONNX Runtime)")
+    try:
+        return compare_ptq_qad(ckpt, run.cfg.data.calib_samples)
+    except UsageError as exc:
+        return {"unmeasured": str(exc)}
 
 
 def main(argv: list[str] | None = None) -> int:

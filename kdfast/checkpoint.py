@@ -7,13 +7,15 @@ loading one never runs code. Everything a user can get wrong on the reading side
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.metadata
 import os
 import pickle
 import platform
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from kdfast.atomic import atomic_write
-from kdfast.errors import CheckpointError
+from kdfast.errors import CheckpointError, UsageError
 
 STUDENT_FORMAT = "kdfast.student/1"
 TEACHER_FORMAT = "kdfast.teacher/1"
@@ -255,6 +257,31 @@ def load_split(ckpt: dict, split: str = "val", limit: int | None = None) -> tupl
         indices = sorted(np.random.default_rng(0).choice(len(dataset), size=limit, replace=False).tolist())
     images, labels = zip(*dataset.__getitems__(list(indices)), strict=True)
     return torch.stack(images).float(), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, read in 1 MiB blocks: what tells a checkpoint from a later one
+    written at the same path (a QAD student records its source's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def rebuilding_data(fix: str) -> Iterator[None]:
+    """Around the reading of a checkpoint's data (:func:`load_split`,
+    :func:`kdfast.data.dataset_from_record`): a data set that cannot be rebuilt, whatever the reason (a folder
+    moved, a file torn, a package missing), becomes one CheckpointError line that ends with ``fix``, what the
+    reader can do instead; a UsageError (a problem already said in one line) passes unchanged."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a data set that cannot be rebuilt, whatever the reason
+        detail = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"cannot rebuild the checkpoint's data ({detail}); {fix}") from None
 
 
 def preprocessing(ckpt: dict) -> dict:

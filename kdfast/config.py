@@ -24,6 +24,7 @@ from kdfast.atomic import atomic_write
 from kdfast.errors import ConfigError, shown
 from kdfast.methods.registry import method, methods
 from kdfast.schema import at_most, build, closest, convert, positive, read_yaml, set_override
+from kdfast.spec import TapConfig
 
 # The bundled configs ship inside the package (the checkout's top-level ``configs`` links here), so an
 # installed kdfast finds them from any folder.
@@ -144,19 +145,6 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class TapConfig:
-    """A named intermediate output: ``path`` is a module path (``model.get_submodule(path)``).
-
-    ``feature`` records the module's output (a CNN map); ``attention`` records Q, K, V per head from the
-    module's qkv projection (a ``qkv`` Linear, or an ``nn.MultiheadAttention``) without forming Q K^T.
-    """
-
-    path: str = ""
-    kind: Literal["feature", "attention"] = "feature"
-    heads: int | None = None
 
 
 @dataclass
@@ -314,6 +302,42 @@ class ResumeRecord:
 
     after: dict[str, int] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QadConfig:
+    """``qad``: quantization-aware distillation of a trained student (``python -m kdfast.train --qad
+    STUDENT``, :func:`kdfast.train.loop.qad_command`), the QAD stage of the training loop: the student with
+    :class:`kdfast.quant.FakeQuant` inserted, taught by ``teacher`` (its fp32 self, or a teacher.pt) through
+    ``loss.kd`` at ``temperature`` plus ``ce_weight`` times the CE, AdamW at ``lr`` with cosine decay to 0.
+    ``calibration_images``: the training images the activation ranges are calibrated on at the start of
+    every epoch (``python -m export.trt``'s ``--calib-samples`` default, so the same images); ``augment``: the
+    training augmentation recorded in the student's data record."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    teacher: str = "student"
+    calibration_images: int = 128
+    augment: bool = True
+    num_workers: int = 0
+    seed: int = 0
+
+
+def read_qad(raw: Any, where: str = "qad") -> QadConfig:
+    """The ``qad`` section typed by the schema (:func:`kdfast.schema.build`) and checked; each fault one
+    ConfigError line naming ``where``."""
+    cfg = build(QadConfig, raw, where)
+    for name in ("epochs", "batch_size", "calibration_images", "lr", "temperature"):
+        positive(getattr(cfg, name), f"{where}.{name}")
+    at_most(cfg.epochs, MAX_EPOCHS, f"{where}.epochs", "the run would not end")
+    at_most(cfg.num_workers, MAX_WORKERS, f"{where}.num_workers", "each worker holds a copy of the data")
+    if cfg.seed >= SEED_LIMIT:
+        raise ConfigError(f"config key '{where}.seed' must be < 2**32, got {cfg.seed}")
+    return cfg
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Fake quantization of a student at exactly the Q/DQ placement of its TensorRT INT8 file, for
-quantization-aware distillation (:mod:`kdfast.train.qad`).
+quantization-aware distillation (the QAD stage, :func:`kdfast.train.loop.qad_stage`).
 
 ``python -m export.trt`` writes ``student.int8.onnx`` through ONNX Runtime's static quantizer in the layout
 :data:`export.quantize.TENSORRT`: Q/DQ on the inputs of the weighted ops (Conv, ConvTranspose, Gemm, MatMul

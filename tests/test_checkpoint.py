@@ -17,9 +17,10 @@ from kdfast.checkpoint import (
     build_from_checkpoint,
     load_checkpoint,
     load_split,
+    rebuilding_data,
 )
 from kdfast.data import dataset_from_record
-from kdfast.errors import CheckpointError
+from kdfast.errors import CheckpointError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +132,18 @@ def test_load_split_matches_the_dataset(student):
     assert [items[i][1] for i in found] == labels.tolist()
     everything, _ = load_split(ckpt, "val")
     assert len(everything) == len(dataset)
+
+
+def test_data_that_cannot_be_rebuilt_is_one_line_ending_with_the_fix(student):
+    """Both readers of a checkpoint's data (the export, QAD) say a broken record the same way."""
+    ckpt = load_checkpoint(student[0])
+    broken = {**ckpt, "data": {**ckpt["data"], "image_size": None}}
+    with pytest.raises(CheckpointError) as caught, rebuilding_data("pass --verify-data DIR"):
+        load_split(broken, "val")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("cannot rebuild the checkpoint's data (TypeError: ")
+    assert message.endswith("; pass --verify-data DIR")
+    # a problem already said in one line passes as it is, not wrapped a second time
+    with pytest.raises(UsageError, match="^the train split") as caught, rebuilding_data("unused"):
+        raise UsageError("the train split is empty")
+    assert type(caught.value) is UsageError

@@ -88,7 +88,8 @@ def test_wrong_type_names_the_key_and_expected_type(override, message):
 
 
 def test_bad_literal_lists_the_choices():
-    with pytest.raises(ConfigError, match="'data.name' must be one of 'digits' \\| 'imagefolder'"):
+    names = " \\| ".join(f"'{n}'" for n in ("digits", "fashion_mnist", "imagefolder", "cifar10", "cifar100"))
+    with pytest.raises(ConfigError, match=f"'data.name' must be one of {names}, got 'mnist'"):
         load_config(None, ["data.name=mnist"])
     with pytest.raises(ConfigError, match="'teacher.taps.vgg.kind' must be one of 'feature' \\| 'attention'"):
         load_config(None, ["teacher.taps.vgg.kind=attn"])

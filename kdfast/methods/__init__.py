@@ -3,6 +3,5 @@ its config schema, its validation and its :class:`~kdfast.methods.base.Distillat
 to :mod:`kdfast.methods.registry` as ``METHOD``. The config loader and the training loop find methods there,
 so adding a method is adding its file (and its test and config).
 
-This package module imports nothing: ``kdfast.config`` reads the registry, and the method files import
-``kdfast.config``.
+This package module imports nothing.
 """

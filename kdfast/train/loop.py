@@ -45,12 +45,14 @@ from kdfast.config import (
     ArchSpec,
     Config,
     ModelConfig,
+    QadConfig,
     ResumeRecord,
     ScheduleConfig,
     StageConfig,
     config_from_dict,
     config_text,
     load_config,
+    read_loss,
 )
 from kdfast.data import batch_mix, build_datasets, dataset_from_record
 from kdfast.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
@@ -68,6 +70,7 @@ from kdfast.methods.compose import CompositeLoss
 from kdfast.methods.registry import method
 from kdfast.models import build_model
 from kdfast.plots import plot_training_curves
+from kdfast.quant import FakeQuant, freeze_batchnorm
 from kdfast.results import run_results, seeds_results, stage_metrics, write_results
 from kdfast.taps import Taps
 from kdfast.teacher_cache import CachePlan, TeacherCache
@@ -546,6 +549,7 @@ def train_stage(
     run: Run,
     extra: DistillationLoss | None = None,
     cache: TeacherCache | None = None,
+    prepare_epoch: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``stage_cfg.epochs`` epochs on ``step_fn(images, targets, *teacher) -> (loss,
     parts)``.
@@ -554,9 +558,10 @@ def train_stage(
     is the distillation loss module: its trainable parameters are optimized and saved alongside, and its
     ``start_epoch`` and ``after_step`` hooks run at the start of every epoch and after every optimizer
     step. With the teacher-output ``cache`` the batches are its views and ``step_fn`` is given the teacher's
-    outputs of them. Every epoch ends with validation, a metrics row and an atomic state file
-    ``state_<stage>.pt``; a run started with ``--resume`` continues from it. Returns the final validation
-    metrics.
+    outputs of them. ``prepare_epoch()`` runs once the model is in training mode at the start of every epoch
+    (the QAD stage recalibrates its activation ranges there). Every epoch ends with validation, a metrics row
+    and an atomic state file ``state_<stage>.pt``; a run started with ``--resume`` continues from it. Returns
+    the final validation metrics.
 
     No step waits for the device: the loss's finiteness is checked on the device, and the loss and its parts
     are read back only every ``runtime.log_every`` steps and at the end of the epoch (the progress bar shows
@@ -608,6 +613,8 @@ def train_stage(
         model.train()
         extra.train()
         extra.start_epoch(epoch, stage_cfg.epochs)
+        if prepare_epoch is not None:
+            prepare_epoch()
         generator.manual_seed(cfg.seed * 100_003 + epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
@@ -814,13 +821,14 @@ def _diverged(value: float, stage: str, step: int, steps_per_epoch: int, state_p
     epoch = step // steps_per_epoch
     role = "teacher" if stage == "teacher" else "student"
     lr = getattr(run.cfg, role).train.optimizer.lr
+    lr_key = "qad.lr" if stage == "qad" else f"{role}.train.optimizer.lr"
     clip = run.cfg.runtime.grad_clip
     kept = (
         f"the last good state {state_path} is kept"
         if state_path.exists()
         else "this stage had not finished an epoch, so it restarts"
     )
-    advice = [f"lower {role}.train.optimizer.lr (now {lr:g})"]
+    advice = [f"lower {lr_key} (now {lr:g})"]
     advice.append("set runtime.grad_clip=1.0" if clip is None else f"lower runtime.grad_clip (now {clip:g})")
     if run.rt.amp_dtype is not None:
         advice.append("set runtime.amp=fp32")
@@ -1096,21 +1104,28 @@ def _claim_folder(
     return out
 
 
-def _claim(
+def claim_run(
     run: Run,
     overwrite: bool,
     writer: type | None,
     parent: Callable[[bool], Path] | None,
-    changed: list[str],
-    trained: dict[str, preflight.Trained],
+    changed: list[str] | None = None,
+    trained: dict[str, preflight.Trained] | None = None,
+    claim: Callable[[Path], Path] | None = None,
 ) -> None:
-    """Claim the run's output folder on rank 0 (:func:`_claim_folder`; inside ``parent(is_main)`` for a seed
-    of a run over seeds), share it with every rank and open the metrics log."""
+    """Claim the run's output folder on rank 0 (:func:`_claim_folder`, with the ``--resume`` changes
+    ``changed`` and the epochs ``trained`` had finished; or ``claim(requested)`` for a run that records its
+    settings otherwise: QAD's ``qad.yaml``; inside ``parent(is_main)`` for a seed of a run over seeds), share
+    it with every rank and open the metrics log."""
     rt = run.rt
     out = run.out if parent is None else parent(rt.dist.is_main) / run.out.name
     if rt.dist.is_main:
-        after = {stage: done.epochs for stage, done in trained.items()}
-        out = _claim_folder(out, run.cfg, run.resume, overwrite, functools.partial(say, run), changed, after)
+        if claim is not None:
+            out = claim(out)
+        else:
+            after = {stage: done.epochs for stage, done in (trained or {}).items()}
+            say_ = functools.partial(say, run)
+            out = _claim_folder(out, run.cfg, run.resume, overwrite, say_, changed or [], after)
     if rt.dist.enabled:
         shared = [str(out)]
         torch_dist.broadcast_object_list(shared, src=0)
@@ -1187,7 +1202,7 @@ def run_training(
     )
     for warning in warnings:
         say(run, f"warning: {warning}")
-    _claim(run, overwrite, writer, parent, changed, trained)
+    claim_run(run, overwrite, writer, parent, changed, trained)
     try:
         rows = _train_stages(run, teacher, student, teacher_taps, student_taps, loss_fn)
         results = run_results(rows, data=cfg.data.name, methods=cfg.loss.method)
@@ -1331,6 +1346,43 @@ def _train_stages(
         **metrics,
     }
     return results
+
+
+def qad_loss(qad: QadConfig) -> CompositeLoss:
+    """QAD's objective, a run objective like any other (through the registry): ``loss.kd`` at
+    ``qad.temperature``, tau^2 KL(p_T^tau || p_S^tau) (Hinton et al. 2015, eq. 1 of
+    :func:`kdfast.methods.kd.kd_loss`), plus ``qad.ce_weight`` times the CE with the labels."""
+    return CompositeLoss(
+        read_loss({"method": "kd", "ce": qad.ce_weight, "kd": {"temperature": qad.temperature}})
+    )
+
+
+def qad_stage(
+    run: Run, student: nn.Module, teacher: nn.Module, qad: QadConfig, calibration: Tensor
+) -> dict[str, float]:
+    """The QAD stage: ``student`` transformed by :class:`kdfast.quant.FakeQuant` (weights and activations on
+    their int8 grids, exactly where its TensorRT INT8 file quantizes them, straight-through gradients) and
+    trained by :func:`train_stage` with :func:`distill_step` against the frozen fp32 ``teacher``
+    (:func:`qad_loss`). At the start of every epoch the activation ranges are recalibrated on
+    ``calibration`` (MinMax through the float model, as ONNX Runtime's calibrator) and BatchNorm is frozen,
+    so the export folds the statistics the fake quantization saw. On return the fake quantization is taken
+    off and the weights are left on their per-channel int8 grid (so the INT8 file holds exactly these
+    weights). Returns the last epoch's fake-INT8 validation metrics."""
+    fq = FakeQuant(student)
+    batches = [calibration[i : i + 8].to(run.rt.device) for i in range(0, len(calibration), 8)]
+
+    def prepare_epoch() -> None:
+        fq.calibrate(batches)
+        freeze_batchnorm(student)
+
+    loss_fn = qad_loss(qad).to(run.rt.device)
+    step = distill_step(_ddp(Taps(student, {}), run), Taps(teacher, {}), loss_fn, run.rt.compile)
+    try:
+        return train_stage(
+            "qad", student, step, run.cfg.student.train, run, extra=loss_fn, prepare_epoch=prepare_epoch
+        )
+    finally:
+        fq.remove(bake=True)
 
 
 def _teacher_cache(run: Run, teacher: nn.Module, teacher_taps: Taps) -> TeacherCache | None:

@@ -1,127 +1,108 @@
-"""``python -m kdfast.train --qad STUDENT.pt``: quantization-aware distillation of a trained student.
+"""``python -m kdfast.train --qad STUDENT.pt``: quantization-aware distillation of a trained student, the QAD
+stage of the training loop (:func:`kdfast.train.loop.qad_stage`) run on its own from a checkpoint.
 
-The student is fine-tuned with its weights and activations fake-quantized exactly where and how its
-TensorRT INT8 file will quantize them (:mod:`kdfast.quant`), taught by the fp32 student it started from
-(``qad.teacher: student``, the default) or by a teacher checkpoint (``qad.teacher: PATH``): the loss is
-``T^2 KL(softmax(z_t / T) || softmax(z_s / T))`` plus ``qad.ce_weight`` times the cross-entropy with the
-labels. Activation ranges are recalibrated (MinMax, on the images ``python -m export.trt`` calibrates on by
-default) at the start of every epoch; BatchNorm statistics stay frozen, so the export folds the same ones.
-
-The result, ``DIR/student.pt``, holds weights already on their per-channel int8 grid (so its INT8 file
-holds exactly these weights and only the activations are quantized on export). Before and after, the
-command quantizes the source student and the QAD student the way ``python -m export.trt`` writes
-``student.int8.onnx`` (MinMax, no layer kept float) and measures both on the validation split with ONNX
-Runtime: ``qad.md``/``qad.json``/``qad.png`` show post-training quantization against QAD, and the export
-report of the QAD student repeats the comparison.
-
-Every epoch ends with ``state_qad.pt``; ``--resume DIR`` continues a QAD run from it.
+This module holds what is particular to running that stage from a ``student.pt``: the ``qad`` settings
+(:class:`kdfast.config.QadConfig`, ``--set qad.KEY=VALUE``, and ``runtime.KEY=VALUE`` as in any run), the
+models and data the checkpoint gives, the folder and its settings file ``qad.yaml`` (what ``--resume DIR``
+continues from), and what the run writes: ``DIR/student.pt`` with weights on their per-channel int8 grid and
+``metrics.qad``, ``qad.json`` / ``qad.md`` / ``qad.png`` (the source in fp32, fake-INT8 accuracy per epoch,
+the QAD student in fp32). The training itself, with its state per epoch (``state_qad.pt``), resume, DDP,
+AMP and compilation, is the one loop's. Post-training INT8 against QAD on the INT8 file the export writes is
+measured by the export (:mod:`export.qad`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from kdfast.atomic import atomic_path, atomic_write
 from kdfast.checkpoint import (
     STUDENT_FORMAT,
     TEACHER_FORMAT,
     build_from_checkpoint,
+    file_sha256,
     load_checkpoint,
     load_split,
-    read_torch_file,
+    rebuilding_data,
     save_checkpoint,
 )
-from kdfast.config import set_override
-from kdfast.errors import TrainingDiverged, TrainingInterrupted, UsageError
-from kdfast.quant import FakeQuant, freeze_batchnorm, uncovered_weighted_ops
-from kdfast.schema import build, positive
+from kdfast.config import (
+    ArchSpec,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    QadConfig,
+    RuntimeConfig,
+    StageConfig,
+    read_qad,
+    set_override,
+)
+from kdfast.data import DataInfo, dataset_from_record
+from kdfast.distributed import shutdown_distributed
+from kdfast.errors import TrainingInterrupted, UsageError
+from kdfast.quant import uncovered_weighted_ops
+from kdfast.schema import build
 from kdfast.train import QAD_SETTINGS as SETTINGS_FILE
-from kdfast.train import rundir
+from kdfast.train import loop, preflight, rundir
 
-STATE_FILE = "state_qad.pt"
-
-
-@dataclass
-class QadConfig:
-    """``--set qad.<key>=<value>``: the QAD fine-tuning."""
-
-    epochs: int = 3
-    lr: float = 1e-4  # AdamW, cosine decay to 0 over the run
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    teacher: str = "student"  # the fp32 source student, or the path of a teacher.pt
-    calibration_images: int = 128  # export.trt's --calib-samples default: the same images
-    augment: bool = True  # the training augmentation recorded in the student's data record
-    num_workers: int = 0
-    seed: int = 0
-
-    def check(self, where: str = "qad") -> None:
-        """What the types cannot say (the schema already refuses negative and non-finite numbers)."""
-        for name in ("epochs", "batch_size", "calibration_images", "lr", "temperature"):
-            positive(getattr(self, name), f"{where}.{name}")
+# The QAD run's runtime unless --set runtime.* says otherwise: float32 (the fake quantization reproduces
+# float32 arithmetic on int8 grids; bf16 would move values across rounding boundaries), no gradient clipping
+# (fine-tuning at a small lr, as before the stage joined the loop).
+QAD_RUNTIME = {"amp": "fp32", "grad_clip": None}
 
 
-def read_settings(raw: Any, where: str = "qad") -> QadConfig:
-    """The QAD settings from a mapping (``--set qad.*`` or a run's ``qad.yaml``), typed and checked by the
-    run schema's machinery; each fault one ConfigError line."""
-    cfg = build(QadConfig, raw, where)
-    cfg.check(where)
-    return cfg
-
-
-def parse_settings(pairs: list[str]) -> QadConfig:
-    """``qad.KEY=VALUE`` pairs (values read as YAML, as every ``--set``) over the defaults; anything else is
-    one UsageError."""
+def parse_settings(pairs: list[str], compile: str | None = None) -> tuple[QadConfig, RuntimeConfig]:
+    """``qad.KEY=VALUE`` and ``runtime.KEY=VALUE`` pairs (values read as YAML, as every ``--set``) over the
+    defaults, and ``--compile``; anything else is one UsageError."""
     raw: dict[str, Any] = {}
     for pair in pairs:
-        if not pair.partition("=")[0].strip().startswith("qad."):
+        if not pair.partition("=")[0].strip().startswith(("qad.", "runtime.")):
             keys = ", ".join(f.name for f in fields(QadConfig))
-            raise UsageError(f"--set {pair}: with --qad only qad.<key>=<value> applies, keys: {keys}")
+            raise UsageError(
+                f"--set {pair}: with --qad only qad.<key>=<value> applies (and runtime.<key>=<value>), "
+                f"qad keys: {keys}"
+            )
         set_override(raw, pair)
-    return read_settings(raw.get("qad"))
+    if compile is not None:
+        set_override(raw, f"runtime.compile={ {'auto': 'auto', 'on': 'true', 'off': 'false'}[compile] }")
+    runtime = build(RuntimeConfig, {**QAD_RUNTIME, **raw.get("runtime", {})}, "runtime")
+    return read_qad(raw.get("qad")), runtime
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _read_resume(folder: Path) -> tuple[Path, QadConfig, RuntimeConfig]:
+    """(student, settings, runtime) of the QAD run in ``folder``, each fault one UsageError line."""
+    try:
+        saved = yaml.safe_load((folder / SETTINGS_FILE).read_text())
+        student, digest, raw = Path(saved["student"]), saved["student_sha256"], saved["qad"]
+        raw_runtime = saved.get("runtime", QAD_RUNTIME)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"--resume {folder}: {SETTINGS_FILE} is not the settings file a QAD run writes "
+            f"({type(exc).__name__}: {detail}); start a new run with --qad STUDENT"
+        ) from None
+    cfg = read_qad(raw, f"{folder / SETTINGS_FILE}: qad")
+    runtime = build(RuntimeConfig, raw_runtime, f"{folder / SETTINGS_FILE}: runtime")
+    if not student.is_file() or file_sha256(student) != digest:
+        raise UsageError(
+            f"--resume {folder}: the student it started from, {student}, is gone or has changed since; "
+            "start a new run with --qad STUDENT"
+        )
+    return student, cfg, runtime
 
 
-@dataclass
-class _Inputs:
-    ckpt: dict
-    source: nn.Module
-    teacher: nn.Module
-    train: Any
-    val: torch.Tensor
-    val_labels: torch.Tensor
-    calibration: torch.Tensor
-
-
-def _load_inputs(student: Path, cfg: QadConfig) -> _Inputs:
-    """Everything QAD reads, each failure one UsageError line, before any folder is touched."""
-    from kdfast.data import dataset_from_record
-
+def _models(student: Path, cfg: QadConfig) -> tuple[dict, nn.Module, nn.Module]:
+    """(checkpoint, the student to fine-tune, its frozen fp32 teacher), each failure one UsageError line."""
     if not student.is_file():
         raise UsageError(f"--qad {student}: no such file; pass the student.pt that kdfast.train wrote")
     ckpt = load_checkpoint(student)
@@ -141,246 +122,118 @@ def _load_inputs(student: Path, cfg: QadConfig) -> _Inputs:
         if teacher_ckpt["classes"] != ckpt["classes"]:
             raise UsageError(f"qad.teacher {cfg.teacher} has other classes than the student")
         teacher = build_from_checkpoint(teacher_ckpt)
-    try:
-        train = dataset_from_record(ckpt["data"], "train", augment=cfg.augment)
-        val, val_labels = load_split(ckpt, "val")
-        calibration, _ = load_split(ckpt, "train", cfg.calibration_images)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a data set that cannot be rebuilt, whatever the reason
-        raise UsageError(
-            f"--qad {student}: cannot rebuild the student's data ({type(e).__name__}: {e}); QAD trains on it"
-        ) from None
-    if len(train) < 2:
-        raise UsageError(f"--qad {student}: the training split has {len(train)} image; QAD needs 2 or more")
-    return _Inputs(ckpt, source, teacher.eval().requires_grad_(False), train, val, val_labels, calibration)
+    return ckpt, source, teacher.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """``model``'s float32 logits on CPU for ``images``, computed on the model's device in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat(
-        [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+def _run_config(ckpt: dict, cfg: QadConfig, runtime: RuntimeConfig, out: Path) -> Config:
+    """The QAD run as a run config: the student's architecture, the stage's optimizer (AdamW at ``qad.lr``,
+    cosine decay to 0 over the run), batch size, workers and seed from ``qad``, the given runtime."""
+    stage = StageConfig(
+        epochs=cfg.epochs, optimizer=OptimizerConfig(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     )
-
-
-def _int8_logits(model: nn.Module, ckpt: dict, calibration: torch.Tensor, images: torch.Tensor) -> np.ndarray:
-    """``model`` exported and quantized as ``python -m export.trt`` writes ``student.int8.onnx`` (MinMax on
-    ``calibration``, no layer kept float), run with ONNX Runtime on ``images``."""
-    from export.backends import batched
-    from export.onnx_export import export_onnx
-    from export.ort_backend import make_session, runner
-    from export.quantize import quantize_file
-
-    model = copy.deepcopy(model).cpu().eval()
-    with tempfile.TemporaryDirectory(prefix="kdfast-qad-") as work:
-        fp32 = export_onnx(
-            model,
-            calibration[:2],
-            Path(work) / "fp32.onnx",
-            max_batch=8,
-            metadata={"arch": ckpt["arch"]},
-        )
-        int8 = quantize_file(fp32, Path(work) / "int8.onnx", calibration.numpy())
-        session = make_session(int8, threads=torch.get_num_threads())
-        return batched(runner(session), images.numpy(), 8)
-
-
-def _quality(logits: np.ndarray | torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict:
-    predicted = np.asarray(logits).argmax(1)
-    return {
-        "top1": 100.0 * float(np.mean(predicted == labels.numpy())),
-        "agreement_with_source": 100.0 * float(np.mean(predicted == reference.argmax(1).numpy())),
-    }
-
-
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, cfg: QadConfig):
-    t = cfg.temperature
-    kd = F.kl_div(
-        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True
+    return Config(
+        seed=cfg.seed,
+        out=str(out),
+        data=DataConfig(batch_size=cfg.batch_size, num_workers=cfg.num_workers),
+        student=ModelConfig(arch=ArchSpec(**ckpt["arch"]), train=stage),
+        baseline=False,
+        runtime=runtime,
     )
-    loss = kd * t * t
-    if cfg.ce_weight:
-        loss = loss + cfg.ce_weight * F.cross_entropy(student, labels)
-    return loss
-
-
-def _plan_folder(args: argparse.Namespace, student: Path) -> Path:
-    requested = Path(args.out) if args.out else student.parent / "qad"
-    rundir.check_writable(requested, "--out")
-    return requested
-
-
-def _read_resume(folder: Path) -> tuple[Path, QadConfig, dict | None]:
-    """(student, settings, state after the last finished epoch or None) of the QAD run in ``folder``, each
-    fault one UsageError line."""
-    try:
-        saved = yaml.safe_load((folder / SETTINGS_FILE).read_text())
-        student, digest, raw = Path(saved["student"]), saved["student_sha256"], saved["qad"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(
-            f"--resume {folder}: {SETTINGS_FILE} is not the settings file a QAD run writes "
-            f"({type(exc).__name__}: {detail}); start a new run with --qad STUDENT"
-        ) from None
-    cfg = read_settings(raw, f"{folder / SETTINGS_FILE}: qad")
-    if not student.is_file() or _sha256(student) != digest:
-        raise UsageError(
-            f"--resume {folder}: the student it started from, {student}, is gone or has changed since; "
-            "start a new run with --qad STUDENT"
-        )
-    state_path = folder / STATE_FILE
-    if not state_path.exists():
-        return student, cfg, None
-    state = read_torch_file(state_path, "QAD state")
-    if not (isinstance(state, dict) and {"model", "optimizer", "history", "ptq"} <= set(state)):
-        raise UsageError(f"--resume {folder}: {state_path} is not a QAD state; delete it to start over")
-    return student, cfg, state
 
 
 def qad_command(args: argparse.Namespace) -> dict:
     """A QAD run (``--qad STUDENT``) or its continuation (``--resume DIR`` on a folder holding one)."""
-    if args.resume is not None:
-        folder = Path(args.resume)
-        if args.set:
-            raise UsageError("--resume of a QAD run takes its settings from qad.yaml: drop --set")
-        student, cfg, state = _read_resume(folder)
-    else:
-        if args.config is not None or args.seeds is not None or args.compile is not None:
-            raise UsageError(
-                "--qad takes its model and data from the student: drop --config / --seeds / --compile"
-            )
-        student, cfg, state = Path(args.qad), parse_settings(args.set), None
-    inputs = _load_inputs(student, cfg)
-    if args.resume is None:
-        requested = _plan_folder(args, student)
-        planned = rundir.plan(requested, args.overwrite)
-        folder = rundir.claim(planned, requested, args.overwrite)
+    try:
+        if args.resume is not None:
+            if args.set:
+                raise UsageError("--resume of a QAD run takes its settings from qad.yaml: drop --set")
+            folder = Path(args.resume)
+            student, cfg, runtime = _read_resume(folder)
+            return run_qad(student, cfg, runtime, folder, resume=True)
+        if args.config is not None or args.seeds is not None:
+            raise UsageError("--qad takes its model and data from the student: drop --config / --seeds")
+        student = Path(args.qad)
+        cfg, runtime = parse_settings(args.set, args.compile)
+        requested = Path(args.out) if args.out else student.parent / "qad"
+        return run_qad(student, cfg, runtime, requested, resume=False, overwrite=args.overwrite)
+    finally:
+        shutdown_distributed()
+
+
+def run_qad(
+    student: Path, cfg: QadConfig, runtime: RuntimeConfig, out: Path, resume: bool, overwrite: bool = False
+) -> dict:
+    """Read and check everything, claim ``out`` (a fresh numbered folder beside an earlier run, unless
+    ``resume``), run the QAD stage and write the outputs; returns the summary (``qad.json``)."""
+    started = time.perf_counter()
+    rundir.check_writable(out, "--resume" if resume else "--out")
+    ckpt, model, teacher = _models(student, cfg)
+    run_cfg = _run_config(ckpt, cfg, runtime, out)
+    rt = loop.resolve_runtime(run_cfg)
+    try:
+        with rebuilding_data("QAD trains on it"):
+            train_ds = dataset_from_record(ckpt["data"], "train", augment=cfg.augment)
+            val_ds = dataset_from_record(ckpt["data"], "val")
+            calibration, _ = load_split(ckpt, "train", cfg.calibration_images)
+    except UsageError as e:
+        raise UsageError(f"--qad {student}: {e}") from None
+    if len(train_ds) < 2:
+        raise UsageError(
+            f"--qad {student}: the training split has {len(train_ds)} image; QAD needs 2 or more"
+        )
+    size = ckpt["input"]["size"][-1]
+    info = DataInfo(ckpt["classes"], size, ckpt["input"]["mean"], ckpt["input"]["std"], ckpt["data"])
+    run = loop.Run(run_cfg, out, rt, train_ds, val_ds, info, resume, stages=["qad"])
+
+    def claim(requested: Path) -> Path:
+        if resume:
+            print(f"kdfast.train: resuming the QAD run in {requested}", flush=True)
+            return requested
+        folder = rundir.claim(rundir.plan(requested, overwrite), requested, overwrite)
         if folder != requested:
             print(
                 f"kdfast.train: {requested} holds an earlier run; this QAD run writes to {folder}", flush=True
             )
-        atomic_write(
-            folder / SETTINGS_FILE,
-            yaml.safe_dump({"student": str(student), "student_sha256": _sha256(student), "qad": asdict(cfg)}),
-        )
-    return _run(folder, student, cfg, inputs, state)
-
-
-def _run(folder: Path, student: Path, cfg: QadConfig, inputs: _Inputs, state: dict | None) -> dict:
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inputs.source.to(device)
-    inputs.teacher.to(device)
-    reference = _logits(inputs.source, inputs.val)
-    if state is None:
-        print(
-            f"QAD: post-training INT8 of the source student ({len(inputs.val)} validation images)", flush=True
-        )
-        ptq = _quality(
-            _int8_logits(inputs.source, inputs.ckpt, inputs.calibration, inputs.val),
-            inputs.val_labels,
-            reference,
-        )
-        history: list[dict] = []
-    else:
-        ptq, history = state["ptq"], state["history"]
-    model = copy.deepcopy(inputs.source)
-    fq = FakeQuant(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        inputs.train,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(inputs.train) > cfg.batch_size,
-        num_workers=cfg.num_workers,
-        generator=generator,
-    )
-    total = cfg.epochs * len(loader)
-    calibration = [inputs.calibration[i : i + 8].to(device) for i in range(0, len(inputs.calibration), 8)]
-    metrics_path = folder / "metrics.jsonl"
-    for epoch in range(len(history), cfg.epochs):
-        generator.manual_seed(cfg.seed + epoch)  # the same order on --resume
-        fq.calibrate(calibration)
-        model.train()
-        freeze_batchnorm(model)
-        losses = []
-        bar = tqdm(loader, desc=f"QAD epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        try:
-            for step, (x, y) in enumerate(bar):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                t = (epoch * len(loader) + step) / total
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-                with torch.no_grad():
-                    target = inputs.teacher(x)
-                loss = _distill_loss(model(x), target, y, cfg)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"QAD loss is {loss.item()} at epoch {epoch + 1}; lower qad.lr (state of the last "
-                        f"finished epoch kept in {folder})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(
-                f"QAD interrupted in epoch {epoch + 1}; continue with --resume {folder}"
-            ) from None
-        fake = _quality(_logits(model, inputs.val), inputs.val_labels, reference)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            **{f"fake_int8_{k}": v for k, v in fake.items()},
+        settings = {
+            "student": str(student.resolve()),
+            "student_sha256": file_sha256(student),
+            "qad": asdict(cfg),
+            "runtime": asdict(runtime),
         }
-        history.append(row)
-        print(
-            f"QAD epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, fake-INT8 top-1 "
-            f"{fake['top1']:.2f}%, agreement with the source {fake['agreement_with_source']:.2f}%",
-            flush=True,
-        )
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "history": history,
-            "ptq": ptq,
-        }
-        atomic_write(folder / STATE_FILE, lambda f, state=state: torch.save(state, f))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"stage": "qad", **row}) + "\n")
-    fq.remove(bake=True)
-    model.eval()
-    fp32 = _quality(_logits(model, inputs.val), inputs.val_labels, reference)
-    print("QAD: INT8 of the QAD student", flush=True)
-    qad_int8_logits = _int8_logits(model, inputs.ckpt, inputs.calibration, inputs.val)
-    qad = _quality(qad_int8_logits, inputs.val_labels, reference)
-    qad["agreement_with_own_fp32"] = 100.0 * float(
-        np.mean(qad_int8_logits.argmax(1) == _logits(model, inputs.val).argmax(1).numpy())
+        atomic_write(folder / SETTINGS_FILE, yaml.safe_dump(settings))
+        return folder
+
+    loop.claim_run(run, overwrite, None, None, claim=claim)
+    model, teacher = model.to(rt.device), teacher.to(rt.device)
+    source_top1 = loop.validate_model(model, run)["top1"]
+    loop.say(
+        run, f"QAD of {student}: {cfg.epochs} epoch(s) on {len(train_ds)} images, taught by {cfg.teacher}"
     )
-    source_top1 = _quality(reference, inputs.val_labels, reference)["top1"]
+    try:
+        fake = loop.qad_stage(run, model, teacher, cfg, calibration)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"QAD interrupted at {run.position}; every finished epoch is kept: "
+            f"continue with --resume {run.out}"
+        ) from None
+    finally:
+        run.log.close()
+    qad_fp32 = loop.validate_model(model, run)
+    if not rt.dist.is_main:
+        return {}
     summary = {
-        "source": str(student),
-        "validation_images": len(inputs.val),
+        "source": str(student.resolve()),
+        "source_sha256": file_sha256(student),
+        "validation_images": len(val_ds),
         "source_fp32_top1": source_top1,
-        "ptq_int8": {**ptq, "drop": source_top1 - ptq["top1"]},
-        "qad_fp32": fp32,
-        "qad_int8": {**qad, "drop": source_top1 - qad["top1"]},
-        "epochs": history,
+        "fake_int8": {"top1": fake["top1"], "top5": fake["top5"]},
+        "qad_fp32": {"top1": qad_fp32["top1"], "top5": qad_fp32["top5"]},
+        "epochs": _epochs(run.out / "metrics.jsonl"),
         "settings": asdict(cfg),
         "seconds": time.perf_counter() - started,
     }
-    ckpt = inputs.ckpt
     save_checkpoint(
-        folder / "student.pt",
+        run.out / "student.pt",
         model,
         arch=ckpt["arch"],
         input=ckpt["input"],
@@ -388,65 +241,67 @@ def _run(folder: Path, student: Path, cfg: QadConfig, inputs: _Inputs, state: di
         data=ckpt["data"],
         metrics={
             **{k: v for k, v in ckpt["metrics"].items() if k != "qad"},
-            "top1": fp32["top1"],
+            "top1": summary["qad_fp32"]["top1"],
             "qad": {k: v for k, v in summary.items() if k != "epochs"},
         },
-        config={**ckpt["config"], "qad": asdict(cfg), "qad_source": str(student)},
+        config={**ckpt["config"], "qad": asdict(cfg), "qad_source": summary["source"]},
     )
-    _write_report(folder, summary)
-    print(qad_table(summary))
+    _write_report(run.out, summary)
+    print(training_table(summary))
     print(
-        f"QAD student: {folder / 'student.pt'} "
-        f"(export it: python -m export.trt --model {folder / 'student.pt'})"
+        f"QAD student: {run.out / 'student.pt'} (post-training INT8 against QAD on the INT8 file: "
+        f"python -m export.qad --model {run.out / 'student.pt'}; export it: "
+        f"python -m export.trt --model {run.out / 'student.pt'})"
     )
     return summary
 
 
-def qad_table(summary: dict) -> str:
-    """The comparison as a Markdown table: the source in fp32, post-training INT8, QAD in fp32 and INT8."""
-    ptq, qad = summary["ptq_int8"], summary["qad_int8"]
+def _epochs(metrics: Path) -> list[dict[str, Any]]:
+    """Per QAD epoch, from the loop's ``metrics.jsonl``: the train loss and the fake-INT8 validation top-1."""
+    rows = [r for r in preflight.read_metrics(metrics) if r["stage"] == "qad" and r["scope"] == "epoch"]
+    train = {r["epoch"]: r["loss"] for r in rows if r["split"] == "train"}
+    return [
+        {"epoch": r["epoch"], "train_loss": train[r["epoch"]], "fake_int8_top1": r["top1"]}
+        for r in rows
+        if r["split"] == "val"
+    ]
+
+
+def training_table(summary: dict) -> str:
+    """What the QAD run measured in PyTorch on the validation split, as a Markdown table: the source in fp32,
+    the fake-quantized student after the last epoch, the QAD student in fp32 (int8 weights, float
+    activations)."""
     rows = [
-        ("source student, fp32", summary["source_fp32_top1"], "-", 100.0),
-        ("post-training INT8 (PTQ)", ptq["top1"], f"{ptq['drop']:+.2f}", ptq["agreement_with_source"]),
-        (
-            "QAD student, fp32 (int8 weights)",
-            summary["qad_fp32"]["top1"],
-            "-",
-            summary["qad_fp32"]["agreement_with_source"],
-        ),
-        ("QAD student, INT8", qad["top1"], f"{qad['drop']:+.2f}", qad["agreement_with_source"]),
+        ("source student, fp32", summary["source_fp32_top1"]),
+        ("QAD student, fake INT8 (PyTorch)", summary["fake_int8"]["top1"]),
+        ("QAD student, fp32 (int8 weights)", summary["qad_fp32"]["top1"]),
     ]
     lines = [
-        "| model | top-1 % | drop vs source fp32 (points) | top-1 agreement with source fp32 % |",
-        "| --- | ---: | ---: | ---: |",
-        *[f"| {name} | {top1:.2f} | {drop} | {agree:.2f} |" for name, top1, drop, agree in rows],
+        "| model | top-1 % | drop vs source fp32 (points) |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {top1:.2f} | {summary['source_fp32_top1'] - top1:+.2f} |" for name, top1 in rows],
     ]
     return "\n".join(lines)
 
 
 def _write_report(folder: Path, summary: dict) -> None:
     atomic_write(folder / "qad.json", json.dumps(summary, indent=2))
-    better = summary["qad_int8"]["drop"] < summary["ptq_int8"]["drop"]
-    verdict = "smaller than" if better else "not smaller than"
     md = [
         f"# QAD: {summary['source']}",
         "",
-        f"INT8 as `python -m export.trt` writes `student.int8.onnx` (MinMax calibration on "
-        f"{summary['settings']['calibration_images']} training images, no layer kept float), run with ONNX "
-        f"Runtime on {summary['validation_images']} validation images. QAD's accuracy drop is **{verdict}** "
-        "post-training quantization's.",
+        f"Measured in PyTorch on {summary['validation_images']} validation images; the fake quantization "
+        "is the TensorRT INT8 layout, its activation ranges calibrated on "
+        f"{summary['settings']['calibration_images']} training images (MinMax). Post-training INT8 against "
+        "QAD, both on the INT8 file the export writes and run with ONNX Runtime: "
+        "`python -m export.qad --model student.pt` (also in the export report).",
         "",
-        qad_table(summary),
+        training_table(summary),
         "",
-        "| epoch | train loss | fake-INT8 top-1 % | fake-INT8 agreement with source % |",
-        "| ---: | ---: | ---: | ---: |",
-        *[
-            f"| {e['epoch']} | {e['train_loss']:.4f} | {e['fake_int8_top1']:.2f} | "
-            f"{e['fake_int8_agreement_with_source']:.2f} |"
-            for e in summary["epochs"]
-        ],
+        "| epoch | train loss | fake-INT8 top-1 % |",
+        "| ---: | ---: | ---: |",
+        *[f"| {e['epoch']} | {e['train_loss']:.4f} | {e['fake_int8_top1']:.2f} |" for e in summary["epochs"]],
         "",
-        "![QAD against post-training quantization](qad.png)",
+        "![fake-INT8 accuracy during QAD](qad.png)",
         "",
     ]
     atomic_write(folder / "qad.md", "\n".join(md))
@@ -459,39 +314,17 @@ def _plot(path: Path, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["source fp32", "PTQ INT8", "QAD fp32", "QAD INT8"]
-    values = [
-        summary["source_fp32_top1"],
-        summary["ptq_int8"]["top1"],
-        summary["qad_fp32"]["top1"],
-        summary["qad_int8"]["top1"],
-    ]
-    bars = left.bar(names, values, color=["#777777", "#d95f02", "#7570b3", "#1b9e77"])
-    left.bar_label(bars, fmt="%.2f")
-    low = min(values)
-    left.set_ylim(max(0.0, low - max(2.0, 0.2 * (100 - low))), 100.5)
-    left.set_ylabel("validation top-1 (%)")
-    left.set_title("accuracy: source, post-training INT8, QAD")
+    fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [e["epoch"] for e in summary["epochs"]]
-    right.plot(epochs, [e["fake_int8_top1"] for e in summary["epochs"]], "o-", label="fake-INT8 top-1 %")
-    right.plot(
-        epochs,
-        [e["fake_int8_agreement_with_source"] for e in summary["epochs"]],
-        "s--",
-        label="agreement with source %",
-    )
-    right.axhline(summary["ptq_int8"]["top1"], color="#d95f02", lw=1, label="PTQ INT8 top-1 %")
-    right.set_xticks(epochs)
-    right.set_xlabel("QAD epoch")
-    right.set_title("during QAD (PyTorch fake quantization)")
-    right.legend(loc="lower right", fontsize=8)
+    ax.plot(epochs, [e["fake_int8_top1"] for e in summary["epochs"]], "o-", label="fake-INT8 top-1 %")
+    ax.axhline(summary["source_fp32_top1"], color="#777777", lw=1, label="source fp32 top-1 %")
+    ax.axhline(summary["qad_fp32"]["top1"], color="#7570b3", lw=1, ls="--", label="QAD fp32 top-1 %")
+    ax.set_xticks(epochs)
+    ax.set_xlabel("QAD epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("during QAD (PyTorch fake quantization)")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-
-
-def is_qad_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a QAD run (what ``--resume`` continues with :func:`qad_command`)."""
-    return (folder / SETTINGS_FILE).is_file()
