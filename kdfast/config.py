@@ -307,7 +307,7 @@ class ResumeRecord:
 @dataclass
 class QadConfig:
     """``qad``: quantization-aware distillation of a trained student (``python -m kdfast.train --qad
-    STUDENT``, :func:`kdfast.train.loop.qad_command`), the QAD stage of the training loop: the student with
+    STUDENT``, :func:`kdfast.train.qad.qad_command`), the QAD stage of the training loop: the student with
     :class:`kdfast.quant.FakeQuant` inserted, taught by ``teacher`` (its fp32 self, or a teacher.pt) through
     ``loss.kd`` at ``temperature`` plus ``ce_weight`` times the CE, AdamW at ``lr`` with cosine decay to 0.
     ``calibration_images``: the training images the activation ranges are calibrated on at the start of

@@ -80,7 +80,7 @@ from kdfast.train.preflight import Step
 STAGES = ("teacher", "baseline", "distill")
 # runtime.channels_last: auto on a CPU: the families whose CE training step ran >= 1.1x faster in
 # channels_last on the development CPU (median of alternating rounds, bench/test_train_step.py::
-# test_channels_last_cpu; the figure in docs/_drafts/performance.md): depthwise-separable convolutions
+# test_channels_last_cpu; the figure in docs/benchmarks.md, "Performance"): depthwise-separable convolutions
 # (edge_cnn, MobileNetV2, EfficientNet) and the CIFAR wide ResNets. The others stay NCHW: within the noise, or
 # slower (torchvision's ResNet-18).
 CPU_CHANNELS_LAST = frozenset(
