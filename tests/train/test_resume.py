@@ -52,7 +52,15 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _stop_at(command: list[str], out: Path, target: tuple, sig: int) -> subprocess.CompletedProcess:
     """Start ``command`` and send ``sig`` as soon as ``out/metrics.jsonl`` holds the row at ``target``."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C handler: the
+    # run gets the disposition a terminal gives it.
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 600
     while proc.poll() is None and target not in {_position(r) for r in _rows(out)}:
         assert time.monotonic() < deadline, "the run never reached the kill point"
