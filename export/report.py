@@ -163,8 +163,8 @@ def _answer(report: dict) -> list[str]:
         "is faster in three rounds of four). `x fp32`: how many times "
         "faster than the fp32 file on the same runtime, median [inter-quartile range] of the per-round "
         "ratios (every row of a batch size is timed in the same interleaved rounds). Accuracy drop: against "
-        f"PyTorch, on {report.get('images', 'the')} held-out verification images (neither trained, calibrated "
-        "nor controlled on).",
+        f"PyTorch, on {report.get('images', 'the')} held-out verification images (neither trained, "
+        "calibrated nor controlled on).",
         "",
         *_markdown(header, lines),
         "",
