@@ -275,7 +275,11 @@ def run_all(work: Plan, say: Any) -> dict[str, float]:
                 run_training(cfg, resume=resume[name])
             else:
                 run_seeds(cfg, resume=resume[name])
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
+            took = time.perf_counter() - started
+            # read again before adding: another invocation on other methods of the same folder may
+            # have written its runs' seconds meanwhile
+            spent = {**spent, **(json.loads(path.read_text()) if path.is_file() else {})}
+            spent[name] = spent.get(name, 0.0) + took
             atomic_write(path, json.dumps(spent, indent=2) + "\n")
             bar.update(count)
     return spent

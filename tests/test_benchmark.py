@@ -73,6 +73,25 @@ def test_a_folder_of_another_experiment_is_refused(tmp_path: Path) -> None:
         check_folder(tmp_path / "stray", cfg)
 
 
+def test_seconds_another_invocation_wrote_meanwhile_are_kept(tmp_path: Path, monkeypatch) -> None:
+    """Two invocations on different methods of one folder each add their runs' seconds to the same file."""
+    import kdfast.train.loop as loop
+    from kdfast.benchmark import SECONDS, Plan, run_all
+
+    cfg = load_config("benchmarks/fashion_mnist/rkd", ["teacher.weights=null"])
+    cfg.out, cfg.seeds = str(tmp_path / "rkd"), [0]
+    (tmp_path / SECONDS).write_text(json.dumps({"kd": 100.0}))
+
+    def other_invocation_finishes(cfg, resume):  # while rkd trains, another command finishes crd
+        (tmp_path / SECONDS).write_text(json.dumps({"kd": 100.0, "crd": 42.0}))
+
+    monkeypatch.setattr(loop, "run_seeds", other_invocation_finishes)
+    spent = run_all(Plan({}, {"rkd": cfg}, SUITE, tmp_path), print)
+    written = json.loads((tmp_path / SECONDS).read_text())
+    assert written == spent and written["kd"] == 100.0 and written["crd"] == 42.0
+    assert 0.0 <= written["rkd"] < 60.0
+
+
 # The real files, a slice small enough for CI: 300 training images, one epoch per stage, one seed.
 SLICE = [
     "data.train_subset=300",
