@@ -24,11 +24,13 @@ config is refused (exit 2), so two comparisons never mix. Where this kdfast has 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,10 +250,24 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(teachers, configs, suite, args.out)
 
 
+@contextlib.contextmanager
+def _run_lock(out: Path, name: str, say: Any) -> Iterator[None]:
+    """Hold ``out/.<name>.lock`` while run ``name`` trains: two invocations on one folder (one per core,
+    with different ``--methods``) never train the same run at once; the second waits, then reads it."""
+    with open(out / f".{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"benchmark: {name} is being trained by another invocation on {out}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def run_all(work: Plan, say: Any) -> dict[str, float]:
     """Train what is not finished yet, in order, with one progress bar over the runs (rate and ETA). Every
-    run's folder is checked (:func:`check_folder`) before the first one trains. The seconds each run took,
-    summed over the invocations that trained it, are kept in ``SECONDS`` (written after every run) and
+    run's folder is checked (:func:`check_folder`) before the first one trains, and again under the run's
+    lock (:func:`_run_lock`) before it trains. The seconds each run took, summed over the invocations that
+    trained it, are kept in ``SECONDS`` (written after every run, with what other invocations wrote) and
     returned."""
     from kdfast.train.loop import run_seeds, run_training
 
@@ -268,13 +284,18 @@ def run_all(work: Plan, say: Any) -> dict[str, float]:
             if resume[name] and _finished(folder, seeds):
                 bar.update(count)
                 continue
-            bar.set_postfix_str(name)
-            say(f"benchmark: {name} ({'resuming' if resume[name] else 'starting'}, {folder})")
-            started = time.perf_counter()
-            if seeds is None:
-                run_training(cfg, resume=resume[name])
-            else:
-                run_seeds(cfg, resume=resume[name])
+            with _run_lock(work.out, name, say):
+                resume[name] = check_folder(folder, cfg)  # another invocation may have run it meanwhile
+                if resume[name] and _finished(folder, seeds):
+                    bar.update(count)
+                    continue
+                bar.set_postfix_str(name)
+                say(f"benchmark: {name} ({'resuming' if resume[name] else 'starting'}, {folder})")
+                started = time.perf_counter()
+                if seeds is None:
+                    run_training(cfg, resume=resume[name])
+                else:
+                    run_seeds(cfg, resume=resume[name])
             took = time.perf_counter() - started
             # read again before adding: another invocation on other methods of the same folder may
             # have written its runs' seconds meanwhile

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,41 @@ def test_seconds_another_invocation_wrote_meanwhile_are_kept(tmp_path: Path, mon
     written = json.loads((tmp_path / SECONDS).read_text())
     assert written == spent and written["kd"] == 100.0 and written["crd"] == 42.0
     assert 0.0 <= written["rkd"] < 60.0
+
+
+def test_a_run_another_invocation_is_training_is_waited_for_then_read(tmp_path: Path, monkeypatch) -> None:
+    """The lock of a run: a second invocation waits while the first trains it, then finds it finished."""
+    import fcntl
+    import threading
+
+    import kdfast.train.loop as loop
+    from kdfast.benchmark import Plan, run_all
+
+    cfg = load_config("benchmarks/fashion_mnist/rkd", ["teacher.weights=null"])
+    cfg.out, cfg.seeds = str(tmp_path / "rkd"), [0]
+    held, said = threading.Event(), []
+
+    def first_invocation() -> None:  # holds rkd's lock while it "trains" rkd, then leaves it finished
+        with open(tmp_path / ".rkd.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            while not said:
+                time.sleep(0.01)
+            Path(cfg.out).mkdir()
+            (Path(cfg.out) / "config.yaml").write_text(config_text(cfg))
+            (Path(cfg.out) / "results.json").write_text(json.dumps({"seeds": [0]}))
+
+    def must_not_train(cfg, resume):
+        raise AssertionError("trained a run another invocation had finished")
+
+    monkeypatch.setattr(loop, "run_seeds", must_not_train)
+    first = threading.Thread(target=first_invocation)
+    first.start()
+    held.wait(10)
+    spent = run_all(Plan({}, {"rkd": cfg}, SUITE, tmp_path), said.append)
+    first.join(10)
+    assert said == [f"benchmark: rkd is being trained by another invocation on {tmp_path}: waiting for it"]
+    assert "rkd" not in spent
 
 
 # The real files, a slice small enough for CI: 300 training images, one epoch per stage, one seed.
