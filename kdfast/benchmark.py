@@ -366,7 +366,10 @@ def write_report(work: Plan, record: dict[str, Any]) -> str:
     for name, found in gains.items():
         if found is not None:
             value, spread = found
-            side = "above" if value > spread else "within"
+            if abs(value) <= spread:
+                side = "within"
+            else:  # a loss larger than the spread is a loss, not noise
+                side = "a gain above" if value > 0 else "a loss beyond"
             verdict.append(f"- {name}: {value:+.2f} points, {side} the summed std {spread:.2f}")
     load = record["load"]
     notes = [
