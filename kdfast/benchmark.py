@@ -355,6 +355,15 @@ def machine(threads: int) -> dict[str, Any]:
     return {**machine_info(threads), "versions": versions()}
 
 
+def gain_verdict(points: float, spread: float) -> str:
+    """A gain over the CE-only student beside the summed std: a gain or a loss only where it exceeds it."""
+    if abs(points) <= spread:
+        side = "within"
+    else:
+        side = "a gain above" if points > 0 else "a loss beyond"
+    return f"{points:+.2f} points, {side} the summed std {spread:.2f}"
+
+
 def write_report(work: Plan, record: dict[str, Any]) -> str:
     """``benchmark.md``, ``benchmark.png`` and ``benchmark.json`` in the output folder; returns the table."""
     from kdfast.compare import gain, table, write_chart
@@ -366,11 +375,7 @@ def write_report(work: Plan, record: dict[str, Any]) -> str:
     for name, found in gains.items():
         if found is not None:
             value, spread = found
-            if abs(value) <= spread:
-                side = "within"
-            else:  # a loss larger than the spread is a loss, not noise
-                side = "a gain above" if value > 0 else "a loss beyond"
-            verdict.append(f"- {name}: {value:+.2f} points, {side} the summed std {spread:.2f}")
+            verdict.append(f"- {name}: {gain_verdict(value, spread)}")
     load = record["load"]
     notes = [
         f"# kdfast benchmark: {work.suite.folder}",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from support.fashion import REAL, needs_real_files
 
-from kdfast.benchmark import SUITES, cache_overrides, check_folder, main, select
+from kdfast.benchmark import SUITES, cache_overrides, check_folder, gain_verdict, main, select
 from kdfast.checkpoint import build_from_checkpoint, load_checkpoint
 from kdfast.config import RuntimeConfig, config_text, load_config
 from kdfast.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
@@ -47,6 +47,13 @@ def test_every_suite_config_loads_and_shares_the_data_and_student_of_its_referen
         cfg = loaded[entry.name]
         assert cfg.data == reference.data and cfg.student.arch == reference.student.arch
         assert cfg.student.train == reference.student.train, entry.name
+
+
+def test_the_gain_verdict_names_a_gain_or_a_loss_only_beyond_the_spread() -> None:
+    assert gain_verdict(3.04, 0.27) == "+3.04 points, a gain above the summed std 0.27"
+    assert gain_verdict(-6.11, 0.96) == "-6.11 points, a loss beyond the summed std 0.96"
+    assert gain_verdict(-0.41, 0.72) == "-0.41 points, within the summed std 0.72"
+    assert gain_verdict(0.5, 0.5) == "+0.50 points, within the summed std 0.50"
 
 
 def test_the_teacher_cache_switch_follows_the_run_schema() -> None:
