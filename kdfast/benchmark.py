@@ -17,8 +17,10 @@ data in the same order as that seed's distilled students. What comes out, in ``-
 
 Running the same command again continues it: a finished run is read, not redone; an unfinished one resumes
 from its last finished epoch; more seeds than before add the new seeds. A folder holding a run of another
-config is refused (exit 2), so two comparisons never mix. Where this kdfast has the teacher-output cache
-(``runtime.teacher_cache``), ``--teacher-cache`` switches it for the students' runs.
+config is refused (exit 2), so two comparisons never mix. Two invocations with different ``--methods`` may
+share one ``--out`` (one per core): a run the other is training is waited for (a lock per run), then read.
+Where this kdfast has the teacher-output cache (``runtime.teacher_cache``), ``--teacher-cache`` switches
+it for the students' runs.
 """
 
 from __future__ import annotations
