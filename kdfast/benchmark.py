@@ -267,42 +267,41 @@ def _run_lock(out: Path, name: str, say: Any) -> Iterator[None]:
 
 def run_all(work: Plan, say: Any) -> dict[str, float]:
     """Train what is not finished yet, in order, with one progress bar over the runs (rate and ETA). Every
-    run's folder is checked (:func:`check_folder`) before the first one trains, and again under the run's
-    lock (:func:`_run_lock`) before it trains. The seconds each run took, summed over the invocations that
-    trained it, are kept in ``SECONDS`` (written after every run, with what other invocations wrote) and
-    returned."""
+    run's folder is checked (:func:`check_folder`) before the first one trains, and each again under its
+    run's lock (:func:`_run_lock`) before it is read or trained. The seconds each run took, summed over the
+    invocations that trained it, are kept in ``SECONDS`` (written after every run, with what other
+    invocations wrote) and returned."""
     from kdfast.train.loop import run_seeds, run_training
 
     runs = [*work.teachers.items(), *work.entries.items()]
-    resume = {name: check_folder(Path(cfg.out), cfg) for name, cfg in runs}
+    for _, cfg in runs:  # every folder checked before anything trains
+        check_folder(Path(cfg.out), cfg)
     units = len(work.teachers) + sum(len(cfg.seeds) for cfg in work.entries.values())
     path = work.out / SECONDS
-    spent: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def seconds() -> dict[str, float]:  # read anew each time: another invocation may have added runs
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    spent = seconds()
     with tqdm(total=units, desc="benchmark", unit="run", dynamic_ncols=True) as bar:
         for name, cfg in runs:
             folder = Path(cfg.out)
             seeds = cfg.seeds
             count = 1 if seeds is None else len(seeds)
-            if resume[name] and _finished(folder, seeds):
-                bar.update(count)
-                continue
             with _run_lock(work.out, name, say):
-                resume[name] = check_folder(folder, cfg)  # another invocation may have run it meanwhile
-                if resume[name] and _finished(folder, seeds):
+                resume = check_folder(folder, cfg)  # under the lock: another invocation may have run it
+                if resume and _finished(folder, seeds):
                     bar.update(count)
                     continue
                 bar.set_postfix_str(name)
-                say(f"benchmark: {name} ({'resuming' if resume[name] else 'starting'}, {folder})")
+                say(f"benchmark: {name} ({'resuming' if resume else 'starting'}, {folder})")
                 started = time.perf_counter()
                 if seeds is None:
-                    run_training(cfg, resume=resume[name])
+                    run_training(cfg, resume=resume)
                 else:
-                    run_seeds(cfg, resume=resume[name])
-            took = time.perf_counter() - started
-            # read again before adding: another invocation on other methods of the same folder may
-            # have written its runs' seconds meanwhile
-            spent = {**spent, **(json.loads(path.read_text()) if path.is_file() else {})}
-            spent[name] = spent.get(name, 0.0) + took
+                    run_seeds(cfg, resume=resume)
+            spent = seconds()
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
             atomic_write(path, json.dumps(spent, indent=2) + "\n")
             bar.update(count)
     return spent
