@@ -269,8 +269,8 @@ def run_all(work: Plan, say: Any) -> dict[str, float]:
     """Train what is not finished yet, in order, with one progress bar over the runs (rate and ETA). Every
     run's folder is checked (:func:`check_folder`) before the first one trains, and each again under its
     run's lock (:func:`_run_lock`) before it is read or trained. The seconds each run took, summed over the
-    invocations that trained it, are kept in ``SECONDS`` (written after every run, with what other
-    invocations wrote) and returned."""
+    invocations that trained it, are kept in ``SECONDS`` (read, added to and written after every run under
+    a lock of its own, so what other invocations wrote is kept) and returned."""
     from kdfast.train.loop import run_seeds, run_training
 
     runs = [*work.teachers.items(), *work.entries.items()]
@@ -300,9 +300,12 @@ def run_all(work: Plan, say: Any) -> dict[str, float]:
                     run_training(cfg, resume=resume)
                 else:
                     run_seeds(cfg, resume=resume)
-            spent = seconds()
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
-            atomic_write(path, json.dumps(spent, indent=2) + "\n")
+            took = time.perf_counter() - started
+            with open(work.out / f".{SECONDS}.lock", "a") as lock:  # read, add and write as one step
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                spent = seconds()
+                spent[name] = spent.get(name, 0.0) + took
+                atomic_write(path, json.dumps(spent, indent=2) + "\n")
             bar.update(count)
     return spent
 
